@@ -1,0 +1,25 @@
+"""normswap: swap a pretrained network's normalisation for research variants, starting exact.
+
+    >>> import normswap
+    >>> result = normswap.convert("mobilenet_v2", to="uan", weights="IMAGENET1K_V1")
+    >>> result.report.ok
+    True
+    >>> result.save("mobilenet_v2-uan.safetensors")
+    >>> model = normswap.load("mobilenet_v2-uan.safetensors")
+"""
+
+__version__ = "0.1.0"
+
+from normswap.compat import import_torchvision as _import_torchvision
+
+_import_torchvision()  # repairs the CPU-torch + CUDA-torchvision install before anyone imports it
+
+from normswap.api import ConvertResult, Inspection, convert, inspect, load, plan, save  # noqa: E402
+from normswap.errors import NormswapError  # noqa: E402
+from normswap.surgery.plan import Plan, Site  # noqa: E402
+from normswap.variants import Variant, VariantConfig, register  # noqa: E402
+
+__all__ = [
+    "ConvertResult", "Inspection", "NormswapError", "Plan", "Site", "Variant", "VariantConfig",
+    "__version__", "convert", "inspect", "load", "plan", "register", "save",
+]

@@ -1,0 +1,231 @@
+"""The Python API: plan, convert, save, load, inspect. Orchestration only; the work lives elsewhere."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from normswap import __version__
+from normswap.errors import FileFormatError, NormswapError, VerificationError
+from normswap.io import read_file, state_tensors, write_file
+from normswap.sources import SourceSpec, example_input, load_model, rebuild
+from normswap.surgery.apply import apply_plan
+from normswap.surgery.find import find
+from normswap.surgery.graph import ModelGraph, build_graph, is_activation, is_norm
+from normswap.surgery.plan import Plan
+from normswap.surgery.verify import DEFAULT_RTOL, ProbeInput, VerifyReport, verify
+
+META_ATTR = "_normswap_meta"
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert` returns: the converted model, its Plan, the verification report."""
+
+    model: nn.Module
+    plan: Plan
+    report: VerifyReport
+    source: SourceSpec | None = None
+
+    def save(self, path: str | os.PathLike, force: bool = False) -> Path:
+        """Save the converted model (see :func:`save`)."""
+        return save(self.model, path, plan=self.plan, source=self.source, force=force)
+
+
+def _probe(example_inputs: Any) -> ProbeInput | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, ProbeInput):
+        return example_inputs
+    if isinstance(example_inputs, dict):
+        return ProbeInput((), dict(example_inputs))
+    if isinstance(example_inputs, (tuple, list)):
+        return ProbeInput(tuple(example_inputs), {})
+    return ProbeInput((example_inputs,), {})
+
+
+def _resolve(model: nn.Module | str, weights: str | None) -> tuple[nn.Module, SourceSpec | None]:
+    if isinstance(model, str):
+        return load_model(model, weights)
+    if not isinstance(model, nn.Module):
+        raise NormswapError(f"expected an nn.Module or a model name, got {type(model).__name__}")
+    meta = getattr(model, META_ATTR, None)
+    return model, (meta or {}).get("source")
+
+
+def plan(model: nn.Module | str, to: str, targets: Iterable[str] | None = None,
+         exclude: Iterable[str] | None = None, strength: float = 0.0,
+         options: Mapping[str, Any] | None = None, *, weights: str | None = "none",
+         strict_trace: bool = False) -> Plan:
+    """Plan a conversion without changing anything (see :func:`normswap.surgery.find.find`)."""
+    module, _ = _resolve(model, weights)
+    return find(module, to, targets, exclude, strength, options, strict_trace=strict_trace)
+
+
+def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = None,
+            exclude: Iterable[str] | None = None, strength: float = 0.0,
+            options: Mapping[str, Any] | None = None, *, weights: str | None = None,
+            example_inputs: Any = None, inplace: bool = False, strict_trace: bool = False,
+            check: bool = True, rtol: float = DEFAULT_RTOL) -> ConvertResult:
+    """Convert ``model`` to variant ``to`` and verify every exact-start claim on a probe batch.
+
+    Args:
+        model: an ``nn.Module`` / ``fx.GraphModule``, or a source spec (``"mobilenet_v2"``,
+            ``"timm:efficientnet_b0"``, ``"hf:PATH"``, ``"pkg.mod:factory"``, ``"file.py:factory"``).
+        to: variant name (``normswap.variants.names()``).
+        targets, exclude: site patterns: a type (``BatchNorm2d``), an exact name, ``.suffix``, ``re:REGEX``.
+        strength: 0 = exact copy of the original function (default), 1 = the paper's layer.
+        options: variant settings, e.g. ``{"k": 5}`` for UAN.
+        weights: for a spec: a torchvision weights name, ``"none"`` or a file (see ``normswap.sources``).
+        example_inputs: a tensor, tuple of args, or dict of kwargs for the probe; inferred if omitted.
+        inplace: convert the given module itself instead of a copy.
+        check: verify exact claims; a broken claim raises :class:`VerificationError`.
+
+    Example:
+        >>> result = normswap.convert(torchvision.models.resnet18(), to="uan")
+        >>> result.report.ok, len(result.plan.converted)
+        (True, 20)
+    """
+    module, source = _resolve(model, weights)
+    the_plan = find(module, to, targets, exclude, strength, options, strict_trace=strict_trace)
+    if not the_plan.converted:
+        reasons = sorted({s.reason for s in the_plan.skipped if s.reason})
+        detail = f" ({len(the_plan.skipped)} skipped: {'; '.join(reasons[:3])})" if the_plan.skipped else ""
+        raise NormswapError(f"nothing to convert: {type(module).__name__} has no site for variant '{to}'{detail}")
+    reference = copy.deepcopy(module) if (inplace and check) else module
+    converted = apply_plan(module, the_plan, inplace=inplace)
+    probe = _probe(example_inputs) or example_input(reference, source)
+    if check:
+        report = verify(reference, converted, the_plan, probe, rtol=rtol)
+    else:
+        report = VerifyReport("none", the_plan.strength, [], None, None, False, True, note="verification disabled")
+    if not report.ok:
+        bad = report.failures
+        where = f"{len(bad)} site(s), first {bad[0].name}: max |diff| {bad[0].max_abs_diff:.3e}" if bad else \
+            f"end to end: max |diff| {report.end_to_end:.3e}"
+        raise VerificationError(f"the converted model does not reproduce the original at the exact start ({where})", report)
+    setattr(converted, META_ATTR, {"plan": the_plan, "source": source})
+    return ConvertResult(converted, the_plan, report, source)
+
+
+def save(model: nn.Module | ConvertResult, path: str | os.PathLike, *, plan: Plan | None = None,
+         source: SourceSpec | None = None, force: bool = False) -> Path:
+    """Write ``model`` as one self-describing ``.safetensors`` file (atomically).
+
+    The metadata holds the normswap version, the source spec and the Plan, so :func:`load` can rebuild
+    the architecture and replay the conversion without pickle."""
+    if isinstance(model, ConvertResult):
+        return model.save(path, force=force)
+    meta = getattr(model, META_ATTR, None) or {}
+    the_plan = plan or meta.get("plan")
+    if the_plan is None:
+        raise NormswapError("this model carries no normswap plan: save the result of normswap.convert, or pass plan=")
+    source = source or meta.get("source")
+    metadata = {"normswap_version": __version__, "plan": the_plan.to_dict(),
+                "source": source.to_dict() if source is not None else None}
+    return write_file(path, state_tensors(model), metadata, force=force)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, trust_source: bool = False) -> nn.Module:
+    """Rebuild a saved model: the source architecture (no weights download), the Plan replayed, a strict load.
+
+    Args:
+        path: a file written by :func:`save` / ``normswap convert -o``.
+        model: the unconverted architecture to replay the plan on (required for models built by
+            custom code; a copy is converted, the argument is left untouched).
+        trust_source: allow rebuilding from a ``pkg.mod:factory`` / ``file.py:factory`` named in the file.
+    """
+    tensors, meta = read_file(path)
+    the_plan = Plan.from_dict(meta.get("plan"))
+    source = SourceSpec.from_dict(meta["source"]) if meta.get("source") else None
+    if model is None:
+        if source is None:
+            raise NormswapError(f"{path} was made from a model object, not a named source: pass model= "
+                                "(the unconverted architecture) to load it")
+        model = rebuild(source, allow_code=trust_source)
+    converted = apply_plan(model, the_plan, inplace=False)
+    result = converted.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        miss, extra = result.missing_keys, result.unexpected_keys
+        raise FileFormatError(
+            f"{path} does not fit the rebuilt model: {len(miss)} missing key(s) ({', '.join(miss[:3])}), "
+            f"{len(extra)} unexpected key(s) ({', '.join(extra[:3])})"
+        )
+    converted.eval()
+    setattr(converted, META_ATTR, {"plan": the_plan, "source": source})
+    return converted
+
+
+@dataclass
+class InspectRow:
+    name: str
+    type: str
+    shape: str
+    pattern: str
+    path: str
+
+
+@dataclass
+class Inspection:
+    """Norm and activation sites of a model, as ``normswap inspect`` shows them."""
+
+    model: str
+    path: str
+    trace_error: str | None
+    rows: list[InspectRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def render(self) -> str:
+        head = ("name", "type", "shape", "pattern", "path")
+        table = [head] + [(r.name, r.type, r.shape, r.pattern, r.path) for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        how = "torch.fx graph" if self.path == "fx" else f"module walk (trace failed: {self.trace_error})"
+        return "\n".join([f"{self.model}: {len(self.rows)} norm/activation sites, found by {how}", *lines])
+
+
+def _shapes(model: nn.Module, probe: ProbeInput | None, names: list[str]) -> dict[str, str]:
+    if probe is None:
+        return {}
+    store: dict[str, str] = {}
+    handles = []
+    for name in names:
+        def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+            if torch.is_tensor(out):
+                store.setdefault(name, "x".join(str(d) for d in out.shape))
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*probe.args, **probe.kwargs)
+    except Exception:  # shapes are a courtesy: a probe that does not fit leaves them blank
+        pass
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return store
+
+
+def inspect(model: nn.Module | str, *, example_inputs: Any = None, strict_trace: bool = False) -> Inspection:
+    """List the norm and activation sites of ``model`` (modules and functional calls)."""
+    module, source = _resolve(model, "none")
+    graph: ModelGraph = build_graph(module, strict_trace=strict_trace)
+    infos = [i for i in graph.infos if is_norm(i.module) or is_activation(i.module)]
+    shapes = _shapes(module, _probe(example_inputs) or example_input(module, source), [i.name for i in infos])
+    rows = [InspectRow(i.name, type(i.module).__name__, shapes.get(i.name, "?"), i.pattern(), i.path) for i in infos]
+    rows += [InspectRow(c.node, c.function, "?", f"functional {c.kind}", "fx") for c in graph.functional]
+    label = source.spec if source is not None else type(module).__name__
+    return Inspection(label, graph.path, graph.trace_error, rows)

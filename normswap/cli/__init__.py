@@ -1,0 +1,1 @@
+"""The ``normswap`` command line: a thin shell over :mod:`normswap.api`."""

@@ -1,0 +1,56 @@
+"""Helpers shared by the CLI commands: option parsing, JSON output, error reporting."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from typing import Any, Iterable
+
+import click
+
+from normswap.errors import NormswapError
+
+
+def split_patterns(values: Iterable[str]) -> list[str]:
+    """``--targets a,b --targets c`` -> ``[a, b, c]`` (a ``re:`` pattern is never split)."""
+    out: list[str] = []
+    for value in values:
+        if value.startswith("re:"):
+            out.append(value)
+        else:
+            out.extend(v.strip() for v in value.split(",") if v.strip())
+    return out
+
+
+def parse_options(values: Iterable[str]) -> dict[str, str]:
+    """``--option k=5 --option var_floor=1e-4`` -> ``{"k": "5", "var_floor": "1e-4"}`` (typed later)."""
+    options: dict[str, str] = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got '{value}'", param_hint="'--option'")
+        options[key.strip()] = val.strip()
+    return options
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    """Warnings become one ``warning: ...`` line on stderr; deprecation noise from libraries is dropped."""
+    if not issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+        click.echo(f"warning: {message}", err=True)
+
+
+class NormswapGroup(click.Group):
+    """A click group that turns :class:`NormswapError` into ``Error: <message>`` and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        warnings.showwarning = _show_warning
+        try:
+            return super().invoke(ctx)
+        except NormswapError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)

@@ -1,0 +1,83 @@
+"""``normswap convert``."""
+
+from __future__ import annotations
+
+import warnings
+
+import click
+
+from normswap import api
+from normswap.cli.common import echo_json, parse_options, split_patterns
+from normswap.io import check_output
+from normswap.surgery.plan import Plan
+
+
+def render_plan(plan: Plan) -> str:
+    """A table of the plan's sites: action, name, pattern, reason."""
+    rows = [(s.action, s.name + (f" (+{', '.join(s.absorbs)})" if s.absorbs else ""), s.pattern, s.path, s.reason)
+            for s in plan.sites]
+    head = ("action", "site", "pattern", "path", "reason")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    lines = [f"plan: {len(plan.converted)} site(s) to convert to {plan.variant}, {len(plan.skipped)} left alone "
+             f"(strength {plan.strength:g}; found by {'torch.fx' if plan.trace_path == 'fx' else 'module walk'})"]
+    if plan.trace_error:
+        lines.append(f"  trace failed, used the module walk: {plan.trace_error}")
+    for row in [head, *rows]:
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + ("  " + row[4] if row[4] else ""))
+    return "\n".join(lines)
+
+
+@click.command("convert")
+@click.argument("model")
+@click.option("--to", "variant", required=True, help="Variant to convert into (see `normswap variants`).")
+@click.option("--targets", multiple=True, metavar="PATTERN",
+              help="Sites to convert: a type (BatchNorm2d), a module name, .suffix or re:REGEX. Repeatable, comma-separated.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Sites to leave alone (applied first). Same forms.")
+@click.option("--strength", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="0 = exact copy of the original, 1 = the paper's layer.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Variant setting, e.g. --option k=5.")
+@click.option("--weights", default=None, metavar="NAME|none|FILE",
+              help="torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), 'none' for random init, or a .safetensors/.pt file.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Output .safetensors file [default: MODEL-VARIANT.safetensors].")
+@click.option("--force", is_flag=True, help="Overwrite the output file.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; convert and write nothing.")
+@click.option("--strict-trace", is_flag=True, help="Fail if torch.fx cannot trace the model (no module-walk fallback).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (plan, report, output).")
+def convert_cmd(model: str, variant: str, targets: tuple[str, ...], exclude: tuple[str, ...], strength: float,
+                options: tuple[str, ...], weights: str | None, output: str | None, force: bool, dry_run: bool,
+                strict_trace: bool, as_json: bool) -> None:
+    """Convert MODEL's norm layers to a variant, verify the exact start, and save it.
+
+    MODEL is a torchvision name (resnet50), torchvision:NAME, timm:NAME, hf:PATH,
+    pkg.module:factory or path/to/file.py:factory. torchvision models are pretrained by
+    default (--weights DEFAULT); this machine may be offline, so pass a cached weights
+    name, a file, or --weights none.
+
+    \b
+    Examples:
+      normswap convert mobilenet_v2 --weights IMAGENET1K_V1 --to uan -o mnv2-uan.safetensors
+      normswap convert resnet50 --weights none --to uan --option k=5 --exclude layer4
+      normswap convert resnet18 --weights none --to uan --dry-run
+      normswap convert timm:efficientnet_b0 --weights none --to uan --targets re:blocks\\.[0-2]\\..*
+    """
+    opts = parse_options(options)
+    target_list, exclude_list = split_patterns(targets), split_patterns(exclude)
+    if dry_run:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the plan is structural: weights are not needed
+            plan = api.plan(model, variant, target_list, exclude_list, strength, opts,
+                            weights="none", strict_trace=strict_trace)
+        echo_json({"plan": plan.to_dict()}) if as_json else click.echo(render_plan(plan))
+        return
+    default = f"{model.replace(':', '-').replace('/', '_').strip('._-')}-{variant}.safetensors"
+    out_path = check_output(output or default, force=force)  # fail before any work
+    result = api.convert(model, variant, target_list, exclude_list, strength, opts, weights=weights,
+                         strict_trace=strict_trace)
+    saved = result.save(out_path, force=force)
+    if as_json:
+        echo_json({"plan": result.plan.to_dict(), "report": result.report.to_dict(), "output": str(saved)})
+        return
+    click.echo(render_plan(result.plan))
+    click.echo(result.report.render())
+    click.echo(f"saved {saved}")

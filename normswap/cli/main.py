@@ -1,0 +1,35 @@
+"""Entry point of the ``normswap`` command."""
+
+from __future__ import annotations
+
+import click
+
+from normswap import __version__
+from normswap.cli.common import NormswapGroup
+from normswap.cli.convert import convert_cmd
+from normswap.cli.inspect import inspect_cmd, variants_cmd
+
+
+@click.group(cls=NormswapGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="normswap")
+def cli() -> None:
+    """normswap: swap a pretrained network's normalisation for UAN, PatchNorm or ANAct.
+
+    Every conversion starts as an exact copy of the original (strength 0) and is verified.
+
+    \b
+    Examples:
+      normswap inspect resnet50
+      normswap variants
+      normswap convert mobilenet_v2 --weights IMAGENET1K_V1 --to uan -o mnv2-uan.safetensors
+    """
+
+
+cli.add_command(inspect_cmd)
+cli.add_command(variants_cmd)
+cli.add_command(convert_cmd)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="normswap")

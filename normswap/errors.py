@@ -1,0 +1,59 @@
+"""User-facing errors. Every message here is one line that says what went wrong and what to do.
+
+The CLI prints ``Error: <message>`` and exits with the class's ``exit_code``: 1 for an operation
+that failed, 2 for bad usage (an unknown name, a malformed option).
+"""
+
+from __future__ import annotations
+
+
+class NormswapError(Exception):
+    """Base class of every error normswap raises on purpose; the message is shown to the user."""
+
+    exit_code = 1
+
+
+class UsageError(NormswapError):
+    """The request itself is malformed: an unknown name, a bad option value, a conflicting flag."""
+
+    exit_code = 2
+
+
+class UnknownVariantError(UsageError):
+    """A variant name that the registry does not know."""
+
+
+class UnknownModelError(UsageError):
+    """A model name that no source knows."""
+
+
+class OptionError(UsageError):
+    """An option key or value that a variant's config rejects."""
+
+
+class TargetError(UsageError):
+    """A target/exclude pattern that matches nothing, or a target set that leaves nothing to convert."""
+
+
+class WeightsError(NormswapError):
+    """Weights could not be obtained or do not fit the architecture."""
+
+
+class TraceError(NormswapError):
+    """torch.fx could not trace the model and ``strict_trace`` forbids the module-walk fallback."""
+
+
+class VerificationError(NormswapError):
+    """A conversion that claims an exact start does not reproduce the original model."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class FileFormatError(NormswapError):
+    """A normswap file that is truncated, corrupted, or written by an incompatible version."""
+
+
+class OutputError(NormswapError):
+    """An output path that exists (without force) or cannot be written."""

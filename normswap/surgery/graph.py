@@ -1,0 +1,279 @@
+"""What the finder knows about a model: per-module facts from a torch.fx graph, or from a module walk.
+
+The fx path traces with norm, activation, conv and linear modules (and normswap's own variants) kept
+as leaves, and reads structure the module tree cannot show: which module produces a norm's input,
+whether that output has other users (a residual add, say), which op consumes an activation, and
+functional norm/activation calls. When tracing fails (data-dependent control flow, Hugging Face
+transformers), the walk path falls back to ``named_modules()``: it can still decide producer and
+consumer inside a plain ``nn.Sequential``, and records nothing it cannot prove.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from normswap.errors import TraceError
+
+NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+if hasattr(nn, "RMSNorm"):
+    NORM_TYPES = NORM_TYPES + (nn.RMSNorm,)
+AFFINE_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)
+ACTIVATION_TYPES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+    nn.Sigmoid, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.PReLU,
+)
+# Classes outside torch.nn that behave as norms (matched by qualified name: no import needed).
+EXTRA_NORMS = {"torchvision.ops.misc.FrozenBatchNorm2d"}
+
+NORM_FUNCTIONS = {
+    F.batch_norm: "F.batch_norm", F.layer_norm: "F.layer_norm", F.group_norm: "F.group_norm",
+    F.instance_norm: "F.instance_norm", torch.batch_norm: "torch.batch_norm", torch.layer_norm: "torch.layer_norm",
+}
+if hasattr(F, "rms_norm"):
+    NORM_FUNCTIONS[F.rms_norm] = "F.rms_norm"
+ACTIVATION_FUNCTIONS = {
+    F.relu: "F.relu", F.relu_: "F.relu_", torch.relu: "torch.relu", torch.relu_: "torch.relu_",
+    F.relu6: "F.relu6", F.leaky_relu: "F.leaky_relu", F.elu: "F.elu", F.selu: "F.selu", F.celu: "F.celu",
+    F.gelu: "F.gelu", F.silu: "F.silu", F.mish: "F.mish", torch.tanh: "torch.tanh", F.tanh: "F.tanh",
+    torch.sigmoid: "torch.sigmoid", F.sigmoid: "F.sigmoid", F.softplus: "F.softplus",
+    F.hardswish: "F.hardswish", F.hardsigmoid: "F.hardsigmoid", F.hardtanh: "F.hardtanh",
+}
+ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+
+
+def _qualname(m: Any) -> str:
+    cls = type(m)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def is_norm(m: nn.Module) -> bool:
+    return isinstance(m, NORM_TYPES) or _qualname(m) in EXTRA_NORMS
+
+
+def is_activation(m: nn.Module) -> bool:
+    return isinstance(m, ACTIVATION_TYPES)
+
+
+def short_kind(m: nn.Module) -> str:
+    """A short structural word for patterns: conv, linear, bn, ln, gn, norm, act, or the class name."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) or _qualname(m) in EXTRA_NORMS:
+        return "bn"
+    if isinstance(m, nn.LayerNorm):
+        return "ln"
+    if isinstance(m, nn.GroupNorm):
+        return "gn"
+    if is_norm(m):
+        return "norm"
+    if is_activation(m):
+        return "act"
+    return type(m).__name__
+
+
+class NormswapTracer(fx.Tracer):
+    """An fx tracer that keeps norms, activations, convs, linears and normswap variants as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        from normswap.variants.base import Variant
+
+        if isinstance(m, (Variant,) + AFFINE_TYPES + ACTIVATION_TYPES) or is_norm(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass
+class ModuleInfo:
+    """Facts about one module, as far as the finder could establish them."""
+
+    name: str
+    module: nn.Module
+    path: str
+    aliases: list[str] = field(default_factory=list)
+    calls: int | None = None
+    producer: str | None = None
+    producer_exclusive: bool | None = None
+    consumers: list[str] = field(default_factory=list)
+    activation: str | None = None
+
+    def pattern(self, kind: str | None = None) -> str:
+        """``conv->bn->act`` style description of this module and its neighbours."""
+        parts = []
+        if self.producer_exclusive and self.producer_kind:
+            parts.append(self.producer_kind)
+        parts.append(kind or short_kind(self.module))
+        if self.activation:
+            parts.append("act")
+        return "->".join(parts)
+
+    producer_kind: str | None = None
+
+    def facts(self) -> dict[str, Any]:
+        """JSON-able facts for the Plan."""
+        d: dict[str, Any] = {}
+        for key in ("producer", "producer_exclusive", "calls", "activation"):
+            value = getattr(self, key)
+            if value is not None:
+                d[key] = value
+        if self.consumers:
+            d["consumers"] = list(self.consumers)
+        if len(self.aliases) > 1:
+            d["aliases"] = list(self.aliases)
+        return d
+
+
+@dataclass
+class FunctionalCall:
+    """A functional norm or activation call found in the fx graph (``F.layer_norm``, ``torch.relu``)."""
+
+    node: str
+    function: str
+    kind: str  # "norm" | "activation"
+    consumers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelGraph:
+    """The finder's view of a model."""
+
+    path: str  # "fx" or "walk"
+    infos: list[ModuleInfo]
+    functional: list[FunctionalCall]
+    trace_error: str | None = None
+    graph: fx.Graph | None = None
+
+    def info(self, name: str) -> ModuleInfo | None:
+        for info in self.infos:
+            if info.name == name:
+                return info
+        return None
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+    return names
+
+
+def _describe_user(user: fx.Node) -> str:
+    if user.op == "call_module":
+        return str(user.target)
+    if user.op == "call_function":
+        return getattr(user.target, "__name__", str(user.target))
+    if user.op == "call_method":
+        return f".{user.target}()"
+    return user.op
+
+
+def _is_activation_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return is_activation(modules[str(node.target)])
+    if node.op == "call_function":
+        return node.target in ACTIVATION_FUNCTIONS
+    return node.op == "call_method" and node.target in ACTIVATION_METHODS
+
+
+def trace(model: nn.Module) -> fx.Graph:
+    """Trace ``model`` with :class:`NormswapTracer` (raises whatever fx raises)."""
+    return NormswapTracer().trace(model)
+
+
+def _from_graph(model: nn.Module, graph: fx.Graph) -> ModelGraph:
+    modules = dict(model.named_modules())
+    aliases = _aliases(model)
+    nodes_of: dict[str, list[fx.Node]] = {}
+    functional: list[FunctionalCall] = []
+    for node in graph.nodes:
+        if node.op == "call_module":
+            nodes_of.setdefault(str(node.target), []).append(node)
+        elif node.op == "call_function" and node.target in NORM_FUNCTIONS:
+            functional.append(FunctionalCall(node.name, NORM_FUNCTIONS[node.target], "norm",
+                                             [_describe_user(u) for u in node.users]))
+        elif node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS:
+            functional.append(FunctionalCall(node.name, ACTIVATION_FUNCTIONS[node.target], "activation",
+                                             [_describe_user(u) for u in node.users]))
+        elif node.op == "call_method" and node.target in ACTIVATION_METHODS:
+            functional.append(FunctionalCall(node.name, f"Tensor.{node.target}", "activation",
+                                             [_describe_user(u) for u in node.users]))
+    infos = []
+    for name, mod in modules.items():
+        if name == "":
+            continue
+        info = ModuleInfo(name=name, module=mod, path="fx", aliases=aliases.get(id(mod), [name]))
+        calls = nodes_of.get(name, [])
+        info.calls = len(calls)
+        if calls:
+            node = calls[0]
+            src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            if src is not None and src.op == "call_module":
+                info.producer = str(src.target)
+                info.producer_kind = short_kind(modules[info.producer])
+                info.producer_exclusive = (
+                    len(src.users) == 1 and len(calls) == 1 and len(nodes_of.get(info.producer, [])) == 1
+                    and len(aliases.get(id(modules[info.producer]), [])) == 1
+                )
+            info.consumers = [_describe_user(u) for u in node.users]
+            if len(node.users) == 1 and len(calls) == 1:
+                (user,) = node.users
+                if _is_activation_node(user, modules):
+                    info.activation = info.consumers[0]
+        infos.append(info)
+    return ModelGraph("fx", infos, functional, graph=graph)
+
+
+def _walk(model: nn.Module, error: str) -> ModelGraph:
+    """Module-walk fallback: only facts decidable without a graph (adjacency in a plain Sequential)."""
+    aliases = _aliases(model)
+    infos: dict[str, ModuleInfo] = {}
+    for name, mod in model.named_modules():
+        if name:
+            infos[name] = ModuleInfo(name=name, module=mod, path="walk", aliases=aliases.get(id(mod), [name]))
+    for pname, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential) or type(parent).forward is not nn.Sequential.forward:
+            continue
+        children = list(parent.named_children())
+        for (a_name, a), (b_name, b) in zip(children, children[1:]):
+            full_a = f"{pname}.{a_name}" if pname else a_name
+            full_b = f"{pname}.{b_name}" if pname else b_name
+            if full_a not in infos or full_b not in infos:
+                continue
+            single = len(aliases.get(id(a), [])) == 1 and len(aliases.get(id(b), [])) == 1
+            leaf_a = not isinstance(a, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+            if leaf_a:
+                infos[full_b].producer = full_a
+                infos[full_b].producer_kind = short_kind(a)
+                infos[full_b].producer_exclusive = single
+                infos[full_a].consumers = [full_b]
+                if single and is_activation(b):
+                    infos[full_a].activation = full_b
+    return ModelGraph("walk", list(infos.values()), [], trace_error=error)
+
+
+def build_graph(model: nn.Module, strict_trace: bool = False) -> ModelGraph:
+    """Trace ``model`` (fx path), or fall back to the module walk; ``strict_trace`` forbids the fallback."""
+    try:
+        graph = trace(model)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError, ...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        error = f"{type(exc).__name__}: {first}"[:300]
+        if strict_trace:
+            raise TraceError(
+                f"torch.fx could not trace {type(model).__name__} ({error}); run without --strict-trace "
+                "to use the module-walk fallback"
+            ) from None
+        return _walk(model, error)
+    return _from_graph(model, graph)
+
+
+__all__ = [
+    "ModuleInfo", "FunctionalCall", "ModelGraph", "NormswapTracer", "build_graph", "trace",
+    "is_norm", "is_activation", "short_kind"
+]

@@ -1,0 +1,157 @@
+"""Verify: where a variant claims an exact start, check it on a probe batch, per site and end to end.
+
+Both models run in eval mode (their modes are restored afterwards) under ``torch.no_grad``. A site's
+output is compared with the output of the last original module it replaces (a folded Conv->BN pair
+is compared at the BN). A claim fails when ``max |diff| > rtol * max(1, max |reference|)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from normswap.surgery.plan import Plan
+from normswap.variants.base import Variant
+
+DEFAULT_RTOL = 1e-4
+
+
+@dataclass
+class ProbeInput:
+    """Positional and keyword arguments of one probe forward pass."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        parts = [f"{tuple(a.shape)} {str(a.dtype).replace('torch.', '')}" for a in self.args if torch.is_tensor(a)]
+        parts += [f"{k}={tuple(v.shape)}" for k, v in self.kwargs.items() if torch.is_tensor(v)]
+        return ", ".join(parts) or "no tensors"
+
+
+@dataclass
+class SiteCheck:
+    name: str
+    variant: str
+    claims_exact: bool
+    max_abs_diff: float | None
+    tolerance: float | None
+    ok: bool
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of the probe comparison. ``ok`` is False only when an exact claim is broken."""
+
+    probe: str
+    strength: float
+    sites: list[SiteCheck]
+    end_to_end: float | None
+    end_to_end_tolerance: float | None
+    end_to_end_claimed: bool
+    ok: bool
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def failures(self) -> list[SiteCheck]:
+        return [s for s in self.sites if not s.ok]
+
+    def render(self) -> str:
+        """A human-readable table."""
+        if not self.sites and self.end_to_end is None:
+            return f"verification skipped: {self.note}"
+        width = max([len(s.name) for s in self.sites] + [4])
+        lines = [f"verification on probe {self.probe} (strength {self.strength:g})",
+                 f"  {'site'.ljust(width)}  {'exact claim':<11}  {'max |diff|':>10}  status"]
+        for s in self.sites:
+            diff = "n/a" if s.max_abs_diff is None else f"{s.max_abs_diff:.3e}"
+            status = ("ok" if s.ok else "FAILED") if s.claims_exact else "-"
+            lines.append(f"  {s.name.ljust(width)}  {'yes' if s.claims_exact else 'no':<11}  {diff:>10}  {status}")
+        if self.end_to_end is not None:
+            claim = "exact claimed" if self.end_to_end_claimed else "no exact claim"
+            verdict = ("ok" if self.ok else "FAILED") if self.end_to_end_claimed else "-"
+            lines.append(f"  end to end: max |output diff| {self.end_to_end:.3e} ({claim}, tolerance "
+                         f"{self.end_to_end_tolerance:.1e}): {verdict}")
+        if self.note:
+            lines.append(f"  note: {self.note}")
+        return "\n".join(lines)
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, dict) or hasattr(out, "items"):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def _diff(a: Any, b: Any) -> tuple[float, float]:
+    """(max |a - b|, max |a|) over matching tensor leaves."""
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
+        return math.inf, 0.0
+    diff = max((float((x.double() - y.double()).abs().max()) for x, y in zip(ta, tb) if x.numel()), default=0.0)
+    ref = max((float(x.double().abs().max()) for x in ta if x.numel() and x.is_floating_point()), default=0.0)
+    return diff, ref
+
+
+def _record(model: nn.Module, names: list[str]) -> tuple[dict[str, Any], list[Any]]:
+    store: dict[str, Any] = {}
+    handles = []
+    for name in names:
+        def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+            store[name] = out
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    return store, handles
+
+
+def _run(model: nn.Module, probe: ProbeInput, names: list[str]) -> tuple[Any, dict[str, Any]]:
+    modes = {m: m.training for m in model.modules()}
+    store, handles = _record(model, names)
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(*probe.args, **probe.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return out, store
+
+
+def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeInput | None,
+           rtol: float = DEFAULT_RTOL) -> VerifyReport:
+    """Compare ``converted`` with ``original`` on ``probe`` at every converted site and end to end."""
+    sites = plan.converted
+    if probe is None:
+        return VerifyReport("none", plan.strength, [], None, None, False, True,
+                            note="no probe input could be inferred for this model; pass example inputs to verify")
+    orig_names = [s.absorbs[-1] if s.absorbs else s.name for s in sites]
+    conv_names = [s.name for s in sites]
+    out_a, acts_a = _run(original, probe, orig_names)
+    out_b, acts_b = _run(converted, probe, conv_names)
+    checks = []
+    for site, a_name in zip(sites, orig_names):
+        module = converted.get_submodule(site.name)
+        claims = isinstance(module, Variant) and module.claims_exact()
+        if a_name in acts_a and site.name in acts_b:
+            diff, ref = _diff(acts_a[a_name], acts_b[site.name])
+            tol = rtol * max(1.0, ref)
+            checks.append(SiteCheck(site.name, site.variant, claims, diff, tol, (diff <= tol) or not claims))
+        else:
+            checks.append(SiteCheck(site.name, site.variant, claims, None, None, True))
+    diff, ref = _diff(out_a, out_b)
+    tol = rtol * max(1.0, ref)
+    all_claim = bool(checks) and all(c.claims_exact for c in checks)
+    ok = all(c.ok for c in checks) and (diff <= tol or not all_claim)
+    return VerifyReport(probe.describe(), plan.strength, checks, diff, tol, all_claim, ok)

@@ -1,0 +1,195 @@
+"""The variant contract: what every normswap variant (one self-contained file each) provides.
+
+A variant is an ``nn.Module`` subclass, registered by name with :func:`normswap.variants.register`:
+
+- ``name``: the registry name (``uan``); ``config_class``: its typed config (a :class:`VariantConfig`).
+- ``adapters``: qualified class name of each accepted source type -> a source kind (``"bn"``, ...);
+  ``families``: base classes whose *other* subclasses are refused by name, never silently downgraded.
+- :meth:`propose`: which sites of a model it rewrites (default: every module :meth:`classify` accepts).
+- :meth:`from_site`: build the replacement from the source module(s), copying every hyper-parameter,
+  device and dtype. ``load`` calls the same constructor on a freshly built source model and then loads
+  the state_dict strictly, so the structure must depend only on the site and the source structure.
+- :meth:`set_strength`: the uniform homotopy parameter (METHODS.md section 0): 0 = exact copy of the
+  pretrained function, 1 = the paper's layer.
+- :meth:`claims_exact`: whether the module claims to reproduce its source exactly right now; the
+  apply step verifies every such claim on a probe batch.
+- calibration hooks: :meth:`calibration_begin` / observe in forward / :meth:`calibration_end`, which
+  write results into registered buffers so they land in the state_dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from normswap.errors import OptionError
+from normswap.surgery.plan import CONVERT, SKIP, Site
+
+
+def qualname(obj: type | nn.Module) -> str:
+    """``module.QualName`` of a class or of an instance's class."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _parse(value: Any, hint: Any, key: str, variant: str) -> Any:
+    """Convert a CLI string (or a JSON value) to the config field's type, or raise OptionError."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise OptionError(
+                f"option '{key}' of variant '{variant}' must be one of {', '.join(map(str, choices))}; got {value!r}"
+            )
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        low = str(value).strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+    elif hint in (int, float):
+        if isinstance(value, bool):
+            raise OptionError(f"option '{key}' of variant '{variant}' expects {hint.__name__}, got {value!r}")
+        try:
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return hint(value) if not isinstance(value, str) else hint(value.strip())
+        except (TypeError, ValueError):
+            pass
+    elif hint is str:
+        return str(value)
+    else:
+        return value
+    raise OptionError(f"option '{key}' of variant '{variant}' expects {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+@dataclass
+class VariantConfig:
+    """Base of every variant's config. ``strength`` is the uniform homotopy parameter in [0, 1]."""
+
+    strength: float = 0.0
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None, strength: float, variant: str) -> "VariantConfig":
+        """Validate user options strictly (unknown keys and bad values are errors) and build the config."""
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "strength"]
+        values: dict[str, Any] = {}
+        for key, value in (options or {}).items():
+            if key not in names:
+                known = ", ".join(names) if names else "none"
+                raise OptionError(f"unknown option '{key}' for variant '{variant}'; valid options: {known}")
+            values[key] = _parse(value, hints[key], key, variant)
+        strength = _parse(strength, float, "strength", variant)
+        if not 0.0 <= strength <= 1.0:
+            raise OptionError(f"strength must be in [0, 1]; got {strength}")
+        config = cls(strength=strength, **values)
+        config.validate(variant)
+        return config
+
+    def validate(self, variant: str) -> None:
+        """Range checks; raise OptionError with a one-line message."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VariantConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Variant(nn.Module):
+    """Base class of the layers normswap converts into. See the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    config_class: ClassVar[type[VariantConfig]] = VariantConfig
+    adapters: ClassVar[dict[str, str]] = {}
+    families: ClassVar[tuple[type, ...]] = ()
+    functional_kinds: ClassVar[tuple[str, ...]] = ()  # "norm" / "activation": functional calls reported as skipped
+
+    # ---- finding sites -------------------------------------------------------------------------
+    @classmethod
+    def classify(cls, module: nn.Module) -> tuple[str | None, str]:
+        """Return ``(source_kind, "")`` if this variant converts ``module``, else ``(None, reason)``.
+
+        A reason is empty when the module is simply not of interest; it is non-empty for a module of
+        a known family that is refused (an unknown subclass, say)."""
+        kind = cls.adapters.get(qualname(module))
+        if kind is not None:
+            return kind, ""
+        if any(isinstance(module, fam) for fam in cls.families):
+            known = next((c for c in type(module).__mro__[1:] if qualname(c) in cls.adapters), None)
+            base = (known or next(f for f in cls.families if isinstance(module, f))).__name__
+            return None, (
+                f"unknown subclass {qualname(module)} of {base}: no adapter, refused "
+                "rather than silently dropping its behaviour"
+            )
+        return None, ""
+
+    @classmethod
+    def propose(cls, infos: list[Any], config: VariantConfig) -> list[Site]:
+        """Sites this variant would rewrite in a model, given the finder's per-module facts."""
+        sites = []
+        for info in infos:
+            kind, reason = cls.classify(info.module)
+            if kind is None and not reason:
+                continue
+            sites.append(
+                Site(
+                    name=info.name,
+                    source_type=qualname(info.module),
+                    variant=cls.name,
+                    action=CONVERT if kind else SKIP,
+                    reason=reason,
+                    pattern=info.pattern(kind),
+                    path=info.path,
+                    config={**config.to_dict(), "source_kind": kind} if kind else {},
+                    facts=info.facts(),
+                )
+            )
+        return sites
+
+    # ---- building --------------------------------------------------------------------------------
+    @classmethod
+    def from_site(cls, site: Site, module: nn.Module, absorbed: list[nn.Module]) -> "Variant":
+        """Build the replacement for ``module`` (and the ``absorbed`` modules folded into it)."""
+        raise NotImplementedError
+
+    def set_strength(self, strength: float) -> None:
+        """Set the homotopy parameter: 0 = the exact source function, 1 = the paper's layer."""
+        raise NotImplementedError
+
+    def claims_exact(self) -> bool:
+        """True when this module claims to reproduce its source modules exactly (in eval mode)."""
+        return False
+
+    @classmethod
+    def examples(cls) -> list[tuple[nn.Module, torch.Tensor]]:
+        """Small models holding every source kind this variant accepts, each with an example input.
+
+        The contract test suite (tests/test_variant_contract.py) converts each of them through the
+        whole pipeline, so a new variant is tested with no new test code."""
+        return []
+
+    # ---- calibration hooks (the calibration runner drives these) ----------------------------------
+    def calibration_begin(self) -> None:
+        """Start collecting statistics in forward."""
+
+    def calibration_end(self) -> None:
+        """Stop collecting and write the fitted statistics into registered buffers."""
+
+
+def strength_buffer(value: float, like: torch.Tensor | None = None) -> torch.Tensor:
+    """A float32 scalar buffer for a homotopy parameter, on ``like``'s device."""
+    device = like.device if like is not None else None
+    return torch.tensor(float(value), dtype=torch.float32, device=device)

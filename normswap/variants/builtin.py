@@ -1,0 +1,3 @@
+"""Imports the built-in variants so that they register themselves."""
+
+from normswap.variants import uan  # noqa: F401

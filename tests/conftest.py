@@ -1,0 +1,115 @@
+"""Shared fixtures: small real architectures, offline settings, real photos."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import normswap  # noqa: E402,F401  (repairs the torchvision import first)
+from normswap.compat import import_torchvision  # noqa: E402
+
+tv = import_torchvision()
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters (so exactness means something)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+class SmallCNN(nn.Module):
+    """Conv->BN->ReLU blocks, a residual add (conv output with two users), and a BN1d MLP head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.BatchNorm1d(16), nn.GELU(), nn.Linear(16, 5))
+        self.pool = nn.AdaptiveAvgPool2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.conv(x)
+        x = torch.relu(self.bn(y) + y)  # the conv output has two users: not a foldable pair
+        return self.head(self.pool(x))
+
+
+class ControlFlowNet(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so the module walk must take over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU())
+        self.alt = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        if x.mean() > 0:
+            x = self.alt(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(SmallCNN())
+
+
+@pytest.fixture
+def control_flow_net() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(ControlFlowNet())
+
+
+@pytest.fixture
+def tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    m = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                                    num_classes=10)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.LayerNorm):
+                mod.weight.copy_(torch.rand_like(mod.weight) + 0.5)
+                mod.bias.copy_(torch.randn_like(mod.bias) * 0.1)
+    return m.eval()
+
+
+def pretrained_mobilenet_available() -> bool:
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints", "mobilenet_v2-b0353104.pth")
+    return os.path.isfile(hub)
+
+
+needs_mobilenet = pytest.mark.skipif(not pretrained_mobilenet_available(),
+                                     reason="offline MobileNetV2 weights not installed (run scripts/setup.sh)")
+
+
+@pytest.fixture(scope="session")
+def photo_batch() -> torch.Tensor:
+    """Real photos (scikit-image, offline) as ImageNet-normalised 224x224 centre and corner crops."""
+    skdata = pytest.importorskip("skimage.data")
+    weights = tv.models.MobileNet_V2_Weights.IMAGENET1K_V1
+    tf = weights.transforms()
+    crops = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket"):
+        img = torch.from_numpy(getattr(skdata, name)()).permute(2, 0, 1).float() / 255.0
+        crops.append(tf(img))
+        h, w = img.shape[1:]
+        s = min(h, w) * 3 // 4
+        crops.append(tf(img[:, :s, :s]))
+    return torch.stack(crops)
