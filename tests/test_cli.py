@@ -59,7 +59,7 @@ def test_inspect_cnn_and_vit():
     res = run("inspect", "resnet18")
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    assert lines[0] == "torchvision:resnet18: 37 norm/activation sites, found by torch.fx graph"
+    assert lines[0] == "torchvision:resnet18: 29 norm/activation sites, found by torch.fx graph"
     assert lines[1].split() == ["name", "type", "shape", "pattern", "path"]
     bn1 = next(line for line in lines if line.startswith("bn1 "))
     assert bn1.split() == ["bn1", "BatchNorm2d", "2x64x112x112", "conv->bn->act", "fx"]

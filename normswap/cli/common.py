@@ -45,7 +45,24 @@ def _show_warning(message: Any, category: type, filename: str, lineno: int, file
 
 
 class NormswapGroup(click.Group):
-    """A click group that turns :class:`NormswapError` into ``Error: <message>`` and its exit code."""
+    """A click group whose every error is one line, ``Error: <message>``, with a meaningful exit code.
+
+    :class:`NormswapError` exits with its class's code (1 failed operation, 2 bad usage); click's own
+    usage errors exit 2 without the usage banner (``--help`` shows that)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         warnings.showwarning = _show_warning
