@@ -155,3 +155,28 @@ def test_pretrained_mobilenet_v2_on_real_photos(photo_batch, tmp_path):
     loaded = normswap.load(path)
     with torch.no_grad():
         assert torch.allclose(loaded(photo_batch), b, atol=1e-6, rtol=0)
+
+
+def test_hugging_face_bert_through_the_walk(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=37, max_position_embeddings=64)
+    model = transformers.BertModel(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "bert")
+    result = normswap.convert(f"hf:{tmp_path / 'bert'}", to="uan", strength=1.0)
+    assert result.plan.trace_path == "walk"
+    assert len(result.plan.converted) == 5 and {s.config["source_kind"] for s in result.plan.converted} == {"ln"}
+    assert result.report.ok and result.report.end_to_end < 1e-4
+    path = result.save(tmp_path / "bert-uan.safetensors")
+    loaded = normswap.load(path)
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        a = result.model.eval()(input_ids=ids).last_hidden_state
+        b = loaded(input_ids=ids).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)

@@ -46,6 +46,22 @@ ACTIVATION_FUNCTIONS = {
 ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 
 
+# Ops through which a positive per-tensor affine map c * (f - mu) commutes exactly (in eval mode): an
+# activation's consumers found through them can absorb the map (ANAct compensation, METHODS 2.2).
+COMMUTING_MODULES: tuple[type, ...] = (
+    nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+COMMUTING_FUNCTIONS = {
+    torch.flatten: "flatten", F.dropout: "dropout", F.max_pool1d: "max_pool1d", F.max_pool2d: "max_pool2d",
+    F.max_pool3d: "max_pool3d", F.adaptive_avg_pool1d: "adaptive_avg_pool1d",
+    F.adaptive_avg_pool2d: "adaptive_avg_pool2d", F.adaptive_avg_pool3d: "adaptive_avg_pool3d",
+    torch.mean: "mean", torch.reshape: "reshape", torch.permute: "permute", torch.transpose: "transpose",
+}
+COMMUTING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "mean", "unsqueeze", "squeeze"}
+
+
 def _qualname(m: Any) -> str:
     cls = type(m)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -102,6 +118,8 @@ class ModuleInfo:
     producer_exclusive: bool | None = None
     consumers: list[str] = field(default_factory=list)
     activation: str | None = None
+    producer_kind: str | None = None
+    downstream: list[dict[str, Any]] | None = None  # fx only: consumers reached through commuting ops
 
     def pattern(self, kind: str | None = None) -> str:
         """``conv->bn->act`` style description of this module and its neighbours."""
@@ -112,8 +130,6 @@ class ModuleInfo:
         if self.activation:
             parts.append("act")
         return "->".join(parts)
-
-    producer_kind: str | None = None
 
     def facts(self) -> dict[str, Any]:
         """JSON-able facts for the Plan."""
@@ -126,6 +142,8 @@ class ModuleInfo:
             d["consumers"] = list(self.consumers)
         if len(self.aliases) > 1:
             d["aliases"] = list(self.aliases)
+        if self.downstream is not None:
+            d["downstream"] = [dict(x) for x in self.downstream]
         return d
 
 
@@ -181,6 +199,36 @@ def _is_activation_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ACTIVATION_METHODS
 
 
+def _commutes(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """A short name when ``node`` commutes with a positive per-tensor affine map of its first input."""
+    if node.op == "call_module":
+        mod = modules[str(node.target)]
+        return type(mod).__name__ if isinstance(mod, COMMUTING_MODULES) else None
+    if node.op == "call_function":
+        return COMMUTING_FUNCTIONS.get(node.target)
+    if node.op == "call_method" and node.target in COMMUTING_METHODS:
+        return f".{node.target}()"
+    return None
+
+
+def _downstream(node: fx.Node, modules: dict[str, nn.Module]) -> list[dict[str, Any]]:
+    """Every final consumer of ``node``'s output, following ops that commute with an affine map."""
+    out: list[dict[str, Any]] = []
+    stack: list[tuple[fx.Node, list[str]]] = [(node, [])]
+    while stack:
+        cur, via = stack.pop()
+        for user in cur.users:
+            first = user.args[0] if user.args else None
+            op = _commutes(user, modules) if first is cur else None
+            if op is not None:
+                stack.append((user, [*via, op]))
+            elif user.op == "call_module" and first is cur and isinstance(modules[str(user.target)], AFFINE_TYPES):
+                out.append({"consumer": str(user.target), "module": True, "via": via})
+            else:
+                out.append({"consumer": _describe_user(user), "module": False, "via": via})
+    return out
+
+
 def trace(model: nn.Module) -> fx.Graph:
     """Trace ``model`` with :class:`NormswapTracer` (raises whatever fx raises)."""
     return NormswapTracer().trace(model)
@@ -221,6 +269,8 @@ def _from_graph(model: nn.Module, graph: fx.Graph) -> ModelGraph:
                     and len(aliases.get(id(modules[info.producer]), [])) == 1
                 )
             info.consumers = [_describe_user(u) for u in node.users]
+            if is_activation(mod) or _qualname(mod) in EXTRA_NORMS or is_norm(mod):
+                info.downstream = _downstream(node, modules) if len(calls) == 1 else None
             if len(node.users) == 1 and len(calls) == 1:
                 (user,) = node.users
                 if _is_activation_node(user, modules):

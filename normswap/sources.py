@@ -1,0 +1,484 @@
+"""Model sources: a spec string -> an ``nn.Module`` with weights; :func:`rebuild` -> the same one without.
+
+Specs: ``resnet50`` / ``torchvision:resnet50``, ``timm:NAME`` (``normswap[timm]``), ``hf:DIR`` (a local
+``save_pretrained`` directory, ``normswap[hf]``), ``pkg.module:factory``, ``path/to/file.py:factory``.
+Weights: ``None`` = the source's own pretrained weights (torchvision ``DEFAULT``, timm ``pretrained=True``,
+the hf directory's weights, a factory's own init); a torchvision weights name (``IMAGENET1K_V1``);
+``"none"`` = random init, announced by a :class:`RandomInitWarning` (the CLI shows warnings on stderr);
+or a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` file, loaded strictly. Pickles are only read with
+``torch.load(weights_only=True)``; :func:`rebuild` never downloads, and runs user code only when allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import pickle
+import re
+import sys
+import urllib.error
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from normswap.compat import import_torchvision
+from normswap.errors import (FileFormatError, NormswapError, UnknownModelError, UsageError,
+                             WeightsError)
+from normswap.surgery.verify import ProbeInput
+
+KINDS = ("torchvision", "timm", "hf", "python", "file")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+_STATE_KEYS = ("state_dict", "model", "model_state_dict")
+_PY_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_OFFLINE_HINT = "this machine may be offline: pass --weights FILE (.safetensors/.pt)"
+
+
+class RandomInitWarning(UserWarning):
+    """Issued by :func:`load_model` when ``weights="none"`` leaves a model randomly initialised."""
+
+
+@dataclass
+class SourceSpec:
+    """A parsed model source, JSON-able so that a saved file can :func:`rebuild` its architecture.
+
+    ``spec`` is normalised (``torchvision:mobilenet_v2``, ``hf:/abs/dir``, ``/abs/m.py:make``); ``kind`` one of
+    :data:`KINDS`; ``name`` the model name, hf directory, or ``module:factory`` / ``/abs/file.py:factory``;
+    ``weights`` ``None`` (the source's own), a torchvision weights name (``DEFAULT`` resolved, e.g.
+    ``IMAGENET1K_V2``), ``"none"`` or an absolute file path; ``kwargs`` the builder kwargs, including what a
+    pretrained torchvision builder changes (``num_classes``, ``image_size``, ``aux_logits``, ...).
+    """
+
+    spec: str
+    kind: str
+    name: str
+    weights: str | None = None
+    kwargs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (for file metadata)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "SourceSpec":
+        """Inverse of :meth:`to_dict`; a malformed dict raises :class:`FileFormatError`."""
+        keys = {"spec", "kind", "name", "weights", "kwargs"}
+        if not isinstance(data, dict) or not {"spec", "kind", "name"} <= set(data) or set(data) - keys \
+                or data["kind"] not in KINDS or not isinstance(data.get("kwargs", {}), dict):
+            raise FileFormatError(f"malformed model source in file metadata: {str(data)[:120]}")
+        return cls(data["spec"], data["kind"], data["name"], data.get("weights"), dict(data.get("kwargs") or {}))
+
+
+# ----------------------------------------------------------------------------------------- parsing
+_tv = import_torchvision
+
+
+def _optional(module: str, extra: str) -> ModuleType:
+    _tv()  # the torchvision guard must run before timm / transformers import it
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"{module} is not installed: pip install normswap[{extra}]") from None
+
+
+def _unknown(name: str, choices: list[str], label: str, where: str) -> UnknownModelError:
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    return UnknownModelError(f"unknown {label} '{name}'{hint}; see {where}")
+
+
+def parse_spec(spec: str) -> SourceSpec:
+    """Parse a model spec into a :class:`SourceSpec` (no model is built; names are checked)."""
+    if isinstance(spec, SourceSpec):
+        return spec
+    text = str(spec).strip()
+    prefix, sep, rest = text.partition(":")
+    if sep and prefix == "torchvision":
+        return _parse_tv(rest.strip())
+    if sep and prefix == "timm":
+        timm, name = _optional("timm", "timm"), rest.strip()
+        if not timm.is_model(name.split(".", 1)[0]):
+            raise _unknown(name.split(".", 1)[0], timm.list_models(), "timm model", "timm.list_models()")
+        return SourceSpec(f"timm:{name}", "timm", name)
+    if sep and prefix == "hf":
+        path = Path(rest.strip()).expanduser()
+        if not (path / "config.json").is_file():
+            raise UsageError(f"hf source '{rest.strip()}' is not a local directory holding config.json: "
+                             "normswap loads Hugging Face models from a save_pretrained directory (download it first)")
+        return SourceSpec(f"hf:{path.resolve()}", "hf", str(path.resolve()))
+    if sep:
+        left, _, attr = text.rpartition(":")
+        if not _PY_RE.fullmatch(attr):
+            raise UsageError(f"malformed model spec '{text}': expected NAME, torchvision:NAME, timm:NAME, hf:DIR, "
+                             "pkg.module:factory or path/to/file.py:factory")
+        if left.endswith(".py"):
+            path = Path(left).expanduser()
+            if not path.is_file():
+                raise UsageError(f"source file {left} not found (spec '{text}')")
+            name = f"{path.resolve()}:{attr}"
+            return SourceSpec(name, "file", name)
+        if _PY_RE.fullmatch(left):
+            return SourceSpec(text, "python", text)
+        raise UsageError(f"malformed model spec '{text}': expected pkg.module:factory or path/to/file.py:factory")
+    return _parse_tv(text)
+
+
+def _parse_tv(name: str) -> SourceSpec:
+    tv = _tv()
+    known = tv.models.list_models()
+    if name.lower() not in known:
+        err = _unknown(name, known, "model", "torchvision.models.list_models()")
+        if importlib.util.find_spec("timm") and _optional("timm", "timm").is_model(name):
+            err = UnknownModelError(f"{err} (timm has it: use 'timm:{name}')")
+        raise err
+    return SourceSpec(f"torchvision:{name.lower()}", "torchvision", name.lower())
+
+
+# ----------------------------------------------------------------------------------------- weights files
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    line = (str(getattr(exc, "reason", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+    line = line.split(". ", 1)[0] if len(line) > limit else line
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state_dict from ``.safetensors`` or ``torch.load(weights_only=True)``: bare, or under ``state_dict`` /
+    ``model`` / ``model_state_dict``; a uniform ``module.`` / ``_orig_mod.`` prefix is stripped."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file {path} not found (pass an existing .safetensors/.pt file, "
+                           "a weights name, or --weights none)")
+    if path.lower().endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            data: Any = load_file(path, device="cpu")
+        except Exception as exc:  # SafetensorError, OSError: the file is not a valid safetensors file
+            raise WeightsError(f"weights file {path} is not a readable safetensors file "
+                               f"({_first_line(exc)})") from None
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            what = f" ({found.group(1)})" if found else ""
+            raise WeightsError(
+                f"weights file {path} was refused by torch.load(weights_only=True): it contains pickled objects "
+                f"beyond tensors{what}, and normswap never unpickles untrusted files; convert it to .safetensors "
+                "(safetensors.torch.save_file(state_dict, 'model.safetensors')) where you trust it") from None
+        except Exception as exc:
+            raise WeightsError(f"could not read weights file {path}: {_first_line(exc)}") from None
+    if isinstance(data, dict) and not all(torch.is_tensor(v) for v in data.values()):
+        data = next((data[k] for k in _STATE_KEYS if isinstance(data.get(k), dict)), data)
+    if not isinstance(data, dict) or not data or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                         for k, v in data.items()):
+        keys = ", ".join(map(str, list(data)[:5])) if isinstance(data, dict) else type(data).__name__
+        raise WeightsError(f"weights file {path} holds no state_dict (a dict of tensors, or one under "
+                           f"'state_dict'/'model'/'model_state_dict'); found: {keys or 'an empty dict'}")
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in data):
+            data = {k[len(prefix):]: v for k, v in data.items()}
+    return dict(data)
+
+
+def load_weights_file(model: nn.Module, path: str, label: str) -> None:
+    """Load ``path`` into ``model`` strictly; a misfit raises one :class:`WeightsError` with examples."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k}: file {'x'.join(map(str, state[k].shape))}, model {'x'.join(map(str, v.shape))}"
+              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{len(items)} {one if len(items) == 1 else many} ({sep.join(items[:3])})" for items, one, many, sep
+                in [(missing, "missing key", "missing keys", ", "), (extra, "unexpected key", "unexpected keys", ", "),
+                    (shapes, "shape mismatch", "shape mismatches", "; ")] if items]
+    if problems:
+        raise WeightsError(f"weights file {path} does not fit {label}: {', '.join(problems)}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"weights file {path} does not fit {label}: {_first_line(exc)}") from None
+
+
+# ----------------------------------------------------------------------------------------- builders
+def _tv_build(name: str, weights: Any, kwargs: dict) -> nn.Module:
+    """``get_model`` that never fetches backbone weights; ``_frozen_bn`` names BatchNorm2d to freeze (detection)."""
+    tv = _tv()
+    frozen = kwargs.get("_frozen_bn", []) if weights is None else []
+    kwargs = {k: v for k, v in kwargs.items() if k != "_frozen_bn"}
+    params = inspect.signature(tv.models.get_model_builder(name)).parameters
+    if "weights_backbone" in params:
+        kwargs.setdefault("weights_backbone", None)
+    if "quantize" in params and weights is not None:
+        kwargs.setdefault("quantize", True)
+    model = tv.models.get_model(name, weights=weights, **kwargs)
+    for path in frozen:
+        parent, _, leaf = path.rpartition(".")
+        bn = model.get_submodule(path)
+        setattr(model.get_submodule(parent), leaf, tv.ops.misc.FrozenBatchNorm2d(bn.num_features, eps=bn.eps))
+    return model
+
+
+def _tv_arch_kwargs(name: str, w: Any, kwargs: dict, model: nn.Module | None = None) -> dict:
+    """The kwargs under which ``_tv_build(name, None, ...)`` rebuilds the architecture built with weights ``w``."""
+    out = dict(kwargs)
+    builder = _tv().models.get_model_builder(name)
+    module, params = builder.__module__, inspect.signature(builder).parameters
+    if "categories" in w.meta and w.meta["categories"] is not None:
+        out["num_classes"] = len(w.meta["categories"])
+    if "keypoint_names" in w.meta:
+        out["num_keypoints"] = len(w.meta["keypoint_names"])
+    if module.endswith("vision_transformer"):
+        out["image_size"] = w.meta["min_size"][0]
+    if module.endswith("maxvit"):
+        out["input_size"] = list(w.meta["min_size"])
+    if name.removeprefix("quantized_") in ("inception_v3", "googlenet"):  # quantized ones drop aux by default
+        out.setdefault("transform_input", True)
+        out["aux_logits"] = kwargs.get("aux_logits", name == "inception_v3")
+        out["init_weights"] = False
+    if ".segmentation." in module and "aux_loss" in params:
+        out["aux_loss"] = True
+    if "quantize" in params:
+        out.update(quantize=True, **({"backend": w.meta["backend"]} if "backend" in w.meta else {}))
+    frozen = [n for n, m in (model.named_modules() if model is not None else ()) if type(m).__name__ == "FrozenBatchNorm2d"]
+    if frozen:  # detection builders freeze the backbone's BatchNorm only when given weights
+        out["_frozen_bn"] = frozen
+    return out
+
+
+def _tv_weights(source: SourceSpec, weights: str) -> Any:
+    enum = _tv().models.get_model_weights(source.name)
+    names = ["DEFAULT", *(n for n in enum.__members__ if n != "DEFAULT")]
+    match = next((n for n in names if n.lower() == weights.lower()), None)
+    if match is None:
+        raise UsageError(f"unknown weights '{weights}' for {source.spec}; valid: {', '.join(names)}, "
+                         "none (random init), or a weights file (.safetensors/.pt)")
+    return enum[match]
+
+
+def _download_errors() -> tuple[type[BaseException], ...]:
+    """URLError, socket/HTTP errors (all OSError) and the Hugging Face hub's offline / HTTP errors."""
+    hub = sys.modules.get("huggingface_hub.errors")
+    names = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "HfHubHTTPError")
+    return (OSError, urllib.error.URLError, *(getattr(hub, n) for n in names if hasattr(hub, n)))
+
+
+def _call_factory(source: SourceSpec) -> nn.Module:
+    """Import (or exec, for ``file``) the user's module, then call ``factory(**kwargs)``; expect an nn.Module."""
+    target, _, attr = source.name.rpartition(":")
+    if source.kind == "file":
+        path = Path(target)
+        if not path.is_file():
+            raise UsageError(f"source file {target} not found (spec '{source.spec}')")
+        mod_name = "_normswap_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]  # private, per path
+        module = sys.modules.get(mod_name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            sys.modules[mod_name] = module
+            try:
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
+            except Exception as exc:
+                del sys.modules[mod_name]
+                raise NormswapError(f"cannot load {target}: {type(exc).__name__}: {_first_line(exc)}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise UsageError(f"cannot import module '{target}' for source '{source.spec}': "
+                             f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=3)
+            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            raise UsageError(f"'{target}' has no attribute '{attr}'{hint} (source '{source.spec}')")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"'{source.spec}' is not callable (it is a {type(obj).__name__}); name a function or class "
+                         "that returns an nn.Module")
+    try:
+        model = obj(**source.kwargs)
+    except Exception as exc:
+        raise NormswapError(f"factory '{source.spec}' failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise NormswapError(f"factory '{source.spec}' returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _hf_build(source: SourceSpec, pretrained: bool) -> nn.Module:
+    """The directory's ``config.architectures[0]`` class when transformers has it (keeps task heads), else AutoModel."""
+    tr = _optional("transformers", "hf")
+    path = source.name
+    if not (Path(path) / "config.json").is_file():
+        raise UsageError(f"hf source directory {path} not found (or has no config.json): pass the model itself")
+    config = tr.AutoConfig.from_pretrained(path, local_files_only=True)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(tr, arch, None) if arch else None
+    cls = cls if isinstance(cls, type) and issubclass(cls, nn.Module) else tr.AutoModel
+    if not pretrained:
+        return (getattr(cls, "from_config", None) or cls._from_config)(config, **source.kwargs)
+    try:
+        return cls.from_pretrained(path, local_files_only=True, **source.kwargs)
+    except _download_errors() as exc:
+        raise WeightsError(f"could not load the weights in hf directory {path}: {_first_line(exc)}; "
+                           "pass --weights FILE (.safetensors/.pt) or --weights none for random init") from None
+
+
+def _guard_build(label: str, build: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    """Run a library builder; bad builder kwargs (TypeError / ValueError) become one UsageError line."""
+    try:
+        return build(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"cannot build {label}: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _arch(source: SourceSpec) -> nn.Module:
+    """The architecture with no weights loaded and nothing downloaded (user code must be allowed first)."""
+    if source.kind == "torchvision":
+        return _tv_build(source.name, None, source.kwargs)
+    if source.kind == "timm":
+        return _optional("timm", "timm").create_model(source.name, pretrained=False, **source.kwargs)
+    if source.kind == "hf":
+        return _hf_build(source, pretrained=False)
+    return _call_factory(source)
+
+
+def load_model(spec: str | SourceSpec, weights: str | None = None, *,
+               kwargs: dict | None = None) -> tuple[nn.Module, SourceSpec]:
+    """Build ``spec`` in eval mode with ``weights`` (module docstring) and ``kwargs`` for its builder.
+
+    Returns the model and the :class:`SourceSpec` to record (weights and architecture kwargs filled in)
+    for :func:`rebuild`. ``"none"`` issues a :class:`RandomInitWarning`; failures are one-line NormswapErrors.
+    """
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    weights = parsed.weights if weights is None else weights
+    merged = {**parsed.kwargs, **(kwargs or {})}
+    try:
+        json.dumps(merged)
+    except TypeError as exc:
+        raise UsageError(f"builder kwargs must be JSON-able (they are saved in the file): {exc}") from None
+    source = SourceSpec(parsed.spec, parsed.kind, parsed.name, None, merged)
+    label = source.spec
+    is_none = weights is not None and weights.strip().lower() == "none"
+    is_file = weights is not None and not is_none and (weights.lower().endswith(WEIGHT_SUFFIXES) or "/" in weights
+                                                       or os.sep in weights or os.path.isfile(weights))
+    if is_file:
+        source.weights = os.path.abspath(weights)
+    elif weights is not None and not is_none and source.kind != "torchvision":
+        raise UsageError(f"unknown weights '{weights}' for {label}: pass none (random init) or a weights file "
+                         "(.safetensors/.pt)" + (", or a pretrained tag in the name (timm:NAME.TAG)"
+                                                  if source.kind == "timm" else ""))
+    if source.kind in ("python", "file"):
+        model = _call_factory(source)
+        source.weights = source.weights if is_file else weights
+    elif is_none or is_file:
+        model = _guard_build(label, _arch, source)
+        source.weights = source.weights if is_file else "none"
+        if is_none:
+            warnings.warn(RandomInitWarning(f"{label} has random weights (--weights none): its outputs mean nothing "
+                                            "until it is trained"), stacklevel=2)
+    elif source.kind == "torchvision":
+        w = _tv_weights(source, weights or "DEFAULT")
+        derived = _tv_arch_kwargs(source.name, w, {})  # recorded by an earlier load: the builder sets them itself
+        try:
+            model = _guard_build(label, _tv_build, source.name, w,
+                                 {k: v for k, v in merged.items() if k not in derived or derived[k] != v})
+        except _download_errors() as exc:
+            hub = Path(torch.hub.get_dir()) / "checkpoints"
+            cached = [n for n, v in type(w).__members__.items() if (hub / os.path.basename(v.url)).is_file()]
+            also = f", a cached weights name ({', '.join(cached)})" if cached else ""
+            raise WeightsError(f"could not download the {weights or 'DEFAULT'} weights for {label} ({w}): "
+                               f"{_first_line(exc)}; {_OFFLINE_HINT}{also}, or --weights none for random init"
+                               ) from None
+        source.weights, source.kwargs = w.name, _tv_arch_kwargs(source.name, w, merged, model)
+    elif source.kind == "timm":
+        try:
+            model = _guard_build(label, _optional("timm", "timm").create_model, source.name, pretrained=True, **merged)
+        except _download_errors() as exc:
+            raise WeightsError(f"could not download the pretrained weights for {label}: {_first_line(exc)}; "
+                               f"{_OFFLINE_HINT}, or --weights none for random init") from None
+        if isinstance(getattr(model, "num_classes", None), int):
+            source.kwargs = {**merged, "num_classes": model.num_classes}
+    else:
+        model = _hf_build(source, pretrained=True)
+    if is_file:
+        load_weights_file(model, weights, label)
+    return model.eval(), source
+
+
+def rebuild(source: SourceSpec, allow_code: bool = False) -> nn.Module:
+    """The architecture of ``source`` in eval mode, with no weights downloaded or loaded.
+
+    ``python`` / ``file`` sources run user code, which a file's metadata must not trigger on its own:
+    without ``allow_code=True`` they raise :class:`NormswapError`."""
+    if source.kind in ("python", "file") and not allow_code:
+        raise NormswapError(f"this file was made from custom code '{source.spec}'; normswap does not run code named "
+                            "inside a file: pass the model (normswap.load(path, model=...)) or allow it explicitly "
+                            "(--trust-source)")
+    return _arch(source).eval()
+
+
+# ----------------------------------------------------------------------------------------- probes
+def _image_size(model: nn.Module, source: SourceSpec | None) -> int | None:
+    cfg = getattr(model, "pretrained_cfg", None)  # timm
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return int(cfg["input_size"][-1])
+    size = getattr(model, "image_size", None)  # torchvision VisionTransformer
+    if isinstance(size, int):
+        return size
+    if source is not None and source.kind == "torchvision":
+        if "image_size" in source.kwargs:
+            return int(source.kwargs["image_size"])
+        enum = _tv().models.get_model_weights(source.name)
+        w = enum[source.weights] if source.weights in enum.__members__ else enum.DEFAULT
+        crop = getattr(w.transforms(), "crop_size", None)
+        return int(crop[0]) if crop else 224
+    return None
+
+
+def example_input(model: nn.Module, source: SourceSpec | None = None) -> ProbeInput | None:
+    """A small, seeded probe batch (a :class:`ProbeInput`: ``args`` tuple, ``kwargs`` dict), or ``None``.
+
+    Image models (torchvision, timm, ``model.image_size``): ``args=(x,)``, x (2, 3, S, S), S from the weights'
+    crop size / timm ``pretrained_cfg`` / 224 (video (2, 3, 8, S, S); detection a list of two (3, S, S)).
+    Hugging Face: ``kwargs`` ``input_ids`` (2, 16) + ``attention_mask``, or ``pixel_values``. Otherwise the
+    first Conv1d/2d/3d, Linear or Embedding in ``model.modules()`` order decides: (2, C, 32[, 32[, 32]]),
+    (2, in_features), or (2, 16) token ids.
+    """
+    g = torch.Generator().manual_seed(0)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict") and (source is None or source.kind == "hf"):
+        if getattr(config, "vocab_size", None):
+            ids = torch.randint(0, min(int(config.vocab_size), 1000), (2, 16), generator=g)
+            kw = {"input_ids": ids, "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+            if getattr(config, "is_encoder_decoder", False):
+                kw["decoder_input_ids"] = ids[:, :8].clone()
+            return ProbeInput((), kw)
+        if getattr(config, "image_size", None) and getattr(config, "num_channels", None):
+            size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+            return ProbeInput((), {"pixel_values": torch.randn(2, config.num_channels, size, size, generator=g)})
+    size = _image_size(model, source)
+    if size is not None:
+        tv_source = source is not None and source.kind == "torchvision"
+        group = _tv().models.get_model_builder(source.name).__module__ if tv_source else ""  # type: ignore[union-attr]
+        if ".detection." in group:
+            return ProbeInput(([torch.rand(3, size, size, generator=g) for _ in range(2)],))
+        if ".video." in group:
+            return ProbeInput((torch.randn(2, 3, 8, size, size, generator=g),))
+        return ProbeInput((torch.randn(2, 3, size, size, generator=g),))
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return ProbeInput((torch.randn(2, m.in_channels, *([32] * len(m.kernel_size)), generator=g),))
+        if isinstance(m, nn.Linear):
+            return ProbeInput((torch.randn(2, m.in_features, generator=g),))
+        if isinstance(m, nn.Embedding):
+            return ProbeInput((torch.randint(0, min(m.num_embeddings, 1000), (2, 16), generator=g),))
+    return None
