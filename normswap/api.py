@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from normswap import __version__
+from normswap.calibrate import calibrate
 from normswap.errors import FileFormatError, NormswapError, VerificationError
 from normswap.io import read_file, state_tensors, write_file
 from normswap.sources import SourceSpec, example_input, load_model, rebuild
@@ -101,6 +102,8 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
     reference = copy.deepcopy(module) if (inplace and check) else module
     converted = apply_plan(module, the_plan, inplace=inplace)
     probe = _probe(example_inputs) or example_input(reference, source)
+    if probe is not None:  # variants whose exact start needs statistics (ANAct) fit them on the probe
+        calibrate(converted, the_plan, [probe], only_required=True)
     if check:
         report = verify(reference, converted, the_plan, probe, rtol=rtol)
     else:

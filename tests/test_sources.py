@@ -126,6 +126,15 @@ def test_unknown_weights_name_lists_valid_ones():
                               "IMAGENET1K_V2, none (random init), or a weights file (.safetensors/.pt)")
 
 
+def test_bad_builder_kwargs_are_one_line():
+    with pytest.raises(UsageError) as err:
+        load_model("resnet18", "none", kwargs={"num_clases": 3})
+    assert str(err.value) == ("cannot build torchvision:resnet18: TypeError: ResNet.__init__() got an unexpected "
+                              "keyword argument 'num_clases'")
+    with pytest.raises(UsageError, match=r"^builder kwargs must be JSON-able"):
+        load_model("resnet18", "none", kwargs={"norm_layer": nn.BatchNorm2d})
+
+
 def test_pretrained_architecture_changes_are_recorded():
     from normswap.sources import _tv_arch_kwargs
     w = tv.models.Inception_V3_Weights.IMAGENET1K_V1
@@ -152,7 +161,8 @@ def test_rebuild_matches_pretrained_builders(monkeypatch, name, weights):
     with torch.device("meta"):
         model, source = load_model(name, weights)
         rebuilt = rebuild(SourceSpec.from_dict(source.to_dict()))
-    assert _structure(rebuilt) == _structure(model)
+        again, _ = load_model(source)  # the recorded kwargs are accepted by the builder with weights again
+    assert _structure(rebuilt) == _structure(model) == _structure(again)
 
 
 # ------------------------------------------------------------------------------------------ weights files
@@ -228,6 +238,21 @@ def test_timm_random_init_and_rebuild():
     assert example_input(model, source).args[0].shape == (2, 3, 224, 224)
     with pytest.raises(UsageError, match=r"^unknown weights 'IMAGENET1K_V1' for timm:efficientnet_b0: pass none"):
         load_model("timm:efficientnet_b0", "IMAGENET1K_V1")
+
+
+def test_timm_pretrained_fails_offline_in_one_line():
+    pytest.importorskip("timm")
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        pytest.skip("needs HF_HUB_OFFLINE=1 (otherwise the hub client retries for about a minute)")
+    try:
+        load_model("timm:efficientnet_b0")
+    except WeightsError as exc:
+        message = str(exc)
+    else:
+        pytest.skip("timm efficientnet_b0 weights are cached")
+    assert message.startswith("could not download the pretrained weights for timm:efficientnet_b0: ")
+    assert message.endswith("; this machine may be offline: pass --weights FILE (.safetensors/.pt), "
+                            "or --weights none for random init") and "\n" not in message
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module
         names_of.setdefault(id(mod), []).append(name)
 
     replacements: list[tuple[list[str], nn.Module]] = []
+    built = []
     for site in plan.converted:
         cls = registry.get(site.variant)
         old = _get(target, site.name, "the site")
@@ -49,6 +50,7 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module
         absorbed = [_get(target, a, f"absorbed by {site.name}") for a in site.absorbs]
         new = cls.from_site(site, old, absorbed)
         new.train(old.training)
+        built.append((cls, site, new))
         replacements.append((names_of[id(old)], new))
         for a_name, a_mod in zip(site.absorbs, absorbed):
             replacements.append((names_of.get(id(a_mod), [a_name]), nn.Identity()))
@@ -56,4 +58,6 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module
     for names, new in replacements:
         for name in names:
             _set(target, name, new)
+    for cls, site, new in built:
+        cls.after_apply(target, site, new)
     return target

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from normswap.surgery.plan import Plan
+from normswap.variants import registry
 from normswap.variants.base import Variant
 
 DEFAULT_RTOL = 1e-4
@@ -136,16 +137,17 @@ def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeIn
     if probe is None:
         return VerifyReport("none", plan.strength, [], None, None, False, True,
                             note="no probe input could be inferred for this model; pass example inputs to verify")
-    orig_names = [s.absorbs[-1] if s.absorbs else s.name for s in sites]
-    conv_names = [s.name for s in sites]
-    out_a, acts_a = _run(original, probe, orig_names)
-    out_b, acts_b = _run(converted, probe, conv_names)
+    points = [registry.get(s.variant).compare_points(s) for s in sites]
+    out_a, acts_a = _run(original, probe, sorted({a for pts in points for a, _ in pts}))
+    out_b, acts_b = _run(converted, probe, sorted({b for pts in points for _, b in pts}))
     checks = []
-    for site, a_name in zip(sites, orig_names):
+    for site, pts in zip(sites, points):
         module = converted.get_submodule(site.name)
         claims = isinstance(module, Variant) and module.claims_exact()
-        if a_name in acts_a and site.name in acts_b:
-            diff, ref = _diff(acts_a[a_name], acts_b[site.name])
+        found = [(acts_a[a], acts_b[b]) for a, b in pts if a in acts_a and b in acts_b]
+        if found:
+            diffs = [_diff(x, y) for x, y in found]
+            diff, ref = max(d for d, _ in diffs), max(r for _, r in diffs)
             tol = rtol * max(1.0, ref)
             checks.append(SiteCheck(site.name, site.variant, claims, diff, tol, (diff <= tol) or not claims))
         else:

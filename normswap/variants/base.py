@@ -116,6 +116,7 @@ class Variant(nn.Module):
     adapters: ClassVar[dict[str, str]] = {}
     families: ClassVar[tuple[type, ...]] = ()
     functional_kinds: ClassVar[tuple[str, ...]] = ()  # "norm" / "activation": functional calls reported as skipped
+    needs_calibration: ClassVar[bool] = False  # convert fits statistics on the probe batch before verifying
 
     # ---- finding sites -------------------------------------------------------------------------
     @classmethod
@@ -165,6 +166,21 @@ class Variant(nn.Module):
         """Build the replacement for ``module`` (and the ``absorbed`` modules folded into it)."""
         raise NotImplementedError
 
+    @classmethod
+    def compare_points(cls, site: Site) -> list[tuple[str, str]]:
+        """``(original module, converted module)`` pairs whose outputs must agree when the site claims
+        an exact start: by default the last module the site replaces and its replacement."""
+        return [(site.absorbs[-1] if site.absorbs else site.name, site.name)]
+
+    @classmethod
+    def after_apply(cls, model: nn.Module, site: Site, module: "Variant") -> None:
+        """Called once every site of the plan is in place: adjust neighbouring modules (ANAct folds
+        its compensation into its consumers here). ``load`` calls it too, before the strict load."""
+
+    @classmethod
+    def after_calibration(cls, model: nn.Module, site: Site, module: "Variant") -> None:
+        """Called after :meth:`calibration_end`: refit neighbours to the new statistics."""
+
     def set_strength(self, strength: float) -> None:
         """Set the homotopy parameter: 0 = the exact source function, 1 = the paper's layer."""
         raise NotImplementedError
@@ -187,6 +203,9 @@ class Variant(nn.Module):
 
     def calibration_end(self) -> None:
         """Stop collecting and write the fitted statistics into registered buffers."""
+
+    def calibration_abort(self) -> None:
+        """Stop collecting and discard what was collected (an error interrupted calibration)."""
 
 
 def strength_buffer(value: float, like: torch.Tensor | None = None) -> torch.Tensor:

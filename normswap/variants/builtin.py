@@ -1,3 +1,3 @@
 """Imports the built-in variants so that they register themselves."""
 
-from normswap.variants import uan  # noqa: F401
+from normswap.variants import anact, patchnorm, uan  # noqa: F401

@@ -1,0 +1,176 @@
+"""ANAct compensation: fold an activation's ``c * (f - mu)`` into the Linear / conv layers that consume it.
+
+METHODS.md section 2.2: ``W' = W / c``, ``b' = b + W mu`` (a conv sums W over its taps). Exact for Linear,
+unpadded (or non-zero-padded) convolutions and chains through ops that commute with a positive affine map;
+approximate for zero-padded convolutions; absent otherwise. Split from ``anact.py`` to keep files small.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from normswap.errors import NormswapError
+from normswap.variants._activations import describe
+
+_RANK = {"exact": 0, "approximate": 1, "absent": 2}
+
+
+def _compensation(info: Any, facts: dict[str, Any], by_name: dict[str, Any], per_channel: bool) -> dict | None:
+    """``{"status", "reason", "consumers"}`` from the finder's ``downstream`` facts (None without them):
+    the worst :func:`compensation_status` over every final user of the activation's output."""
+    calls, down = getattr(info, "calls", None), facts.get("downstream")
+    if isinstance(calls, int) and calls > 1:
+        return {"status": "absent", "reason": f"the activation is called {calls} times", "consumers": []}
+    if not isinstance(down, list):
+        return None
+    results = [("absent", "the output has no user")] if not down else []
+    for d in down:
+        cinfo = by_name.get(d.get("consumer")) if d.get("module") else None
+        if cinfo is None:
+            results.append(("absent", f"its output feeds {d.get('consumer')}, not a Linear or convolution"))
+        elif cinfo.calls not in (None, 1):
+            results.append(("absent", f"consumer {cinfo.name} is called {cinfo.calls} times"))
+        else:
+            status, why = compensation_status(cinfo.module, list(d.get("via", [])), per_channel)
+            results.append((status, f"{cinfo.name}: {why}" if why else ""))
+    status = max((r[0] for r in results), key=_RANK.__getitem__)
+    reason = "; ".join(dict.fromkeys(r[1] for r in results if r[0] == status and r[1]))
+    return {"status": status, "reason": reason, "consumers": [d.get("consumer") for d in down]}
+
+
+def _channel_count(info: Any, by_name: dict[str, Any]) -> int | None:
+    """Channels of an activation's input: a fact, else its producer's out_channels/out_features/num_features."""
+    producer = by_name.get(getattr(info, "producer", None) or "")
+    mod = producer.module if producer is not None else None
+    attrs = ("out_channels", "out_features", "num_features")
+    found = [info.facts().get("channels")] + [getattr(mod, a, None) for a in attrs]
+    return next((n for n in found if isinstance(n, int) and not isinstance(n, bool)), None)
+
+
+# ---- compensation: folding c and mu into the consumers ---------------------------------------------------
+# Ops between the activation and its consumer, normalised (lower case, no "_", no 1d/2d/3d suffix, no
+# "." or "()"): these commute with g = c (f - mu) for c > 0 in eval mode (dropout is the identity then).
+_TRANSPARENT_CHANNEL = {
+    "identity", "contiguous", "clone", "flatten", "dropout", "alphadropout", "featurealphadropout", "adaptiveavgpool",
+    "maxpool", "adaptivemaxpool", "interpolate", "upsample", "upsamplingnearest", "upsamplingbilinear"}
+_TRANSPARENT = _TRANSPARENT_CHANNEL | {
+    "reshape", "view", "unflatten", "squeeze", "unsqueeze", "permute", "transpose", "mean", "pixelshuffle",
+    "pixelunshuffle", "channelshuffle", "getitem"}
+
+
+def _norm_op(op: str) -> str:
+    s = op.strip().rsplit(".", 1)[-1].removesuffix("()").lower().replace("_", "")
+    return s[:-2] if s[-2:] in ("1d", "2d", "3d") else s
+
+
+def _padding_is_zero(conv: nn.modules.conv._ConvNd) -> bool:
+    if isinstance(conv.padding, str):
+        return conv.padding == "valid" or all(
+            d * (k - 1) == 0 for d, k in zip(conv.dilation, conv.kernel_size))
+    return all(p == 0 for p in conv.padding)
+
+
+def compensation_status(consumer: nn.Module | None, path_ops: list[str], per_channel: bool = False) -> tuple[str, str]:
+    """``("exact" | "approximate" | "absent", reason)`` for folding an ANAct into ``consumer``.
+
+    ``path_ops`` names the ops between the activation and the consumer (function, method or torch.nn class
+    names: ``"flatten"``, ``".view()"``, ``"Dropout"``, ``"adaptive_avg_pool2d"``; an average pool, which may
+    zero-pad, is not among them). The caller must also establish that the activation has no other user and
+    the consumer no other input (a residual add or a concatenation: absent)."""
+    allowed = _TRANSPARENT_CHANNEL if per_channel else _TRANSPARENT
+    for op in path_ops:
+        if _norm_op(op) not in allowed:
+            return "absent", f"'{op}' between the activation and its consumer does not commute with c * (f - mu)"
+    if not isinstance(consumer, (nn.Linear, nn.modules.conv._ConvNd)):
+        what = describe(consumer) if consumer is not None else "no module"
+        return "absent", f"the consumer is {what}, not a Linear or convolution"
+    if isinstance(consumer, nn.modules.conv._ConvNd):
+        if consumer.transposed:
+            return "absent", "a transposed convolution sums a varying number of taps per output: mu cannot be folded"
+        if not _padding_is_zero(consumer) and consumer.padding_mode == "zeros":
+            return "approximate", "zero padding: the pad value 0 in the new domain is mu in the old one"
+    return "exact", ""
+
+
+def _per_input(v: torch.Tensor, consumer: nn.Module, what: str) -> torch.Tensor:
+    """A scalar or per-channel ``v`` laid out like the consumer's weight: (out, in_per_group, 1)."""
+    w = consumer.weight
+    groups = getattr(consumer, "groups", 1)
+    out, ipg = w.shape[0], w.shape[1]
+    n_in = ipg * groups
+    v = v.reshape(-1)
+    if v.numel() == 1:
+        v = v.expand(n_in)
+    elif v.numel() != n_in:
+        if n_in % v.numel():
+            raise NormswapError(f"cannot fold {v.numel()} per-channel {what} values into {n_in} input features")
+        v = v.repeat_interleave(n_in // v.numel())  # (N, C, ...) flattened channel-major
+    return v.view(groups, 1, ipg).expand(groups, out // groups, ipg).reshape(out, ipg, 1)
+
+
+@torch.no_grad()
+def fold_into_consumer(consumer: nn.Module, c: torch.Tensor | float, mu: torch.Tensor | float,
+                       inverse: bool = False) -> None:
+    """Rewrite ``consumer`` (Linear or non-transposed ConvNd) in place so ``consumer(c * (f - mu)) ==
+    consumer_before(f)``: ``W' = W / c`` per input channel, ``b' = b + W mu`` (a conv sums W over its taps);
+    exact at every output only where :func:`compensation_status` says so. ``inverse=True`` undoes such a
+    fold (``W = W' c``, ``b = b' - W mu``): refold after calibration = undo with the old ``(c, mu)``, fold
+    with the new. float64 arithmetic. A consumer without bias always gets one (zeros when ``mu = 0``), so
+    its state_dict gains a ``bias`` key whatever the statistics are."""
+    if not isinstance(consumer, (nn.Linear, nn.modules.conv._ConvNd)) or getattr(consumer, "transposed", False):
+        raise NormswapError(
+            f"cannot fold ANAct into {describe(consumer)}: only Linear and (non-transposed) convolutions")
+    w = consumer.weight
+    c64 = torch.as_tensor(c, dtype=torch.float64, device=w.device).detach()
+    mu64 = torch.as_tensor(mu, dtype=torch.float64, device=w.device).detach()
+    if not bool(torch.isfinite(c64).all() & (c64 > 0).all()) or not bool(torch.isfinite(mu64).all()):
+        raise NormswapError("cannot fold ANAct: its scale must be positive and finite and its mean finite")
+    cf, muf = _per_input(c64, consumer, "scale"), _per_input(mu64, consumer, "mean")
+    w64 = w.detach().to(torch.float64).reshape(w.shape[0], w.shape[1], -1)
+    new_w = w64 * cf if inverse else w64 / cf
+    shift = ((new_w if inverse else w64) * muf).sum(dim=(1, 2))
+    if consumer.bias is None:
+        consumer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                     requires_grad=w.requires_grad)
+    b64 = consumer.bias.detach().to(torch.float64)
+    w.copy_(new_w.reshape(w.shape).to(w.dtype))
+    consumer.bias.copy_((b64 - shift if inverse else b64 + shift).to(consumer.bias.dtype))
+
+
+def export_fold(model: nn.Module, consumers: dict[str, list[str]], inplace: bool = False) -> nn.Module:
+    """Inference export: fold each named ANAct's frozen ``c``, ``mu`` into its consumers (an inverse
+    :func:`fold_into_consumer`) and put its plain ``act`` back under every name it has; the result computes
+    what ``model`` computes (in a compensated model, the consumers become the original ones again).
+    ``consumers``: ANAct module name -> names of *every* module consuming its output, each exactly foldable.
+    Works on a deep copy unless ``inplace``; everything is checked before the first change."""
+    target, aliases = model if inplace else copy.deepcopy(model), {}
+    for name, mod in target.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(mod), []).append(name)
+    jobs, seen = [], set()
+    for name, names in consumers.items():
+        act = target.get_submodule(name)
+        if type(act).__name__ != "ANAct" or not hasattr(act, "scale"):
+            raise NormswapError(f"export_fold: '{name}' is {describe(act)}, not an ANAct")
+        mods = []
+        for cname in dict.fromkeys(names):
+            mod = target.get_submodule(cname)
+            status, reason = compensation_status(mod, [], act.per_channel)
+            if status != "exact" or id(mod) in seen:
+                why = reason or "it consumes more than one ANAct"
+                raise NormswapError(f"export_fold: cannot fold '{name}' into '{cname}' exactly ({why})")
+            seen.add(id(mod))
+            mods.append(mod)
+        jobs.append((act, mods))
+    for act, mods in jobs:
+        with torch.no_grad():
+            c, mu = act.scale().detach(), act.shift().detach()
+        for mod in mods:
+            fold_into_consumer(mod, c, mu, inverse=True)
+        for alias in aliases[id(act)]:
+            parent, _, child = alias.rpartition(".")
+            setattr(target.get_submodule(parent) if parent else target, child, act.act)
+    return target

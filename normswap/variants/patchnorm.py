@@ -1,0 +1,473 @@
+"""PatchNorm family: divergence-corrected affine and convolution layers.
+
+Paper: G. Bird, "The Affine Divergence", arXiv 2512.22247. Specification: METHODS.md sections 0 and 1.
+One SGD step on an affine map ``z = W x + b`` moves ``z`` by ``-lr * g * (||x||^2 + 1)`` (``g = dL/dz``)
+instead of ``-lr * g``; dividing by ``sqrt(||x||^2 + 1)`` removes that per-sample factor. For a conv the
+"input" of an output location ``q`` is its receptive-field patch ``P_q`` (one group's channels times
+every tap, with the conv's stride, padding, dilation and padding_mode), ``n2[q] = ||P_q||^2``.
+
+**[reconstruction]** The formulas below are normswap's reconstruction of the paper's layers (METHODS 1.2,
+1.3), consistent with its stated claims; the paper's own text could not be read. With ``lam`` the
+homotopy buffer (``strength``), ``a`` the learnable per-output gain (init 1), ``o`` the optional offset::
+
+    g      = 1 + lam * (a - 1)                              # gain blended in with lam (normswap design)
+    corrected (default; PatchNormLinear and PatchNormConv):
+    z      = g * (W . P + b) / sqrt(lam * n2 + 1) + lam * o
+    l2 / rms (normaliser forms), r = 1 (l2) or sqrt(|P|) (rms):
+    z      = g * (W . P) * ((1 - lam) + lam * r / sqrt(n2 + eps)) + b + lam * o
+
+``lam = 1`` is METHODS' layer exactly (``g = a``); ``lam = 0`` is the source layer exactly: the forward
+then calls ``F.linear`` / the conv itself, bit-identical, whatever ``a`` and ``o`` hold (the Python
+mirror ``_lam`` decides that branch, never a tensor value, so torch.fx and torch.compile work). That is
+why ``a`` and ``o`` are blended in with ``lam`` (normswap design, not the paper's): calibration fits
+them for ``lam = 1`` while the model still starts exactly. The normaliser-form blend is normswap's
+too. No batch statistics: train and eval behave the same. ``eps`` only enters the normaliser forms.
+
+Sources: ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (opt-in: converted only when a target names them), and
+a Conv/Linear -> BatchNorm pair whose BatchNorm is folded in with its eval statistics
+(``W' = W gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) gamma / sqrt(var + eps)``) and replaced
+by ``nn.Identity``. State_dict keys: the source's ``weight`` and ``bias`` (a folded pair always has a
+bias), plus ``gain``, ``lam`` and, with ``offset=True``, ``offset``. LayerNorm sites are left alone
+(METHODS 1.4).
+
+Calibration (METHODS 1.3) fits ``a`` (and ``o``) by least squares against the source's outputs ``y``:
+``a_c = E[y_c u_c] / E[u_c^2]`` with ``u = (W'.P + b') / s`` at ``lam = 1``. Streaming API:
+``calibration_begin(strength=1.0)``; then every forward observes its input (the target is the
+module's own exact-start output, i.e. the source layer's output) or call ``observe(x, y)`` with
+explicit targets; ``calibration_end()`` solves per channel and writes ``gain`` (and ``offset``).
+:func:`fit_gain` wraps the three calls for one layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normswap.errors import NormswapError, OptionError
+from normswap.surgery.plan import CONVERT, SKIP, Site
+from normswap.variants import _patch
+from normswap.variants._patch import fold_batchnorm
+from normswap.variants.base import Variant, VariantConfig, qualname, strength_buffer
+from normswap.variants.registry import register
+
+__all__ = ["PatchNorm", "PatchNormConfig", "PatchNormConv", "PatchNormLinear", "fit_gain", "fold_batchnorm"]
+
+FORMS = ("corrected", "l2", "rms")
+_LINEAR = "torch.nn.modules.linear.Linear"
+_CONVS = {f"torch.nn.modules.conv.Conv{d}d": d for d in (1, 2, 3)}
+_BNS = {f"torch.nn.modules.batchnorm.BatchNorm{d}d": d for d in (1, 2, 3)}
+_CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+LN_REASON = (
+    "LayerNorm left in place: a token is a 1x1 patch and LayerNorm already is PatchNorm's centred RMS "
+    "normaliser form; dropping the centring is not faithful to a pretrained model (METHODS 1.4); "
+    "target the Linear layers by name instead"
+)
+
+
+@dataclass
+class PatchNormConfig(VariantConfig):
+    """PatchNorm options. ``strength`` (inherited) is ``lam``: 0 = the source layer, 1 = the paper's.
+
+    form: ``corrected`` (divide by ``sqrt(lam n2 + 1)``), ``l2`` or ``rms`` (normalise the patch).
+    eps: added to ``n2`` in the normaliser forms (> 0). offset: add a learnable per-channel offset
+    that calibration fits together with the gain."""
+
+    form: Literal["corrected", "l2", "rms"] = "corrected"
+    eps: float = 1e-5
+    offset: bool = False
+
+    def validate(self, variant: str) -> None:
+        if not 0.0 <= self.strength <= 1.0:
+            raise OptionError(f"strength must be in [0, 1]; got {self.strength}")
+        if self.form not in FORMS:
+            raise OptionError(f"option 'form' of variant '{variant}' must be one of {', '.join(FORMS)}; got {self.form!r}")
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
+            raise OptionError(f"option 'eps' of variant '{variant}' must be a finite number > 0; got {self.eps}")
+
+
+def _source_params(src: nn.Module, bn: nn.Module | None) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """Copies of ``src``'s weight and bias (``bn`` folded in), with its dtype, device and requires_grad."""
+    w, b = (src.weight, src.bias) if bn is None else fold_batchnorm(src.weight, src.bias, bn)
+    grad = src.weight.requires_grad
+    return nn.Parameter(w.detach().clone(), grad), (nn.Parameter(b.detach().clone(), grad) if b is not None else None)
+
+
+def _f32(value: float) -> float:
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
+@register
+class PatchNorm(Variant):
+    """The registered PatchNorm variant. :meth:`from_site` builds a :class:`PatchNormLinear` or a
+    :class:`PatchNormConv`; both subclass this one, which holds the gain, ``lam`` and its Python
+    mirror, the calibration and the contract methods."""
+
+    name = "patchnorm"
+    description = "divergence-corrected affine/conv layers (Bird 2512.22247), BN folded in, lam ramped from 0"
+    config_class = PatchNormConfig
+    adapters = {_LINEAR: "linear", **{k: "conv" for k in _CONVS}, **{k: "bn" for k in _BNS}}
+    families = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+
+    form: str
+    eps: float
+    _r: float  # the rms form's sqrt(|P|) (1 for l2)
+    _lam: float  # Python mirror of the ``lam`` buffer: the lam == 0 branch never reads tensor values
+    _calib: dict[str, Any] | None
+
+    # ---- finding sites ---------------------------------------------------------------------------
+    @classmethod
+    def propose(cls, infos: list[Any], config: VariantConfig) -> list[Site]:
+        """Conv/Linear -> BN pairs (the BN absorbed), skip sites for other BNs and LayerNorms, and
+        opt-in sites for every other plain Linear/Conv."""
+        by_name = {i.name: i for i in infos}
+        pairs: dict[str, Any] = {}  # producer name -> BN info
+        bn_reasons: dict[str, str] = {}
+        for info in infos:
+            if cls.classify(info.module)[0] == "bn":
+                reason = _pair_problem(info, by_name)
+                if reason:
+                    bn_reasons[info.name] = reason
+                else:
+                    pairs[info.producer] = info
+        sites = []
+        for info in infos:
+            kind, reason = cls.classify(info.module)
+            common = dict(source_type=qualname(info.module), variant=cls.name, path=info.path)
+            if isinstance(info.module, nn.LayerNorm):
+                sites.append(Site(name=info.name, action=SKIP, reason=LN_REASON, pattern=info.pattern(),
+                                  facts=info.facts(), **common))
+            elif kind is None:
+                if reason:
+                    sites.append(Site(name=info.name, action=SKIP, reason=reason, pattern=info.pattern(),
+                                      facts=info.facts(), **common))
+            elif kind == "bn":
+                if info.name in bn_reasons:
+                    sites.append(Site(name=info.name, action=SKIP, reason=bn_reasons[info.name],
+                                      pattern=info.pattern(), facts=info.facts(), **common))
+            elif info.name in pairs:
+                bn = pairs[info.name]
+                sites.append(Site(
+                    name=info.name, action=CONVERT, pattern=f"{kind}->bn", absorbs=[bn.name],
+                    reason=f"BatchNorm '{bn.name}' folded in (eval statistics) and replaced by nn.Identity",
+                    config={**config.to_dict(), "source_kind": f"{kind}_bn"},
+                    facts={**info.facts(), "bn": bn.name, "bn_facts": bn.facts()}, **common,
+                ))
+            else:
+                sites.append(Site(
+                    name=info.name, action=CONVERT, opt_in=True, pattern=info.pattern(),
+                    reason=f"plain {type(info.module).__name__} wrapped (no BatchNorm to fold)",
+                    config={**config.to_dict(), "source_kind": kind}, facts=info.facts(), **common,
+                ))
+        return sites
+
+    # ---- building --------------------------------------------------------------------------------
+    @classmethod
+    def from_site(cls, site: Site, module: nn.Module, absorbed: list[nn.Module]) -> "PatchNorm":
+        kind = site.config.get("source_kind")
+        config = PatchNormConfig.from_dict(site.config)
+        config.validate(cls.name)
+        want = {"linear": (_LINEAR,), "linear_bn": (_LINEAR,), "conv": tuple(_CONVS), "conv_bn": tuple(_CONVS)}
+        if kind not in want or qualname(module) not in want[kind]:
+            raise NormswapError(
+                f"site '{site.name}': the plan says source kind {kind!r} but the module is {qualname(module)}"
+            )
+        bn = None
+        if kind.endswith("_bn"):
+            dims = _CONVS.get(qualname(module), 1)
+            if len(absorbed) != 1 or _BNS.get(qualname(absorbed[0])) != dims:
+                got = ", ".join(qualname(m) for m in absorbed) or "nothing"
+                raise NormswapError(f"site '{site.name}': a {kind} site absorbs one BatchNorm{dims}d, got {got}")
+            bn = absorbed[0]
+        elif absorbed:
+            raise NormswapError(f"site '{site.name}': a {kind} site absorbs no modules, got {len(absorbed)}")
+        opts = dict(form=config.form, eps=config.eps, offset=config.offset, strength=config.strength)
+        if kind.startswith("linear"):
+            return PatchNormLinear.from_linear(module, bn, **opts)
+        return PatchNormConv.from_conv(module, bn, **opts)
+
+    def _init_common(self, weight: nn.Parameter, bias: nn.Parameter | None, out: int, form: str, eps: float,
+                     offset: bool, strength: float) -> None:
+        config = PatchNormConfig(strength=float(strength), form=form, eps=float(eps), offset=bool(offset))
+        config.validate(self.name)
+        self.form, self.eps = form, float(eps)
+        self.weight = weight
+        self.register_parameter("bias", bias)
+        like = dict(device=weight.device, dtype=weight.dtype)
+        self.gain = nn.Parameter(torch.ones(out, **like), requires_grad=weight.requires_grad)
+        self.register_parameter(
+            "offset", nn.Parameter(torch.zeros(out, **like), requires_grad=weight.requires_grad) if offset else None
+        )
+        self.register_buffer("lam", strength_buffer(strength, like=weight))
+        self._lam = _f32(strength)
+        self._calib = None
+
+    def set_strength(self, strength: float) -> None:
+        s = float(strength)
+        if not 0.0 <= s <= 1.0:
+            raise OptionError(f"strength must be in [0, 1]; got {s}")
+        with torch.no_grad():
+            self.lam.fill_(s)
+        self._lam = _f32(s)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.lam.device.type != "meta":
+            self._lam = float(self.lam)
+
+    def claims_exact(self) -> bool:
+        return self._lam == 0.0
+
+    @classmethod
+    def examples(cls) -> list[tuple[nn.Module, torch.Tensor]]:
+        """A Conv2d->BN2d->ReLU CNN (an affine=False BN too), a Linear->BN1d MLP, a Conv1d net with
+        reflect padding, a depthwise conv + BN: eval mode, non-trivial running statistics."""
+        return _patch.examples()
+
+    def _blend(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``g = 1 + lam (a - 1)`` (exactly ``a`` at lam = 1) and ``lam * o`` (or None)."""
+        lam = self.lam.to(self.gain.dtype)
+        g = self.gain * lam + (1 - lam)
+        return g, (self.offset * lam if self.offset is not None else None)
+
+    # ---- calibration -----------------------------------------------------------------------------
+    def calibration_begin(self, strength: float = 1.0) -> None:
+        """Start fitting ``gain`` (and ``offset``) for the layer at ``strength`` (default 1, the paper's)."""
+        t = float(strength)
+        if not 0.0 < t <= 1.0:
+            raise OptionError(f"calibration strength must be in (0, 1]; got {t}")
+        self._calib = {"t": t}
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Accumulate one batch: input ``x`` and target ``y`` (default: the source layer's output on ``x``)."""
+        if self._calib is None:
+            raise NormswapError("observe() needs calibration_begin() first")
+        t = self._calib["t"]
+        with torch.no_grad():
+            w, base, source = self._calib_terms(x, t)
+            target = source if y is None else y
+            if target.shape != w.shape:
+                raise NormswapError(f"calibration target has shape {tuple(target.shape)}, expected {tuple(w.shape)}")
+            ch = 1 if isinstance(self, PatchNormConv) else w.dim() - 1
+            _patch.lsq_accumulate(self._calib, w, target - base, ch)
+
+    def calibration_end(self) -> None:
+        """Solve the per-channel least squares and write ``gain`` (and ``offset``); no data: no change."""
+        acc, self._calib = self._calib, None
+        if not acc or "n" not in acc:
+            return
+        g, o, live = _patch.lsq_solve(acc, self.offset is not None)  # z = g * w + o (+ base)
+        t = acc["t"]
+        with torch.no_grad():
+            self.gain.copy_(torch.where(live, (g - (1.0 - t)) / t, self.gain.double()).to(self.gain.dtype))
+            if self.offset is not None:
+                self.offset.copy_(torch.where(live, o / t, self.offset.double()).to(self.offset.dtype))
+
+    def _calib_terms(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w, base, source)``: the layer at strength t is ``g * w + base + t * o``; ``source`` = lam 0."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._calib is not None:
+            self.observe(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"form={self.form}, lam={self._lam:g}, eps={self.eps}, offset={self.offset is not None}"
+
+
+class PatchNormLinear(PatchNorm):
+    """Divergence-corrected affine layer, METHODS 1.2 **[reconstruction]**; replaces ``nn.Linear``.
+
+    ``z = g * (W x + b) / sqrt(lam * ||x||^2 + 1) + lam * o``, the norm over the last dimension only
+    (``g``, ``o``: see the module docstring); ``form="l2"``/``"rms"`` normalise ``x`` instead (``|P|`` =
+    in_features). ``lam = 0`` is exactly ``F.linear``. Keys: ``weight``, ``bias``, ``gain``, ``lam``
+    (and ``offset``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, form: str = "corrected",
+                 eps: float = 1e-5, offset: bool = False, strength: float = 1.0, device=None, dtype=None) -> None:
+        super().__init__()
+        src = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
+        self._setup(src.weight, src.bias, form, eps, offset, strength)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bn: nn.modules.batchnorm._BatchNorm | None = None, *,
+                    form: str = "corrected", eps: float = 1e-5, offset: bool = False,
+                    strength: float = 0.0) -> "PatchNormLinear":
+        """Wrap ``linear`` (a copy of its weights; ``bn``, a BatchNorm1d after it, folded in)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(*_source_params(linear, bn), form, eps, offset, strength)
+        return self.train(linear.training)
+
+    def _setup(self, weight, bias, form, eps, offset, strength) -> None:
+        self.out_features, self.in_features = weight.shape
+        self._r = math.sqrt(self.in_features) if form == "rms" else 1.0
+        self._init_common(weight, bias, self.out_features, form, eps, offset, strength)
+
+    def _factor(self, x: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
+        xs = _patch.to_acc(x)
+        n2 = torch.linalg.vecdot(xs, xs, dim=-1).unsqueeze(-1)
+        lam = lam.to(n2.dtype) if isinstance(lam, torch.Tensor) else lam
+        if self.form == "corrected":
+            return torch.rsqrt(n2 * lam + 1).to(x.dtype)
+        return (torch.rsqrt(n2 + self.eps) * (lam * self._r) + (1 - lam)).to(x.dtype)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._lam == 0.0:
+            return F.linear(x, self.weight, self.bias)
+        g, off = self._blend()
+        corrected = self.form == "corrected"
+        z = F.linear(x, self.weight, self.bias if corrected else None) * g * self._factor(x, self.lam)
+        if not corrected and self.bias is not None:
+            z = z + self.bias
+        return z if off is None else z + off
+
+    def _calib_terms(self, x, t):
+        corrected = self.form == "corrected"
+        v = F.linear(x, self.weight, self.bias if corrected else None)
+        w = v * self._factor(x, t)
+        base = self.bias if not corrected and self.bias is not None else torch.zeros_like(self.gain)
+        return w, base.expand_as(w), (v if corrected else F.linear(x, self.weight, self.bias))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
+
+
+class PatchNormConv(PatchNorm):
+    """PatchNorm convolution, METHODS 1.3 **[reconstruction]**; replaces ``nn.Conv1d/2d/3d`` (or a
+    Conv -> BatchNorm pair, folded). Every conv option is honoured: stride, int/tuple/``"same"``/
+    ``"valid"`` padding, dilation, groups (each group's patch norm scales that group's outputs),
+    bias, padding_mode zeros/reflect/replicate/circular. ``n2`` comes from :mod:`._patch` (channel sum
+    of ``x^2``, then a box filter), so the correction costs one broadcast multiply of the ordinary
+    conv output. ``lam = 0`` calls the conv exactly. Keys: ``weight``, ``bias``, ``gain``, ``lam``
+    (and ``offset``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, dims: int = 2,
+                 form: str = "corrected", eps: float = 1e-5, offset: bool = False, strength: float = 1.0,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if dims not in _CONV_CLS:
+            raise OptionError(f"dims must be 1, 2 or 3; got {dims}")
+        src = _CONV_CLS[dims](in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                              padding_mode, device=device, dtype=dtype)
+        self._setup(src, src.weight, src.bias, form, eps, offset, strength)
+
+    @classmethod
+    def from_conv(cls, conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchNorm | None = None, *,
+                  form: str = "corrected", eps: float = 1e-5, offset: bool = False,
+                  strength: float = 0.0) -> "PatchNormConv":
+        """Wrap ``conv`` (a copy of its weights; ``bn``, a BatchNorm after it, folded in)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(conv, *_source_params(conv, bn), form, eps, offset, strength)
+        return self.train(conv.training)
+
+    def _setup(self, conv, weight, bias, form, eps, offset, strength) -> None:
+        self.geom = _patch.ConvGeometry.from_conv(conv)
+        g = self.geom
+        self.dims, self.in_channels, self.out_channels, self.groups = g.dims, g.in_channels, g.out_channels, g.groups
+        self.kernel_size, self.stride, self.padding = g.kernel_size, g.stride, g.padding
+        self.dilation, self.padding_mode = g.dilation, g.padding_mode
+        self._r = math.sqrt(g.patch_size) if form == "rms" else 1.0
+        self._init_common(weight, bias, g.out_channels, form, eps, offset, strength)
+
+    def _factor(self, x_in, lam) -> torch.Tensor:
+        """The per-patch factor ``(N, G, *out)``: ``1/s`` (corrected) or the normaliser blend."""
+        n2 = _patch.prepared_sq_norm(x_in, self.geom)
+        lam = lam.to(n2.dtype) if isinstance(lam, torch.Tensor) else lam
+        if self.form == "corrected":
+            return torch.rsqrt(n2 * lam + 1)
+        return torch.rsqrt(n2 + self.eps) * (lam * self._r) + (1 - lam)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_in, padding = self.geom.prepare(x)
+        if self._lam == 0.0:
+            return self.geom.conv(x_in, self.weight, self.bias, padding)
+        g, off = self._blend()
+        corrected = self.form == "corrected"
+        w = self.weight * g.view(-1, *([1] * (self.dims + 1)))
+        b = self.bias * g if corrected and self.bias is not None else None
+        m = self._factor(x_in, self.lam)
+        v = self.geom.conv(x_in, w, b, padding)
+        z = _patch.scale_by_group(v, m.to(v.dtype), self.groups, inplace=not torch.is_grad_enabled())
+        shape = (-1, *([1] * self.dims))
+        if not corrected and self.bias is not None:
+            z = z + self.bias.view(shape)
+        return z if off is None else z + off.view(shape)
+
+    def _calib_terms(self, x, t):
+        x_in, padding = self.geom.prepare(x)
+        corrected = self.form == "corrected"
+        v = self.geom.conv(x_in, self.weight, self.bias if corrected else None, padding)
+        w = _patch.scale_by_group(v, self._factor(x_in, t).to(v.dtype), self.groups)
+        if corrected or self.bias is None:
+            return w, torch.zeros_like(w), v
+        b = self.bias.view(-1, *([1] * self.dims)).expand_as(w)
+        return w, b, v + b
+
+    def extra_repr(self) -> str:
+        g = self.geom
+        s = f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, padding={g.padding}"
+        if any(d != 1 for d in g.dilation):
+            s += f", dilation={g.dilation}"
+        if g.groups != 1:
+            s += f", groups={g.groups}"
+        if g.padding_mode != "zeros":
+            s += f", padding_mode={g.padding_mode}"
+        return f"{s}, bias={self.bias is not None}, " + super().extra_repr()
+
+
+def fit_gain(module: PatchNorm, inputs: Iterable[torch.Tensor], targets: Iterable[torch.Tensor] | None = None,
+             *, strength: float = 1.0) -> PatchNorm:
+    """Fit one layer's ``gain`` (and ``offset``) from its input batches and, optionally, target batches
+    (the original layer's outputs; default: the layer's own exact-start output). Returns ``module``."""
+    module.calibration_begin(strength)
+    try:
+        if targets is None:
+            for x in inputs:
+                module.observe(x)
+        else:
+            for x, y in zip(inputs, targets, strict=True):
+                module.observe(x, y)
+    except BaseException:
+        module._calib = None
+        raise
+    module.calibration_end()
+    return module
+
+
+def _pair_problem(info: Any, by_name: dict[str, Any]) -> str:
+    """Why the BatchNorm of ``info`` cannot be folded into its producer ("" if it can)."""
+    bn = info.module
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        return "BatchNorm without running statistics (track_running_stats=False): nothing fixed to fold"
+    if info.calls is not None and info.calls > 1:
+        return f"BatchNorm is called {info.calls} times: folding it into one producer would change the other calls"
+    dims = _BNS[qualname(bn)]
+    allowed = [f"Conv{dims}d"] + (["Linear"] if dims == 1 else [])
+    what = " or ".join(allowed)
+    producer = by_name.get(info.producer) if info.producer is not None else None
+    if producer is None:
+        if info.path == "walk":
+            return f"found by the module walk: no preceding {what} could be proven to feed it"
+        return f"no preceding {what}: its input is not the output of a module"
+    src = qualname(producer.module)
+    if src not in (_LINEAR, *_CONVS) or (src == _LINEAR and dims != 1) or (src in _CONVS and _CONVS[src] != dims):
+        return f"its input comes from '{info.producer}' ({type(producer.module).__name__}), not a {what}"
+    if info.producer_exclusive is None:
+        return f"found by the module walk and not provably exclusive: the output of '{info.producer}' may have other users"
+    if not info.producer_exclusive:
+        return f"the output of '{info.producer}' has other users (a residual, say): folding would change them"
+    out = getattr(producer.module, "out_channels", getattr(producer.module, "out_features", None))
+    if out != bn.num_features:
+        return f"'{info.producer}' has {out} output channels, the BatchNorm {bn.num_features}"
+    return ""
