@@ -180,3 +180,44 @@ def test_hugging_face_bert_through_the_walk(tmp_path):
         a = result.model.eval()(input_ids=ids).last_hidden_state
         b = loaded(input_ids=ids).last_hidden_state
     assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_patchnorm_resnet50_cli_and_reload(tmp_path):
+    from click.testing import CliRunner
+
+    from normswap.cli.main import cli
+
+    out = tmp_path / "r50-pn.safetensors"
+    res = CliRunner().invoke(cli, ["convert", "resnet50", "--to", "patchnorm", "--weights", "none", "-o", str(out),
+                                   "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    data = __import__("json").loads(res.stdout)
+    sites = data["plan"]["sites"]
+    assert sum(s["action"] == "convert" for s in sites) == 53
+    assert {s["pattern"] for s in sites if s["action"] == "convert"} <= {"conv->bn", "conv->bn->act"}
+    fc = next(s for s in sites if s["name"] == "fc")
+    assert fc["action"] == "skip" and fc["reason"] == "converted only when a target names it (e.g. --targets fc)"
+    assert data["report"]["ok"] and data["report"]["end_to_end"] < 1e-3
+    loaded = normswap.load(out)
+    assert isinstance(loaded.layer1[0].bn1, nn.Identity)  # folded into the PatchNorm conv
+    original = normswap.sources.rebuild(normswap.sources.parse_spec("resnet50"))
+    reference = normswap.convert(original, to="patchnorm", check=False).model
+    reference.load_state_dict(loaded.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference.eval()(x))
+
+
+@needs_mobilenet
+def test_patchnorm_pretrained_mobilenet_both_ends(photo_batch, tmp_path):
+    original = tv.models.mobilenet_v2(weights="IMAGENET1K_V1").eval()
+    exact = normswap.convert(original, to="patchnorm", example_inputs=photo_batch[:2])
+    assert len(exact.plan.converted) == 52 and exact.report.ok and exact.report.end_to_end < 1e-3
+    full = normswap.convert(original, to="patchnorm", strength=1.0, example_inputs=photo_batch[:2])
+    assert not full.report.end_to_end_claimed and full.report.end_to_end > 1e-2  # the paper's layer moves the model
+    with torch.no_grad():
+        a, b, c = original(photo_batch), exact.model(photo_batch), full.model(photo_batch)
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    path = full.save(tmp_path / "mnv2-pn1.safetensors")
+    with torch.no_grad():
+        assert torch.allclose(normswap.load(path, model=original)(photo_batch), c, atol=1e-6, rtol=0)

@@ -23,7 +23,7 @@ def render_plan(plan: Plan) -> str:
     if plan.trace_error:
         lines.append(f"  trace failed, used the module walk: {plan.trace_error}")
     for row in [head, *rows]:
-        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + ("  " + row[4] if row[4] else ""))
+        lines.append(("  " + "  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4]).rstrip())
     return "\n".join(lines)
 
 
