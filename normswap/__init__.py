@@ -14,12 +14,12 @@ from normswap.compat import import_torchvision as _import_torchvision
 
 _import_torchvision()  # repairs the CPU-torch + CUDA-torchvision install before anyone imports it
 
-from normswap.api import ConvertResult, Inspection, convert, inspect, load, plan, save  # noqa: E402
+from normswap.api import ConvertResult, ExportResult, Inspection, convert, export, inspect, load, plan, save  # noqa: E402
 from normswap.errors import NormswapError  # noqa: E402
 from normswap.surgery.plan import Plan, Site  # noqa: E402
 from normswap.variants import Variant, VariantConfig, register  # noqa: E402
 
 __all__ = [
-    "ConvertResult", "Inspection", "NormswapError", "Plan", "Site", "Variant", "VariantConfig",
-    "__version__", "convert", "inspect", "load", "plan", "register", "save",
+    "ConvertResult", "ExportResult", "Inspection", "NormswapError", "Plan", "Site", "Variant", "VariantConfig",
+    "__version__", "convert", "export", "inspect", "load", "plan", "register", "save",
 ]

@@ -14,13 +14,15 @@ from torch import nn
 from normswap import __version__
 from normswap.calibrate import calibrate
 from normswap.errors import FileFormatError, NormswapError, VerificationError
-from normswap.io import read_file, state_tensors, write_file
+from normswap.io import check_output, read_file, state_tensors, write_file
 from normswap.sources import SourceSpec, example_input, load_model, rebuild
 from normswap.surgery.apply import apply_plan
 from normswap.surgery.find import find
 from normswap.surgery.graph import ModelGraph, build_graph, is_activation, is_norm
 from normswap.surgery.plan import Plan
 from normswap.surgery.verify import DEFAULT_RTOL, ProbeInput, VerifyReport, verify
+from normswap.variants import registry
+from normswap.variants.base import FOLDED
 
 META_ATTR = "_normswap_meta"
 
@@ -37,6 +39,12 @@ class ConvertResult:
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Save the converted model (see :func:`save`)."""
         return save(self.model, path, plan=self.plan, source=self.source, force=force)
+
+    @property
+    def graph_module(self) -> bool:
+        """True when functional calls became modules, so ``model`` is a new ``torch.fx.GraphModule`` (not the
+        original class); the sites say which (``facts["graph_rewrite"]``), and ``load`` replays the rewrite."""
+        return any(s.facts.get("graph_rewrite") for s in self.plan.converted)
 
 
 def _probe(example_inputs: Any) -> ProbeInput | None:
@@ -114,7 +122,12 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
             f"end to end: max |diff| {report.end_to_end:.3e}"
         raise VerificationError(f"the converted model does not reproduce the original at the exact start ({where})", report)
     setattr(converted, META_ATTR, {"plan": the_plan, "source": source})
-    return ConvertResult(converted, the_plan, report, source)
+    result = ConvertResult(converted, the_plan, report, source)
+    if result.graph_module:
+        note = (f"the result is a torch.fx.GraphModule: {sum(bool(s.facts.get('graph_rewrite')) for s in the_plan.converted)}"
+                " functional call(s) became anact_fn_* modules")
+        report.note = f"{report.note}; {note}" if report.note else note
+    return result
 
 
 def save(model: nn.Module | ConvertResult, path: str | os.PathLike, *, plan: Plan | None = None,
@@ -232,3 +245,104 @@ def inspect(model: nn.Module | str, *, example_inputs: Any = None, strict_trace:
     rows += [InspectRow(c.node, c.function, "?", f"functional {c.kind}", "fx") for c in graph.functional]
     label = source.spec if source is not None else type(module).__name__
     return Inspection(label, graph.path, graph.trace_error, rows)
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` returns: the inference model, its Plan (folded sites marked), what folded, what not."""
+
+    model: nn.Module
+    plan: Plan
+    folded: list[str]
+    kept: dict[str, str]
+    max_abs_diff: float | None
+    tolerance: float | None
+    source: SourceSpec | None = None
+    output: Path | None = None
+
+    def save(self, path: str | os.PathLike, force: bool = False) -> Path:
+        """Save the exported model (a file :func:`load` rebuilds, like any other)."""
+        return save(self.model, path, plan=self.plan, source=self.source, force=force)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"folded": list(self.folded), "kept": dict(self.kept), "max_abs_diff": self.max_abs_diff,
+                "tolerance": self.tolerance, "output": str(self.output) if self.output else None,
+                "plan": self.plan.to_dict()}
+
+    def render(self) -> str:
+        lines = [f"export: {len(self.folded)} site(s) folded for inference, {len(self.kept)} kept as they are"]
+        lines += [f"  folded  {name}" for name in self.folded]
+        lines += [f"  kept    {name}: {why}" for name, why in self.kept.items()]
+        if self.max_abs_diff is None:
+            lines.append("  not checked: no probe input could be inferred (pass example_inputs)")
+        else:
+            lines.append(f"  max |output diff| vs the unfolded model: {self.max_abs_diff:.3e} "
+                         f"(tolerance {self.tolerance:.1e}): ok")
+        return "\n".join(lines)
+
+
+def export(model: nn.Module | ConvertResult | str | os.PathLike, output: str | os.PathLike | None = None, *,
+           force: bool = False, base_model: nn.Module | None = None, trust_source: bool = False,
+           example_inputs: Any = None, rtol: float = 1e-5) -> ExportResult:
+    """Fold every exactly compensated variant layer into its neighbours for inference (ANAct: the frozen
+    ``c`` and ``mu`` go into the consumers and the plain activation comes back), check on a probe batch that
+    the result computes what the unfolded model computes, and optionally save it.
+
+    Args:
+        model: a converted model (``ConvertResult``, or a module from ``convert``/``load``) or a saved file.
+        output: where to save the exported model (atomically; ``force`` overwrites).
+        base_model, trust_source: as ``model`` and ``trust_source`` of :func:`load`, for a file input.
+        example_inputs: the probe (inferred for named sources); rtol: the check's relative tolerance.
+
+    The exported Plan marks folded sites ``action = "folded"``; :func:`load` rebuilds them (the source
+    activation, consumers with their ``bias`` key) and loads strictly.
+
+    Example:
+        >>> r = normswap.export("mnv2-anact.safetensors", "mnv2-anact-export.safetensors")
+        >>> len(r.folded), r.max_abs_diff < 1e-4
+        (18, True)
+    """
+    out = check_output(output, force=force) if output is not None else None  # fail before any work
+    if isinstance(model, ConvertResult):
+        module, the_plan, source = model.model, model.plan, model.source
+    elif isinstance(model, nn.Module):
+        meta = getattr(model, META_ATTR, None) or {}
+        module, the_plan, source = model, meta.get("plan"), meta.get("source")
+        if the_plan is None:
+            raise NormswapError("this model carries no normswap plan: export the result of normswap.convert or load")
+    elif isinstance(model, (str, os.PathLike)):
+        module = load(model, base_model, trust_source=trust_source)
+        the_plan, source = getattr(module, META_ATTR)["plan"], getattr(module, META_ATTR)["source"]
+    else:
+        raise NormswapError(f"expected a converted model or a file path, got {type(model).__name__}")
+    exported = copy.deepcopy(module)
+    folded, kept = [], {}
+    by_variant: dict[str, list] = {}
+    for site in the_plan.converted:
+        by_variant.setdefault(site.variant, []).append(site)
+    for name, sites in by_variant.items():
+        done, why = registry.get(name).fold_for_export(exported, sites)
+        folded += done
+        kept.update(why)
+    if not folded:
+        reasons = "; ".join(sorted(set(kept.values()))[:3]) or "it has no converted site"
+        raise NormswapError(f"nothing to export: no site of this model folds for inference ({reasons})")
+    new_plan = Plan.from_dict(copy.deepcopy(the_plan.to_dict()))
+    for site in new_plan.sites:
+        if site.name in folded:
+            site.action = FOLDED
+            site.reason = "folded for inference by normswap export: the source module is back, its neighbours " \
+                          "hold the variant's frozen statistics"
+    probe = _probe(example_inputs) or example_input(module, source)
+    diff = tol = None
+    if probe is not None:
+        check = verify(module, exported, Plan(variant=new_plan.variant), probe, rtol=rtol)
+        diff, tol = check.end_to_end, check.end_to_end_tolerance
+        if diff is None or tol is None or not diff <= tol:
+            raise VerificationError(f"the exported model does not reproduce the converted one (max |diff| {diff:.3e}, "
+                                    f"tolerance {tol:.1e})", check)
+    setattr(exported, META_ATTR, {"plan": new_plan, "source": source})
+    result = ExportResult(exported, new_plan, folded, kept, diff, tol, source)
+    if out is not None:
+        result.output = result.save(out, force=force)
+    return result

@@ -7,6 +7,7 @@ import click
 from normswap import __version__
 from normswap.cli.common import NormswapGroup
 from normswap.cli.convert import convert_cmd
+from normswap.cli.export import export_cmd
 from normswap.cli.inspect import inspect_cmd, variants_cmd
 
 
@@ -22,12 +23,15 @@ def cli() -> None:
       normswap inspect resnet50
       normswap variants
       normswap convert mobilenet_v2 --weights IMAGENET1K_V1 --to uan -o mnv2-uan.safetensors
+      normswap convert mobilenet_v2 --weights IMAGENET1K_V1 --to anact -o mnv2-anact.safetensors
+      normswap export mnv2-anact.safetensors -o mnv2-anact-export.safetensors
     """
 
 
 cli.add_command(inspect_cmd)
 cli.add_command(variants_cmd)
 cli.add_command(convert_cmd)
+cli.add_command(export_cmd)
 
 
 def main() -> None:

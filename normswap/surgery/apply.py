@@ -4,18 +4,28 @@ Every check and every replacement module is built before the first mutation, so 
 leaves a half-converted model. Replaced modules keep their names (so the user's class and the
 state_dict key prefixes stay), modules folded into a neighbour become ``nn.Identity``, and a module
 reachable under several names (a shared instance) is replaced under all of them by one new module.
+
+Functional calls (``F.relu(x)``) have no module to replace. A site marked ``facts["graph_rewrite"]``
+names the fx node of such a call (``facts["node"]``): the model is re-traced with the finder's tracer
+(node names are deterministic, so they match the plan), the call becomes a ``call_module`` of a new
+top-level submodule ``site.name``, and the result is a ``torch.fx.GraphModule`` (it keeps the original's
+module paths, so the state_dict keys stay; modules the forward never calls are not carried over).
+
+A ``folded`` site (written by ``normswap.export``) keeps its source module; the variant's
+``apply_folded`` rebuilds what the fold left behind (a consumer's new ``bias``, say).
 """
 
 from __future__ import annotations
 
 import copy
 
-from torch import nn
+from torch import fx, nn
 
-from normswap.errors import FileFormatError
-from normswap.surgery.plan import Plan
+from normswap.errors import FileFormatError, NormswapError
+from normswap.surgery.graph import call_name, trace
+from normswap.surgery.plan import CONVERT, Plan, Site
 from normswap.variants import registry
-from normswap.variants.base import qualname
+from normswap.variants.base import FOLDED, qualname
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -31,9 +41,52 @@ def _get(model: nn.Module, name: str, what: str) -> nn.Module:
         raise FileFormatError(f"the plan does not fit this model: it has no module '{name}' ({what})") from None
 
 
+def rewrite_functional(model: nn.Module, sites: list[Site]) -> fx.GraphModule:
+    """A GraphModule of ``model`` in which each site's functional call is a call of module ``site.name``
+    (built by the site's variant: :meth:`Variant.functional_module`). ``model``'s modules are shared."""
+    try:
+        graph = trace(model)
+    except Exception as exc:  # fx raises many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise FileFormatError(f"the plan rewrites functional calls, but torch.fx cannot trace this model "
+                              f"({type(exc).__name__}: {first})") from None
+    nodes = {n.name: n for n in graph.nodes}
+    jobs = []
+    for site in sites:
+        node = nodes.get(str(site.facts.get("node")))
+        if node is None or call_name(node) != site.source_type:
+            raise FileFormatError(f"the plan does not fit this model: it has no functional {site.source_type} call "
+                                  f"at graph node '{site.facts.get('node')}' (site {site.name})")
+        if hasattr(model, site.name):
+            raise FileFormatError(f"cannot rewrite node '{node.name}': the model already has an attribute '{site.name}'")
+        module = registry.get(site.variant).functional_module(site)
+        module.train(model.training)
+        jobs.append((site.name, node, module))
+    gm = fx.GraphModule(model, graph)
+    gm.train(model.training)
+    for name, node, module in jobs:
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
-    """Return ``model`` converted as ``plan`` says (a deep copy unless ``inplace``)."""
+    """Return ``model`` converted as ``plan`` says (a deep copy unless ``inplace``).
+
+    The result is a ``torch.fx.GraphModule`` when the plan rewrites functional calls."""
+    rewrites = [s for s in plan.sites if s.facts.get("graph_rewrite") and s.action in (CONVERT, FOLDED)]
+    if rewrites and inplace:
+        raise NormswapError(
+            f"cannot convert in place: {len(rewrites)} functional call(s) (first: node "
+            f"'{rewrites[0].facts.get('node')}') need a new torch.fx.GraphModule; convert a copy or exclude them")
     target = model if inplace else copy.deepcopy(model)
+    if rewrites:
+        target = rewrite_functional(target, rewrites)
     names_of: dict[int, list[str]] = {}
     for name, mod in target.named_modules(remove_duplicate=False):
         names_of.setdefault(id(mod), []).append(name)
@@ -43,7 +96,7 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module
     for site in plan.converted:
         cls = registry.get(site.variant)
         old = _get(target, site.name, "the site")
-        if qualname(old) != site.source_type:
+        if not site.facts.get("graph_rewrite") and qualname(old) != site.source_type:
             raise FileFormatError(
                 f"the plan does not fit this model: '{site.name}' is {qualname(old)}, the plan expects {site.source_type}"
             )
@@ -54,10 +107,18 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module
         replacements.append((names_of[id(old)], new))
         for a_name, a_mod in zip(site.absorbs, absorbed):
             replacements.append((names_of.get(id(a_mod), [a_name]), nn.Identity()))
+    folded = [s for s in plan.sites if s.action == FOLDED]
+    for site in folded:
+        old = _get(target, site.name, "a folded site")
+        if not site.facts.get("graph_rewrite") and qualname(old) != site.source_type:
+            raise FileFormatError(f"the plan does not fit this model: folded site '{site.name}' is {qualname(old)}, "
+                                  f"the plan expects {site.source_type}")
 
     for names, new in replacements:
         for name in names:
             _set(target, name, new)
     for cls, site, new in built:
         cls.after_apply(target, site, new)
+    for site in folded:
+        registry.get(site.variant).apply_folded(target, site)
     return target

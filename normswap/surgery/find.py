@@ -44,6 +44,8 @@ def site_matches(pattern: str, site: Site, compiled: Any = None) -> bool:
     if pattern.startswith("type:"):
         return False
     names = [site.name, *site.absorbs, *site.facts.get("aliases", [])]
+    if isinstance(site.facts.get("node"), str):  # a functional call: its fx node name too
+        names.append(site.facts["node"])
     if pattern.startswith("re:"):
         rx = compiled or re.compile(pattern[3:])
         return any(rx.fullmatch(n) for n in names)
@@ -59,24 +61,6 @@ def _nearby(pattern: str, candidates: Iterable[str]) -> str:
     if not close:
         close = [c for c in pool if key and key.split(".")[-1] in c][:3] or pool[:3]
     return ", ".join(close) if close else "none"
-
-
-def _functional_sites(graph: ModelGraph, kinds: tuple[str, ...], variant: str) -> list[Site]:
-    return [
-        Site(
-            name=call.node,
-            source_type=call.function,
-            variant=variant,
-            action=SKIP,
-            reason=(f"functional {call.function} call: normswap rewrites modules, and a functional call "
-                    "has no module to replace (wrap it in a module to convert it)"),
-            pattern="functional",
-            path="fx",
-            facts={"consumers": call.consumers},
-        )
-        for call in graph.functional
-        if call.kind in kinds
-    ]
 
 
 def find(
@@ -107,7 +91,7 @@ def find(
     exclude = [e for e in (exclude or []) if e]
     compiled = {p: _compile(p) for p in [*targets, *exclude]}
     graph = graph or build_graph(model, strict_trace=strict_trace)
-    sites = cls.propose(graph.infos, config) + _functional_sites(graph, cls.functional_kinds, to)
+    sites = cls.propose(graph.infos, config) + cls.propose_functional(graph.functional, graph.infos, config)
     all_names = [i.name for i in graph.infos] + [s.name for s in sites]
 
     def matching(pattern: str) -> list[Site]:
@@ -137,6 +121,7 @@ def find(
             if site.action == CONVERT and site.opt_in:
                 site.action = SKIP
                 site.reason = f"converted only when a target names it (e.g. --targets {site.name})"
+    cls.finalize_plan(sites, graph)
     return Plan(
         variant=to,
         strength=config.strength,

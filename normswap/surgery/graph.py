@@ -61,6 +61,13 @@ COMMUTING_FUNCTIONS = {
 }
 COMMUTING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "mean", "unsqueeze", "squeeze"}
 
+# Leaf modules whose child ``act`` is the last op of their forward (its output is the parent's output), so the
+# parent node's consumers are the activation's consumers: timm's norm + activation layers.
+ACT_PARENTS = {f"timm.layers.norm_act.{n}" for n in (
+    "BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d", "GroupNormAct", "GroupNorm1Act", "LayerNormAct",
+    "LayerNormActFp32", "LayerNormAct2d", "LayerNormAct2dFp32", "RmsNormAct", "RmsNormActFp32", "RmsNormAct2d",
+    "RmsNormAct2dFp32")}
+
 
 def _qualname(m: Any) -> str:
     cls = type(m)
@@ -120,6 +127,7 @@ class ModuleInfo:
     activation: str | None = None
     producer_kind: str | None = None
     downstream: list[dict[str, Any]] | None = None  # fx only: consumers reached through commuting ops
+    inside: str | None = None  # fx only, for a module with no node: the called leaf module that runs it
 
     def pattern(self, kind: str | None = None) -> str:
         """``conv->bn->act`` style description of this module and its neighbours."""
@@ -134,7 +142,7 @@ class ModuleInfo:
     def facts(self) -> dict[str, Any]:
         """JSON-able facts for the Plan."""
         d: dict[str, Any] = {}
-        for key in ("producer", "producer_exclusive", "calls", "activation"):
+        for key in ("producer", "producer_exclusive", "calls", "activation", "inside"):
             value = getattr(self, key)
             if value is not None:
                 d[key] = value
@@ -149,12 +157,38 @@ class ModuleInfo:
 
 @dataclass
 class FunctionalCall:
-    """A functional norm or activation call found in the fx graph (``F.layer_norm``, ``torch.relu``)."""
+    """A functional norm or activation call found in the fx graph (``F.layer_norm``, ``torch.relu``).
+
+    ``target``, ``args`` and ``kwargs`` are the fx node's (the function or method name; the arguments
+    with the input, as fx nodes and constants), for variants that turn the call into a module."""
 
     node: str
     function: str
     kind: str  # "norm" | "activation"
     consumers: list[str] = field(default_factory=list)
+    downstream: list[dict[str, Any]] | None = None  # consumers reached through commuting ops, as for modules
+    producer: str | None = None  # the module whose output is the call's input, if a module produced it
+    input_users: int = 1  # how many nodes use the call's input (an in-place call is safe to rewrite only at 1)
+    input_fresh: bool = False  # the input is a Linear/conv/norm module's output (a new tensor, not a view)
+    target: Any = None
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    calls: int = 1
+
+    @property
+    def inplace(self) -> bool:
+        """Whether the call writes into its input (``F.relu_``, ``x.relu_()``, ``F.relu(x, inplace=True)``)."""
+        return self.function.endswith("_") or self.kwargs.get("inplace") is True or (
+            len(self.args) > 1 and self.args[-1] is True and self.function in INPLACE_FLAG_POSITIONAL)
+
+    def facts(self) -> dict[str, Any]:
+        """JSON-able facts for the Plan."""
+        d: dict[str, Any] = {"node": self.node, "function": self.function, "consumers": list(self.consumers)}
+        if self.producer is not None:
+            d["producer"] = self.producer
+        if self.downstream is not None:
+            d["downstream"] = [dict(x) for x in self.downstream]
+        return d
 
 
 @dataclass
@@ -172,6 +206,35 @@ class ModelGraph:
             if info.name == name:
                 return info
         return None
+
+
+# Functions whose last positional argument may be ``inplace`` (``F.relu(x, True)``).
+INPLACE_FLAG_POSITIONAL = {"F.relu", "F.relu6", "F.elu", "F.selu", "F.celu", "F.leaky_relu", "F.hardswish",
+                           "F.hardsigmoid", "F.hardtanh", "F.silu", "F.mish", "F.dropout"}
+
+
+def call_name(node: fx.Node) -> str | None:
+    """``"F.relu"`` / ``"torch.sigmoid"`` / ``"Tensor.relu"`` for a functional norm or activation node, else None."""
+    if node.op == "call_function":
+        try:
+            return NORM_FUNCTIONS.get(node.target) or ACTIVATION_FUNCTIONS.get(node.target)
+        except TypeError:  # an unhashable target
+            return None
+    if node.op == "call_method" and node.target in ACTIVATION_METHODS:
+        return f"Tensor.{node.target}"
+    return None
+
+
+def reached_modules(graph: fx.Graph, modules: set[str], nodes: set[str]) -> set[str]:
+    """Targets of the module calls whose input depends on a call of one of ``modules`` or on one of ``nodes``."""
+    todo = [n for n in graph.nodes if n.name in nodes or (n.op == "call_module" and str(n.target) in modules)]
+    seen: set[fx.Node] = set()
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return {str(n.target) for n in seen if n.op == "call_module"}
 
 
 def _aliases(model: nn.Module) -> dict[int, list[str]]:
@@ -242,15 +305,8 @@ def _from_graph(model: nn.Module, graph: fx.Graph) -> ModelGraph:
     for node in graph.nodes:
         if node.op == "call_module":
             nodes_of.setdefault(str(node.target), []).append(node)
-        elif node.op == "call_function" and node.target in NORM_FUNCTIONS:
-            functional.append(FunctionalCall(node.name, NORM_FUNCTIONS[node.target], "norm",
-                                             [_describe_user(u) for u in node.users]))
-        elif node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS:
-            functional.append(FunctionalCall(node.name, ACTIVATION_FUNCTIONS[node.target], "activation",
-                                             [_describe_user(u) for u in node.users]))
-        elif node.op == "call_method" and node.target in ACTIVATION_METHODS:
-            functional.append(FunctionalCall(node.name, f"Tensor.{node.target}", "activation",
-                                             [_describe_user(u) for u in node.users]))
+        elif call_name(node) is not None:
+            functional.append(_functional_call(node, modules))
     infos = []
     for name, mod in modules.items():
         if name == "":
@@ -276,7 +332,40 @@ def _from_graph(model: nn.Module, graph: fx.Graph) -> ModelGraph:
                 if _is_activation_node(user, modules):
                     info.activation = info.consumers[0]
         infos.append(info)
+    _inner_facts(infos, modules)
     return ModelGraph("fx", infos, functional, graph=graph)
+
+
+def _functional_call(node: fx.Node, modules: dict[str, nn.Module]) -> FunctionalCall:
+    function = call_name(node) or ""
+    src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    producer = str(src.target) if src is not None and src.op == "call_module" else None
+    fresh = producer is not None and (isinstance(modules[producer], AFFINE_TYPES) or is_norm(modules[producer]))
+    return FunctionalCall(
+        node.name, function, "norm" if function in NORM_FUNCTIONS.values() else "activation",
+        [_describe_user(u) for u in node.users], downstream=_downstream(node, modules), producer=producer,
+        input_users=len(src.users) if src is not None else 0, input_fresh=fresh, target=node.target,
+        args=tuple(node.args), kwargs=dict(node.kwargs))
+
+
+def _inner_facts(infos: list[ModuleInfo], modules: dict[str, nn.Module]) -> None:
+    """Modules with no node of their own run inside a called leaf (``inside``). The ``act`` of a known
+    norm + activation leaf (:data:`ACT_PARENTS`) produces that leaf's output, so it takes the leaf's
+    consumers and call count, and the leaf becomes its producer."""
+    by_name = {i.name: i for i in infos}
+    for info in infos:
+        if info.calls:
+            continue
+        parent = info.name.rpartition(".")[0]
+        while parent and not (by_name.get(parent) and by_name[parent].calls):
+            parent = parent.rpartition(".")[0]
+        if not parent:
+            continue
+        info.inside = parent
+        pinfo = by_name[parent]
+        if info.name == f"{parent}.act" and _qualname(pinfo.module) in ACT_PARENTS and len(info.aliases) == 1:
+            info.calls, info.consumers, info.downstream = pinfo.calls, list(pinfo.consumers), pinfo.downstream
+            info.producer, info.producer_kind, info.producer_exclusive = parent, short_kind(pinfo.module), True
 
 
 def _walk(model: nn.Module, error: str) -> ModelGraph:
@@ -325,5 +414,5 @@ def build_graph(model: nn.Module, strict_trace: bool = False) -> ModelGraph:
 
 __all__ = [
     "ModuleInfo", "FunctionalCall", "ModelGraph", "NormswapTracer", "build_graph", "trace",
-    "is_norm", "is_activation", "short_kind"
+    "is_norm", "is_activation", "short_kind", "call_name", "reached_modules", "ACT_PARENTS",
 ]

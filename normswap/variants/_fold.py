@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from normswap.errors import NormswapError
+from normswap.surgery.graph import reached_modules
+from normswap.surgery.plan import CONVERT, SKIP
 from normswap.variants._activations import describe
 
 _RANK = {"exact": 0, "approximate": 1, "absent": 2}
@@ -25,6 +27,9 @@ def _compensation(info: Any, facts: dict[str, Any], by_name: dict[str, Any], per
     calls, down = getattr(info, "calls", None), facts.get("downstream")
     if isinstance(calls, int) and calls > 1:
         return {"status": "absent", "reason": f"the activation is called {calls} times", "consumers": []}
+    if calls == 0 and facts.get("inside") and not isinstance(down, list):
+        return {"status": "absent", "reason": f"it runs inside {facts['inside']}, a leaf of the graph that hides "
+                "its consumers", "consumers": []}
     if not isinstance(down, list):
         return None
     results = [("absent", "the output has no user")] if not down else []
@@ -40,6 +45,49 @@ def _compensation(info: Any, facts: dict[str, Any], by_name: dict[str, Any], per
     status = max((r[0] for r in results), key=_RANK.__getitem__)
     reason = "; ".join(dict.fromkeys(r[1] for r in results if r[0] == status and r[1]))
     return {"status": status, "reason": reason, "consumers": [d.get("consumer") for d in down]}
+
+
+def decide(kind: str, params: dict[str, Any], info: Any, facts: dict[str, Any], by_name: dict[str, Any],
+           config: Any) -> tuple[str, str, dict[str, Any]]:
+    """``(action, reason, site config)`` of a supported activation site (a module or a functional call).
+
+    ``facts["compensation"]`` is set from the finder's facts (left out when there are none): a site that
+    is not exact is skipped unless ``config.allow_inexact``; a site without facts converts (module walk)."""
+    action, reason = CONVERT, ""
+    comp = facts.setdefault("compensation", _compensation(info, facts, by_name, config.per_channel))
+    if comp is None:
+        del facts["compensation"]
+        reason = "no consumer facts: compensation not established, exact only once its consumers are folded"
+    elif comp.get("status") != "exact":
+        why = f"compensation is {comp.get('status')}: {comp.get('reason', '')}".rstrip(": ")
+        action, reason = (CONVERT, why) if config.allow_inexact else (
+            SKIP, f"{why}; set allow_inexact=true to convert anyway")
+    channels = _channel_count(info, by_name) if config.per_channel else None
+    if config.per_channel and channels is None:
+        action, reason = SKIP, "per_channel needs the channel count (dim 1), which the finder could not establish"
+    if getattr(info, "path", None) == "fx" and getattr(info, "calls", None) == 0 and not facts.get("inside"):
+        facts.pop("compensation", None)
+        action, reason = SKIP, "forward never calls it: nothing to convert"
+    return action, reason, {**config.to_dict(), "source_kind": kind, **params, "channels": channels}
+
+
+def mark_unchecked(sites: list[Any], graph: Any) -> None:
+    """Mark exact converted sites whose consumers see the output of an inexact converted site (see
+    ``ANAct.finalize_plan``); without an fx graph every exact site is marked once any site is inexact."""
+    status = {id(s): (s.facts.get("compensation") or {}).get("status") for s in sites if s.action == CONVERT}
+    inexact = [s for s in sites if status.get(id(s), "exact") != "exact"]
+    if not inexact:
+        return
+    fx_graph = getattr(graph, "graph", None)
+    reached = None
+    if fx_graph is not None:
+        modules = {s.facts.get("inside") or s.name for s in inexact if not s.facts.get("graph_rewrite")}
+        reached = reached_modules(fx_graph, modules, {s.facts["node"] for s in inexact if s.facts.get("node")})
+    for site in sites:
+        consumers = (site.facts.get("compensation") or {}).get("consumers", [])
+        if status.get(id(site)) == "exact" and (reached is None or reached.intersection(consumers)):
+            site.facts["probe_check"] = False
+            site.reason = "exact where it is, but not compared on the probe: an inexact site upstream changes its input"
 
 
 def _channel_count(info: Any, by_name: dict[str, Any]) -> int | None:

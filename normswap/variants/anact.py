@@ -36,6 +36,11 @@ is exact when every consumer of the output is folded (:func:`fold_into_consumer`
 mu back into the consumers and restores the plain activation for inference. State_dict: ``act.*`` (the
 activation's own keys, none for most), ``alpha``, ``running_rho``, ``running_rho_prime``,
 ``running_mean``, ``num_batches_tracked``; folding adds a ``bias`` key to a consumer without one.
+
+Sites (docs/anact.md): activation modules; the ``act`` of timm norm + activation layers (it takes the
+layer's consumers); functional calls, which become modules ``anact_fn_<fx node>`` (:meth:`propose_functional`;
+``apply`` then returns a ``torch.fx.GraphModule``). ``normswap.export`` uses :meth:`fold_for_export`, and
+``load`` rebuilds its ``folded`` sites with :meth:`apply_folded`.
 """
 
 from __future__ import annotations
@@ -47,14 +52,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from normswap.errors import NormswapError, OptionError
+from normswap.errors import FileFormatError, NormswapError, OptionError
 from normswap.surgery.graph import ACTIVATION_TYPES
 from normswap.surgery.plan import CONVERT, SKIP, Site
 from normswap.variants._activations import (
-    KINDS, MODULE_CLASSES, UnsupportedActivationError, activation_kind, apply_activation, derivative, describe,
+    DEFAULTS, KINDS, MODULE_CLASSES, UnsupportedActivationError, activation_kind, apply_activation, derivative, describe,
     make_activation, resolve_activation, unsupported_message,
 )
-from normswap.variants._fold import _channel_count, _compensation, compensation_status, export_fold, fold_into_consumer
+from normswap.variants._fold import compensation_status, decide, export_fold, fold_into_consumer, mark_unchecked
 from normswap.variants.base import Variant, VariantConfig, qualname
 from normswap.variants.registry import register
 
@@ -230,26 +235,58 @@ class ANAct(Variant):
             kind, reason = cls.classify(info.module)
             if kind is None and not reason:
                 continue
-            facts = info.facts()
-            action, extra = (CONVERT, {}) if kind else (SKIP, {})
+            facts, action, extra = info.facts(), SKIP, {}
             if kind:
-                params = activation_kind(info.module)[1]
-                comp = facts.setdefault("compensation", _compensation(info, facts, by_name, config.per_channel))
-                if comp is None:
-                    del facts["compensation"]
-                    reason = "no consumer facts: compensation not established, exact only once its consumers are folded"
-                elif comp.get("status") != "exact":
-                    why = f"compensation is {comp.get('status')}: {comp.get('reason', '')}".rstrip(": ")
-                    action, reason = (CONVERT, why) if config.allow_inexact else (
-                        SKIP, f"{why}; set allow_inexact=true to convert anyway")
-                channels = _channel_count(info, by_name) if config.per_channel else None
-                if config.per_channel and channels is None:
-                    action, reason = SKIP, ("per_channel needs the channel count (dim 1), which the finder "
-                                            "could not establish")
-                extra = {**config.to_dict(), "source_kind": kind, **params, "channels": channels}
+                action, reason, extra = decide(kind, activation_kind(info.module)[1], info, facts, by_name, config)
             sites.append(Site(name=info.name, source_type=qualname(info.module), variant=cls.name, action=action,
                               reason=reason, pattern=info.pattern(kind), path=info.path, config=extra, facts=facts))
         return sites
+
+    @classmethod
+    def propose_functional(cls, calls: list[Any], infos: list[Any], config: VariantConfig) -> list[Site]:
+        """Functional activation calls (``F.relu``, ``torch.sigmoid``, ``x.relu()``) become sites named
+        ``anact_fn_<fx node name>``: ``apply`` re-traces the model, replaces the call by that module (a plain
+        activation, then wrapped as ANAct) and returns a ``torch.fx.GraphModule`` (``facts["graph_rewrite"]``).
+        Compensation is decided from the call's consumers exactly as for a module."""
+        by_name, sites = {info.name: info for info in infos}, []
+        for call in calls:
+            if call.kind != "activation":
+                continue
+            name, facts = f"anact_fn_{call.node}", {**call.facts(), "graph_rewrite": True}
+            found, extra = activation_kind(call.target, call.args, call.kwargs), {}
+            what = f"functional {call.function} call (node {call.node})"
+            action = SKIP
+            if found is None and activation_kind(call.target) is not None:
+                reason = f"{what}: its parameters are not constants, so no module can replace it"
+            elif found is None:
+                reason = unsupported_message(call.function)
+            elif name in by_name:
+                reason = f"{what}: the model already has a module named '{name}'"
+            elif call.inplace and not (call.input_users == 1 and call.input_fresh):
+                reason = (f"{what} works in place on a tensor that other code may still read: replacing it by an "
+                          "out-of-place module could change the model")
+            else:
+                action, reason, extra = decide(found[0], found[1], call, facts, by_name, config)
+                if action == CONVERT and not reason:
+                    reason = f"{what} becomes module {name}: the converted model is a torch.fx.GraphModule"
+            sites.append(Site(name=name, source_type=call.function, variant=cls.name, action=action, reason=reason,
+                              pattern="functional", path="fx", config=extra, facts=facts))
+        return sites
+
+    @classmethod
+    def finalize_plan(cls, sites: list[Site], graph: Any) -> None:
+        """With ``allow_inexact``, an exact site downstream of an inexact one is still exact where it is, but
+        the probe (which compares with the original network) would see the upstream change: it is marked
+        ``facts["probe_check"] = False`` and not compared; the end-to-end output is not claimed anyway."""
+        mark_unchecked(sites, graph)
+
+    @classmethod
+    def functional_module(cls, site: Site) -> nn.Module:
+        """The plain activation module computing the call (its parameters from the site's config)."""
+        kind = site.config.get("source_kind")
+        if kind not in KINDS:
+            raise NormswapError(f"site '{site.name}': the plan names no supported activation kind ({kind!r})")
+        return make_activation(kind, {k: site.config[k] for k in DEFAULTS.get(kind, {}) if k in site.config})
 
     @classmethod
     def from_site(cls, site: Site, module: nn.Module, absorbed: list[nn.Module]) -> "ANAct":
@@ -275,8 +312,12 @@ class ANAct(Variant):
     def compare_points(cls, site: Site) -> list[tuple[str, str]]:
         """A compensated ANAct changes its own output on purpose: exactness is at its consumers."""
         comp = site.facts.get("compensation") or {}
+        if site.facts.get("probe_check") is False:
+            return []  # an inexact site upstream changes what reaches it (see finalize_plan)
         if comp.get("status") == "exact" and comp.get("consumers"):
             return [(name, name) for name in comp["consumers"]]
+        if site.facts.get("graph_rewrite"):
+            return []  # a functional call has no module in the original to compare with
         return super().compare_points(site)
 
     @classmethod
@@ -306,6 +347,36 @@ class ANAct(Variant):
             fold_into_consumer(consumer, c, mu)
         module._folded = None
         module.compensated = (site.facts.get("compensation") or {}).get("status") == "exact"
+
+    @classmethod
+    def fold_for_export(cls, model: nn.Module, sites: list[Site]) -> tuple[list[str], dict[str, str]]:
+        """Fold every exactly compensated site's frozen ``c`` and ``mu`` into its consumers and put the plain
+        activation back (:func:`export_fold`); sites whose consumers cannot absorb them exactly stay ANAct."""
+        consumers, kept = {}, {}
+        for site in sites:
+            comp = site.facts.get("compensation") or {}
+            if not isinstance(model.get_submodule(site.name), ANAct):
+                kept[site.name] = "not an ANAct module"
+            elif comp.get("status") == "exact" and comp.get("consumers"):
+                consumers[site.name] = list(comp["consumers"])
+            else:
+                status = comp.get("status") or "not established"
+                kept[site.name] = f"compensation is {status}: its consumers cannot absorb c and mu exactly"
+        export_fold(model, consumers, inplace=True)
+        return list(consumers), kept
+
+    @classmethod
+    def apply_folded(cls, model: nn.Module, site: Site) -> None:
+        """An exported site holds the plain activation; its consumers keep the ``bias`` key the fold gave them."""
+        act = model.get_submodule(site.name)
+        found = activation_kind(act)
+        if found is None or found[0] != site.config.get("source_kind"):
+            raise FileFormatError(f"the plan does not fit this model: folded site '{site.name}' is {describe(act)}, "
+                                  f"the plan expects activation kind {site.config.get('source_kind')!r}")
+        for name in (site.facts.get("compensation") or {}).get("consumers", []):
+            consumer = model.get_submodule(name)
+            if getattr(consumer, "bias", True) is None:
+                fold_into_consumer(consumer, 1.0, 0.0)  # c = 1, mu = 0: only adds a zero bias
 
     def set_strength(self, strength: float) -> None:
         """Recorded only: ANAct has no homotopy; it is exact at any strength once compensated."""

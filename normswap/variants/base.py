@@ -27,8 +27,13 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
-from normswap.errors import OptionError
+from normswap.errors import FileFormatError, OptionError
 from normswap.surgery.plan import CONVERT, SKIP, Site
+
+# A site action written by ``normswap.export``: the variant's layer was folded into its neighbours for
+# inference and the source module is back in place; ``apply`` rebuilds only what the fold left behind
+# (:meth:`Variant.apply_folded`), so the exported file still loads strictly.
+FOLDED = "folded"
 
 
 def qualname(obj: type | nn.Module) -> str:
@@ -160,6 +165,30 @@ class Variant(nn.Module):
             )
         return sites
 
+    @classmethod
+    def propose_functional(cls, calls: list[Any], infos: list[Any], config: VariantConfig) -> list[Site]:
+        """Sites for the graph's functional calls (:class:`normswap.surgery.graph.FunctionalCall`). By
+        default the calls of :attr:`functional_kinds` are reported as skipped; a variant that converts
+        them returns converting sites with ``facts["graph_rewrite"] = True`` and builds the module that
+        replaces the call in :meth:`functional_module` (``apply`` then returns a ``torch.fx.GraphModule``)."""
+        return [
+            Site(name=call.node, source_type=call.function, variant=cls.name, action=SKIP,
+                 reason=(f"functional {call.function} call: normswap rewrites modules, and a functional call "
+                         "has no module to replace (wrap it in a module to convert it)"),
+                 pattern="functional", path="fx", facts={"consumers": call.consumers})
+            for call in calls if call.kind in cls.functional_kinds
+        ]
+
+    @classmethod
+    def finalize_plan(cls, sites: list[Site], graph: Any) -> None:
+        """Adjust the sites once targets and excludes are settled (``graph``: the finder's ModelGraph)."""
+
+    @classmethod
+    def functional_module(cls, site: Site) -> nn.Module:
+        """The plain module computing a graph-rewrite site's functional call (``nn.ReLU()`` for ``F.relu``);
+        ``apply`` puts it under ``site.name`` in place of the call, then converts it like a module site."""
+        raise FileFormatError(f"variant '{cls.name}' does not rewrite functional calls (site '{site.name}')")
+
     # ---- building --------------------------------------------------------------------------------
     @classmethod
     def from_site(cls, site: Site, module: nn.Module, absorbed: list[nn.Module]) -> "Variant":
@@ -180,6 +209,19 @@ class Variant(nn.Module):
     @classmethod
     def after_calibration(cls, model: nn.Module, site: Site, module: "Variant") -> None:
         """Called after :meth:`calibration_end`: refit neighbours to the new statistics."""
+
+    @classmethod
+    def fold_for_export(cls, model: nn.Module, sites: list[Site]) -> tuple[list[str], dict[str, str]]:
+        """Inference export: fold the given converted sites of ``model`` into their neighbours, in place,
+        putting the source module back. Returns the names folded and, per site kept as it is, why.
+        Default: nothing folds."""
+        return [], {s.name: f"variant '{cls.name}' has no inference folding" for s in sites}
+
+    @classmethod
+    def apply_folded(cls, model: nn.Module, site: Site) -> None:
+        """Rebuild what :meth:`fold_for_export` left behind at a ``folded`` site (new state_dict keys,
+        say), so that ``load`` can load an exported file strictly."""
+        raise FileFormatError(f"variant '{cls.name}' has no folded sites, but the plan marks '{site.name}' folded")
 
     def set_strength(self, strength: float) -> None:
         """Set the homotopy parameter: 0 = the exact source function, 1 = the paper's layer."""

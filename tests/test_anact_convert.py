@@ -1,0 +1,280 @@
+"""ANAct through the whole pipeline: find -> apply (modules, functional calls, timm inner activations) ->
+calibrate on the probe -> verify -> save/load -> export (inference folding) -> CLI."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import fx, nn
+
+import normswap
+from normswap.cli.main import cli
+from normswap.errors import NormswapError
+from normswap.io import read_file
+from normswap.variants.anact import ANAct
+
+from conftest import pretrained_mobilenet_available, randomize_bn, tv
+
+APPROX = "zero padding: the pad value 0 in the new domain is mu in the old one"
+HINT = "; set allow_inexact=true to convert anyway"
+
+
+def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def _anacts(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, ANAct)]
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12, bias=False), nn.GELU(), nn.Dropout(0.1),
+                         nn.Linear(12, 3)).eval()
+
+
+class FunctionalNet(nn.Module):
+    """Activations called as functions: F.relu, torch.relu, a method, an unsupported one and an unsafe in-place one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        h = torch.relu(self.fc1(x))
+        y = self.fc2(h) + F.hardtanh(h).sum(1, keepdim=True)  # h has two users: torch.relu is not exact
+        return torch.relu_(y + 0)  # an in-place call on a tensor the finder cannot prove fresh
+
+
+# ---- MLP ----------------------------------------------------------------------------------------------
+def test_mlp_exact_start_save_load(tmp_path):
+    model, x = _mlp(), torch.randn(32, 6)
+    result = normswap.convert(model, to="anact", example_inputs=x)
+    assert [s.name for s in result.plan.converted] == ["1", "3"]
+    assert [s.facts["compensation"] for s in result.plan.converted] == [
+        {"status": "exact", "reason": "", "consumers": ["2"]}, {"status": "exact", "reason": "", "consumers": ["5"]}]
+    assert result.report.ok and result.report.end_to_end_claimed and result.report.end_to_end < 1e-5
+    assert not result.graph_module and type(result.model) is nn.Sequential
+    act = result.model[1]
+    assert isinstance(act, ANAct) and act.compensated and abs(float(act.scale().detach()) - 1) > 0.05  # real statistics
+    assert "2.bias" in result.model.state_dict()  # the bias-less consumer got one
+    path = result.save(tmp_path / "mlp.safetensors")
+    again = normswap.load(path, model=_mlp())
+    assert (_out(again, x) - _out(result.model, x)).abs().max() < 1e-6
+
+
+def test_allow_inexact_mixes_sites_without_false_failures():
+    """An exact site downstream of an inexact one stays exact where it is, but is not compared on the probe."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.GELU(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    strict = normswap.convert(model, to="anact", example_inputs=x)
+    assert [s.name for s in strict.plan.converted] == ["3"] and strict.report.sites[0].max_abs_diff < 1e-5
+    mixed = normswap.convert(model, to="anact", example_inputs=x, options={"allow_inexact": True})
+    first, second = mixed.plan.converted
+    assert first.reason == f"compensation is approximate: 2: {APPROX}"
+    assert second.facts["probe_check"] is False and second.reason == (
+        "exact where it is, but not compared on the probe: an inexact site upstream changes its input")
+    assert mixed.report.ok and not mixed.report.end_to_end_claimed and mixed.report.sites[1].max_abs_diff is None
+    exported = normswap.export(mixed, example_inputs=x)
+    assert exported.folded == ["3"] and exported.kept == {
+        "1": "compensation is approximate: its consumers cannot absorb c and mu exactly"}
+    assert _anacts(exported.model) == ["1"] and exported.max_abs_diff < 1e-5
+
+
+# ---- torchvision models ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mobilenet():
+    """Pretrained when its weights are in torch's hub cache (scripts/setup.sh installs them), else random."""
+    weights = "IMAGENET1K_V1" if pretrained_mobilenet_available() else "none"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "random weights" when weights == "none"
+        return normswap.convert("mobilenet_v2", to="anact", weights=weights), weights
+
+
+def test_mobilenet_v2_exact_sites_and_reasons(mobilenet):
+    result, weights = mobilenet
+    plan = result.plan
+    status = [s.facts["compensation"]["status"] for s in plan.sites]
+    assert (status.count("exact"), status.count("approximate"), status.count("absent")) == (18, 17, 0)
+    assert len(plan.converted) == 18 and all(s.facts["compensation"]["status"] == "exact" for s in plan.converted)
+    skipped = {s.name: s.reason for s in plan.skipped}
+    assert skipped["features.2.conv.0.2"] == f"compensation is approximate: features.2.conv.1.0: {APPROX}{HINT}"
+    assert skipped["features.0.2"] == f"compensation is approximate: features.1.conv.0.0: {APPROX}{HINT}"
+    assert plan.sites[-1].name == "features.18.2" and plan.sites[-1].facts["compensation"]["consumers"] == [
+        "classifier.1"]  # through adaptive_avg_pool2d, flatten and Dropout
+    assert result.report.ok and result.report.end_to_end_claimed and result.report.end_to_end < 1e-3
+    if weights != "none":
+        assert 1e-7 < result.report.end_to_end < 1e-4  # measured 9.2e-6 on the pretrained logits
+
+
+def test_mobilenet_v2_reload_and_export(mobilenet, tmp_path):
+    result, _ = mobilenet
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    ref = _out(result.model, x)
+    path = result.save(tmp_path / "mnv2.safetensors")
+    again = normswap.load(path)
+    assert (_out(again, x) - ref).abs().max() < 1e-6
+    exported = normswap.export(again, tmp_path / "mnv2-export.safetensors")
+    assert len(exported.folded) == 18 and exported.kept == {}
+    assert _anacts(exported.model) == [] and len(_anacts(result.model)) == 18
+    assert type(exported.model.features[1].conv[0][2]) is nn.ReLU6
+    assert exported.max_abs_diff <= exported.tolerance
+    assert (_out(exported.model, x) - ref).abs().max() < 1e-5 * max(1.0, float(ref.abs().max()))
+    _, meta = read_file(exported.output)
+    assert sorted({s["action"] for s in meta["plan"]["sites"]}) == ["folded", "skip"]
+    reloaded = normswap.load(exported.output)
+    assert _anacts(reloaded) == [] and (_out(reloaded, x) - _out(exported.model, x)).abs().max() == 0
+
+
+def test_resnet18_says_why_and_converts_inexact():
+    model, x = tv.models.resnet18().eval(), torch.randn(2, 3, 32, 32)
+    with pytest.raises(NormswapError) as err:
+        normswap.convert(model, to="anact", example_inputs=x)
+    assert str(err.value) == (
+        "nothing to convert: ResNet has no site for variant 'anact' (9 skipped: compensation is absent: its output "
+        f"feeds add, not a Linear or convolution{HINT}; compensation is absent: the activation is called 2 times{HINT})")
+    result = normswap.convert(model, to="anact", example_inputs=x, options={"allow_inexact": True})
+    assert len(result.plan.converted) == 9 and result.report.ok
+    assert not result.report.end_to_end_claimed and not any(c.claims_exact for c in result.report.sites)
+    assert {s.reason for s in result.plan.converted} >= {"compensation is absent: the activation is called 2 times"}
+    with pytest.raises(NormswapError, match=r"^nothing to export: no site of this model folds for inference "
+                       r"\(compensation is absent: its consumers cannot absorb c and mu exactly\)$"):
+        normswap.export(result, example_inputs=x)
+
+
+def test_tiny_vit_gelus_exact(tiny_vit):
+    with torch.no_grad():
+        tiny_vit.heads.head.weight.normal_(0, 0.5)  # torchvision zero-initialises the head
+    x = torch.randn(4, 3, 32, 32)
+    result = normswap.convert(tiny_vit, to="anact", example_inputs=x)
+    names = [s.name for s in result.plan.converted]
+    assert names == ["encoder.layers.encoder_layer_0.mlp.1", "encoder.layers.encoder_layer_1.mlp.1"]
+    assert all(s.facts["compensation"]["status"] == "exact" and s.pattern == "linear->gelu" for s in result.plan.converted)
+    assert result.report.ok and 0 < result.report.end_to_end < 1e-4
+    exported = normswap.export(result, example_inputs=x)
+    assert _anacts(exported.model) == [] and exported.max_abs_diff < 1e-5
+
+
+# ---- functional calls ----------------------------------------------------------------------------------
+def test_functional_calls_become_modules_and_reload(tmp_path):
+    torch.manual_seed(0)
+    model, x = randomize_bn(FunctionalNet()), torch.randn(4, 3, 12, 12)
+    result = normswap.convert(model, to="anact", example_inputs=x, options={"allow_inexact": True})
+    sites = {s.name: s for s in result.plan.sites}
+    relu = sites["anact_fn_relu"]
+    assert relu.converted and relu.facts["graph_rewrite"] and relu.facts["node"] == "relu"
+    assert relu.source_type == "F.relu" and relu.pattern == "functional"
+    assert relu.facts["compensation"] == {"status": "exact", "reason": "", "consumers": ["fc1"]}
+    assert relu.reason == ("functional F.relu call (node relu) becomes module anact_fn_relu: the converted model is a "
+                           "torch.fx.GraphModule")
+    assert sites["anact_fn_relu_1"].converted and sites["anact_fn_relu_1"].reason == (
+        "compensation is absent: its output feeds hardtanh, not a Linear or convolution")
+    assert not sites["anact_fn_hardtanh"].converted
+    assert sites["anact_fn_hardtanh"].reason.startswith("anact does not support activation F.hardtanh; supported: relu")
+    assert sites["anact_fn_relu_"].reason == (
+        "functional torch.relu_ call (node relu_) works in place on a tensor that other code may still read: "
+        "replacing it by an out-of-place module could change the model")
+    gm = result.model
+    assert result.graph_module and isinstance(gm, fx.GraphModule) and isinstance(gm.anact_fn_relu, ANAct)
+    assert result.report.note == "the result is a torch.fx.GraphModule: 2 functional call(s) became anact_fn_* modules"
+    assert result.report.ok and [c.claims_exact for c in result.report.sites] == [True, False]
+    assert not any(isinstance(m, ANAct) for m in model.modules())  # the original is untouched
+    path = result.save(tmp_path / "fn.safetensors")
+    again = normswap.load(path, model=FunctionalNet())
+    assert isinstance(again, fx.GraphModule) and set(_anacts(again)) == {"anact_fn_relu", "anact_fn_relu_1"}
+    assert (_out(again, x) - _out(gm, x)).abs().max() < 1e-6
+    exact_only = normswap.convert(model, to="anact", example_inputs=x, exclude=["relu_1"])  # the node name matches
+    assert [s.name for s in exact_only.plan.converted] == ["anact_fn_relu"]
+    assert (_out(exact_only.model, x) - _out(model, x)).abs().max() < 1e-5
+    exported = normswap.export(exact_only, example_inputs=x)
+    assert _anacts(exported.model) == [] and type(exported.model.anact_fn_relu) is nn.ReLU
+    with pytest.raises(NormswapError, match=r"^cannot convert in place: 1 functional call\(s\) \(first: node 'relu'\) "
+                       r"need a new torch.fx.GraphModule; convert a copy or exclude them$"):
+        normswap.convert(model, to="anact", example_inputs=x, inplace=True)
+
+
+# ---- timm: activations inside BatchNormAct2d --------------------------------------------------------------
+def test_timm_efficientnet_inner_activations():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model, x = timm.create_model("efficientnet_b0", pretrained=False).eval(), torch.randn(2, 3, 64, 64)
+    result = normswap.convert(model, to="anact", example_inputs=x)
+    sites = {s.name: s for s in result.plan.sites}
+    status = [s.facts["compensation"]["status"] for s in result.plan.sites]
+    assert (status.count("exact"), status.count("approximate"), status.count("absent")) == (17, 16, 32)
+    head = sites["bn2.act"]  # conv_head -> BatchNormAct2d(SiLU) -> global pool -> classifier
+    assert head.converted and head.pattern == "bn->silu" and head.facts["inside"] == "bn2"
+    assert head.facts["compensation"] == {"status": "exact", "reason": "", "consumers": ["classifier"]}
+    assert sites["blocks.1.0.bn1.act"].reason == f"compensation is approximate: blocks.1.0.conv_dw: {APPROX}{HINT}"
+    assert sites["blocks.1.0.bn2.act"].reason == (
+        f"compensation is absent: its output feeds mul, not a Linear or convolution{HINT}")  # squeeze-excite gate
+    assert "bn2.act" in _anacts(result.model) and result.report.ok and result.report.end_to_end_claimed
+    assert isinstance(result.model.bn2.act, ANAct) and result.model.bn2.act.compensated
+
+
+# ---- export, CLI ------------------------------------------------------------------------------------------
+MODEL_FILE = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(5, 12), nn.Linear(12, 12, bias=False), nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.fc3(F.silu(self.fc2(torch.relu(self.fc1(x)))))
+
+def build():
+    torch.manual_seed(0)
+    return Net().eval()
+'''
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_cli_convert_export_and_errors(tmp_path):
+    (tmp_path / "models.py").write_text(MODEL_FILE)
+    spec, src, out = f"{tmp_path / 'models.py'}:build", tmp_path / "net.safetensors", tmp_path / "net-x.safetensors"
+    res = run("convert", spec, "--to", "anact", "-o", str(src))
+    assert res.exit_code == 0, res.output
+    assert "anact_fn_relu" in res.stdout and "torch.fx.GraphModule" in res.stdout and f"saved {src}" in res.stdout
+    res = run("export", str(src), "-o", str(out), "--trust-source", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["folded"] == ["anact_fn_relu", "anact_fn_silu"] and data["kept"] == {} and data["max_abs_diff"] < 1e-5
+    converted, exported = normswap.load(src, trust_source=True), normswap.load(out, trust_source=True)
+    x = torch.randn(8, 5)
+    assert _anacts(exported) == [] and (_out(exported, x) - _out(converted, x)).abs().max() < 1e-5
+    assert "fc2.bias" in exported.state_dict()  # the fold's bias, rebuilt by load before its strict load
+    res = run("export", str(src), "-o", str(out))
+    assert res.exit_code == 1 and res.stderr == f"Error: {out} exists; pass --force (force=True) to overwrite it\n"
+    res = run("export", str(src), "-o", str(out), "--force")  # a file made by custom code: needs trust
+    assert res.exit_code == 1 and res.stderr.startswith("Error: this file was made from custom code")
+    missing = tmp_path / "missing.safetensors"
+    res = run("export", str(missing), "-o", str(out), "--force")
+    assert res.exit_code == 1 and res.stderr == f"Error: no such file: {missing}\n"
+    res = run("convert", spec, "--to", "anact", "-o", str(src))
+    assert res.exit_code == 1 and res.stderr == f"Error: {src} exists; pass --force (force=True) to overwrite it\n"
+    res = run("convert", f"{tmp_path / 'nope.py'}:build", "--to", "anact")
+    assert res.exit_code == 2 and res.stderr == (
+        f"Error: source file {tmp_path / 'nope.py'} not found (spec '{tmp_path / 'nope.py'}:build')\n")
+    res = run("export", "--help")
+    assert res.exit_code == 0 and "normswap export mnv2-anact.safetensors -o" in res.stdout
