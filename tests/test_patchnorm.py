@@ -395,12 +395,14 @@ def test_propose_pairs_skips_and_opt_in():
     assert all(got[n].action == "skip" for n in reasons)
     assert reasons["b1"] == "the output of 'c1' has other users (a residual, say): folding would change them"
     assert reasons["b2"] == "no preceding Conv2d: its input is not the output of a module"
-    assert reasons["b3"] == "found by the module walk and not provably exclusive: the output of 'c3' may have other users"
+    assert reasons["b3"] == ("found by the module walk and not provably exclusive: "
+                             "the output of 'c3' may have other users")
     assert reasons["b4"] == "BatchNorm without running statistics (track_running_stats=False): nothing fixed to fold"
     assert reasons["b6"] == "its input comes from 'c6' (Conv1d), not a Conv2d"
     assert reasons["b8"] == "found by the module walk: no preceding Conv2d could be proven to feed it"
     assert reasons["ln"] == LN_REASON and "\n" not in LN_REASON
-    assert got["t7"].action == "skip" and got["t7"].reason.startswith("unknown subclass torch.nn.modules.conv.ConvTranspose2d")
+    assert got["t7"].action == "skip"
+    assert got["t7"].reason.startswith("unknown subclass torch.nn.modules.conv.ConvTranspose2d")
 
 
 def test_from_site_builds_and_refuses():
@@ -415,7 +417,8 @@ def test_from_site_builds_and_refuses():
     lin = PatchNorm.from_site(Site("l", "torch.nn.modules.linear.Linear", "patchnorm",
                                    config={**cfg, "source_kind": "linear"}), nn.Linear(3, 2), [])
     assert isinstance(lin, PatchNormLinear)
-    with pytest.raises(NormswapError, match=r"^site 'c': the plan says source kind 'linear' but the module is torch.nn.modules.conv.Conv2d$"):
+    msg = r"^site 'c': the plan says source kind 'linear' but the module is torch.nn.modules.conv.Conv2d$"
+    with pytest.raises(NormswapError, match=msg):
         PatchNorm.from_site(Site("c", "", "patchnorm", config={**cfg, "source_kind": "linear"}), conv, [])
     with pytest.raises(NormswapError, match=r"^site 'c': a conv_bn site absorbs one BatchNorm2d, got nothing$"):
         PatchNorm.from_site(Site("c", "", "patchnorm", config={**cfg, "source_kind": "conv_bn"}), conv, [])

@@ -85,7 +85,9 @@ class PatchNormConfig(VariantConfig):
         if not 0.0 <= self.strength <= 1.0:
             raise OptionError(f"strength must be in [0, 1]; got {self.strength}")
         if self.form not in FORMS:
-            raise OptionError(f"option 'form' of variant '{variant}' must be one of {', '.join(FORMS)}; got {self.form!r}")
+            raise OptionError(
+                f"option 'form' of variant '{variant}' must be one of {', '.join(FORMS)}; got {self.form!r}"
+            )
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
             raise OptionError(f"option 'eps' of variant '{variant}' must be a finite number > 0; got {self.eps}")
 
@@ -464,7 +466,8 @@ def _pair_problem(info: Any, by_name: dict[str, Any]) -> str:
     if src not in (_LINEAR, *_CONVS) or (src == _LINEAR and dims != 1) or (src in _CONVS and _CONVS[src] != dims):
         return f"its input comes from '{info.producer}' ({type(producer.module).__name__}), not a {what}"
     if info.producer_exclusive is None:
-        return f"found by the module walk and not provably exclusive: the output of '{info.producer}' may have other users"
+        return (f"found by the module walk and not provably exclusive: the output of '{info.producer}' "
+                "may have other users")
     if not info.producer_exclusive:
         return f"the output of '{info.producer}' has other users (a residual, say): folding would change them"
     out = getattr(producer.module, "out_channels", getattr(producer.module, "out_features", None))
