@@ -60,7 +60,7 @@ from normswap.variants._activations import (
     make_activation, resolve_activation, unsupported_message,
 )
 from normswap.variants._fold import compensation_status, decide, export_fold, fold_into_consumer, mark_unchecked
-from normswap.variants.base import Variant, VariantConfig, qualname
+from normswap.variants.base import Variant, VariantConfig, check_strength, qualname
 from normswap.variants.registry import register
 
 __all__ = ["ANAct", "ANActConfig", "KINDS", "UnsupportedActivationError", "activation_kind", "compensation_status",
@@ -79,8 +79,7 @@ class ANActConfig(VariantConfig):
     allow_inexact: bool = False
 
     def validate(self, variant: str) -> None:
-        if not 0.0 <= self.strength <= 1.0:
-            raise OptionError(f"strength must be in [0, 1]; got {self.strength}")
+        super().validate(variant)
         if not 0.0 <= self.momentum < 1.0:
             raise OptionError(f"option 'momentum' of variant '{variant}' must be in [0, 1); got {self.momentum}")
         if not self.reject > 0.0:
@@ -380,9 +379,7 @@ class ANAct(Variant):
 
     def set_strength(self, strength: float) -> None:
         """Recorded only: ANAct has no homotopy; it is exact at any strength once compensated."""
-        s = float(strength)
-        if not 0.0 <= s <= 1.0:
-            raise OptionError(f"strength must be in [0, 1]; got {s}")
+        s = check_strength(strength)
         self.strength = s
 
     def claims_exact(self) -> bool:

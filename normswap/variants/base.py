@@ -76,6 +76,14 @@ def _parse(value: Any, hint: Any, key: str, variant: str) -> Any:
     raise OptionError(f"option '{key}' of variant '{variant}' expects {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
+def check_strength(value: float) -> float:
+    """``value`` as a float in [0, 1], or an OptionError naming it."""
+    s = float(value)
+    if not 0.0 <= s <= 1.0:
+        raise OptionError(f"strength must be in [0, 1]; got {s}")
+    return s
+
+
 @dataclass
 class VariantConfig:
     """Base of every variant's config. ``strength`` is the uniform homotopy parameter in [0, 1]."""
@@ -93,15 +101,14 @@ class VariantConfig:
                 known = ", ".join(names) if names else "none"
                 raise OptionError(f"unknown option '{key}' for variant '{variant}'; valid options: {known}")
             values[key] = _parse(value, hints[key], key, variant)
-        strength = _parse(strength, float, "strength", variant)
-        if not 0.0 <= strength <= 1.0:
-            raise OptionError(f"strength must be in [0, 1]; got {strength}")
-        config = cls(strength=strength, **values)
+        config = cls(strength=check_strength(_parse(strength, float, "strength", variant)), **values)
         config.validate(variant)
         return config
 
     def validate(self, variant: str) -> None:
-        """Range checks; raise OptionError with a one-line message."""
+        """Range checks; raise OptionError with a one-line message. Subclasses call ``super().validate``
+        (plans read from a file are validated too, not only user options)."""
+        check_strength(self.strength)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -52,7 +52,7 @@ from normswap.errors import NormswapError, OptionError
 from normswap.surgery.plan import CONVERT, SKIP, Site
 from normswap.variants import _patch
 from normswap.variants._patch import fold_batchnorm
-from normswap.variants.base import Variant, VariantConfig, qualname, strength_buffer
+from normswap.variants.base import Variant, VariantConfig, check_strength, qualname, strength_buffer
 from normswap.variants.registry import register
 
 __all__ = ["PatchNorm", "PatchNormConfig", "PatchNormConv", "PatchNormLinear", "fit_gain", "fold_batchnorm"]
@@ -82,8 +82,7 @@ class PatchNormConfig(VariantConfig):
     offset: bool = False
 
     def validate(self, variant: str) -> None:
-        if not 0.0 <= self.strength <= 1.0:
-            raise OptionError(f"strength must be in [0, 1]; got {self.strength}")
+        super().validate(variant)
         if self.form not in FORMS:
             raise OptionError(
                 f"option 'form' of variant '{variant}' must be one of {', '.join(FORMS)}; got {self.form!r}"
@@ -209,9 +208,7 @@ class PatchNorm(Variant):
         self._calib = None
 
     def set_strength(self, strength: float) -> None:
-        s = float(strength)
-        if not 0.0 <= s <= 1.0:
-            raise OptionError(f"strength must be in [0, 1]; got {s}")
+        s = check_strength(strength)
         with torch.no_grad():
             self.lam.fill_(s)
         self._lam = _f32(s)

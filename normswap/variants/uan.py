@@ -56,7 +56,7 @@ from torch import nn
 
 from normswap.errors import NormswapError, OptionError
 from normswap.surgery.plan import Site
-from normswap.variants.base import Variant, VariantConfig, qualname, strength_buffer
+from normswap.variants.base import Variant, VariantConfig, check_strength, qualname, strength_buffer
 from normswap.variants.registry import register
 
 __all__ = ["UAN", "UANChannel", "UANConfig", "UANSample"]
@@ -76,8 +76,7 @@ class UANConfig(VariantConfig):
     var_floor: float = 1e-5
 
     def validate(self, variant: str) -> None:
-        if not 0.0 <= self.strength <= 1.0:
-            raise OptionError(f"strength must be in [0, 1]; got {self.strength}")
+        super().validate(variant)
         if not 1 <= self.k <= 64:
             raise OptionError(f"option 'k' of variant '{variant}' must be between 1 and 64; got {self.k}")
         if not self.var_floor > 0:
@@ -180,9 +179,7 @@ class UAN(Variant):
         return all(torch.equal(t, t[:1].expand_as(t)) for t in (self.mix_mean, var, self.mix_logit))
 
     def set_strength(self, strength: float) -> None:
-        s = float(strength)
-        if not 0.0 <= s <= 1.0:
-            raise OptionError(f"strength must be in [0, 1]; got {s}")
+        s = check_strength(strength)
         with torch.no_grad():
             self.rho.fill_(s)
         self._sync_rho(float(self.rho))
