@@ -20,7 +20,7 @@ from normswap.surgery.apply import apply_plan
 from normswap.surgery.find import find
 from normswap.surgery.graph import ModelGraph, build_graph, is_activation, is_norm
 from normswap.surgery.plan import Plan
-from normswap.surgery.verify import DEFAULT_RTOL, ProbeInput, VerifyReport, verify
+from normswap.surgery.verify import DEFAULT_RTOL, ProbeInput, VerifyReport, run_recording, verify
 from normswap.variants import registry
 from normswap.variants.base import FOLDED
 
@@ -212,27 +212,14 @@ class Inspection:
 
 
 def _shapes(model: nn.Module, probe: ProbeInput | None, names: list[str]) -> dict[str, str]:
+    """Output shape of each named module on ``probe`` (blank where the probe does not fit the model)."""
     if probe is None:
         return {}
-    store: dict[str, str] = {}
-    handles = []
-    for name in names:
-        def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
-            if torch.is_tensor(out):
-                store.setdefault(name, "x".join(str(d) for d in out.shape))
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    was = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(*probe.args, **probe.kwargs)
+        _, outputs = run_recording(model, probe, names)
     except Exception:  # shapes are a courtesy: a probe that does not fit leaves them blank
-        pass
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    return store
+        return {}
+    return {n: "x".join(str(d) for d in out.shape) for n, out in outputs.items() if torch.is_tensor(out)}
 
 
 def inspect(model: nn.Module | str, *, example_inputs: Any = None, strict_trace: bool = False) -> Inspection:

@@ -115,7 +115,9 @@ def _record(model: nn.Module, names: list[str]) -> tuple[dict[str, Any], list[An
     return store, handles
 
 
-def _run(model: nn.Module, probe: ProbeInput, names: list[str]) -> tuple[Any, dict[str, Any]]:
+def run_recording(model: nn.Module, probe: ProbeInput, names: list[str]) -> tuple[Any, dict[str, Any]]:
+    """Run ``model`` on ``probe`` in eval mode under no_grad (modes restored after); return its output
+    and the output of each named module (its last call)."""
     modes = {m: m.training for m in model.modules()}
     store, handles = _record(model, names)
     try:
@@ -138,8 +140,8 @@ def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeIn
         return VerifyReport("none", plan.strength, [], None, None, False, True,
                             note="no probe input could be inferred for this model; pass example inputs to verify")
     points = [registry.get(s.variant).compare_points(s) for s in sites]
-    out_a, acts_a = _run(original, probe, sorted({a for pts in points for a, _ in pts}))
-    out_b, acts_b = _run(converted, probe, sorted({b for pts in points for _, b in pts}))
+    out_a, acts_a = run_recording(original, probe, sorted({a for pts in points for a, _ in pts}))
+    out_b, acts_b = run_recording(converted, probe, sorted({b for pts in points for _, b in pts}))
     checks = []
     for site, pts in zip(sites, points):
         module = converted.get_submodule(site.name)
