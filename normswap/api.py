@@ -15,11 +15,12 @@ from normswap import __version__
 from normswap.calibrate import calibrate
 from normswap.errors import FileFormatError, NormswapError, VerificationError
 from normswap.io import check_output, read_file, state_tensors, write_file
-from normswap.sources import SourceSpec, example_input, load_model, rebuild
+from normswap.sources import SourceSpec, load_model, rebuild
 from normswap.surgery.apply import apply_plan
 from normswap.surgery.find import find
 from normswap.surgery.graph import ModelGraph, build_graph, is_activation, is_norm
 from normswap.surgery.plan import Plan
+from normswap.surgery.probe import example_input
 from normswap.surgery.verify import DEFAULT_RTOL, ProbeInput, VerifyReport, run_recording, verify
 from normswap.variants import registry
 from normswap.variants.base import FOLDED
