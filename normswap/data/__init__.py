@@ -1,0 +1,201 @@
+"""Calibration and evaluation data: a spec string -> a :class:`DataSplit` for one model.
+
+Specs (``describe_specs()`` is the help text): ``photos`` (real scikit-image photos as seeded random
+crops, the default for image classifiers), ``fashion-mnist[:test]``, an image directory, a
+``.safetensors`` file of ``inputs`` [+ ``labels``], ``synthetic[:SHAPE]`` (random noise, warned about).
+Images are preprocessed as the model's own weights say (torchvision transforms, timm ``pretrained_cfg``)
+unless ``image_size`` / ``mean`` / ``std`` are given. Nothing is downloaded and nothing is unpickled.
+
+    >>> from normswap.data import open_data
+    >>> data = open_data("photos", calib_samples=8, eval_samples=4)
+    >>> data.description
+    'photos: 14 scikit-image photos, random resized crops 224px, normalised with ImageNet mean/std (seed 0)'
+    >>> x, y = next(data.batches("calibration", batch_size=4))
+    >>> tuple(x.shape), y
+    ((4, 3, 224, 224), None)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+
+from normswap.data.base import DataSplit, LazyDataset, RandomDataWarning, item_generator, seeded_split
+from normswap.data.preprocess import (Preprocess, fit_channels, in_channels, is_imagenet_style, model_preprocess)
+from normswap.errors import UsageError
+from normswap.surgery.probe import example_input
+
+if TYPE_CHECKING:
+    from normswap.sources import SourceSpec
+
+__all__ = ["DEFAULT_IMAGE_DATA", "DataSplit", "LazyDataset", "RandomDataWarning", "default_data_spec",
+           "describe_specs", "open_data", "seeded_split"]
+
+DEFAULT_IMAGE_DATA = "photos"
+FMNIST_ALIASES = ("fashion-mnist", "fashionmnist", "fmnist")
+SYNTHETIC_MESSAGE = ("synthetic random inputs: calibration statistics fitted on noise are for smoke tests only, "
+                     "not for real use")
+_SPECS = (
+    ("photos", "real photos from scikit-image (offline): seeded random resized crops, no labels; the default "
+               "for 3-channel image classifiers"),
+    ("fashion-mnist", "Fashion-MNIST (aliases fashionmnist, fmnist): calibration from the train split, evaluation "
+                      "from the test split, labels 0-9"),
+    ("fashion-mnist:test", "both parts from the test split, disjoint"),
+    ("DIR", "a directory of images, DIR/CLASS/IMAGE (ImageFolder) or DIR/IMAGE; labels when the class folders are "
+            "integers or the weights' category names"),
+    ("FILE.safetensors", "tensors 'inputs' (N, ...) and optional integer 'labels' (N,), used as they are"),
+    ("synthetic[:CxHxW]", "seeded standard-normal noise shaped like the model's input: smoke tests only (warns)"),
+)
+
+
+def describe_specs() -> str:
+    """Help text: one line per accepted data spec.
+
+    >>> print(describe_specs().splitlines()[2])
+    fashion-mnist:test  both parts from the test split, disjoint
+    """
+    return "\n".join(f"{spec:<19} {text}" for spec, text in _SPECS)
+
+
+def _accepted() -> str:
+    return ("photos, fashion-mnist, fashion-mnist:test (aliases fashionmnist, fmnist), synthetic, synthetic:CxHxW, "
+            "a directory of images, or a .safetensors file")
+
+
+def default_data_spec(model: nn.Module, source: SourceSpec | None = None) -> str | None:
+    """``"photos"`` for 3-channel image classifiers, else ``None`` (no built-in data fits; ask the user).
+
+    Image classifiers: torchvision classification models (not detection, segmentation, video or optical
+    flow), timm models taking 3 channels, or a model whose first convolution is a Conv2d on 3 channels.
+
+    >>> default_data_spec(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    'photos'
+    >>> default_data_spec(nn.Linear(4, 2)) is None
+    True
+    """
+    if source is not None and source.kind == "torchvision":
+        from normswap.compat import import_torchvision
+        group = import_torchvision().models.get_model_builder(source.name).__module__
+        if any(f".{g}." in group + "." for g in ("detection", "segmentation", "video", "optical_flow")):
+            return None
+        return DEFAULT_IMAGE_DATA
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
+                                                                   nn.Embedding))), None)
+    if in_channels(model) == 3 and (isinstance(first, nn.Conv2d) or (source is not None and source.kind == "timm")):
+        return DEFAULT_IMAGE_DATA
+    return None
+
+
+def _check_counts(calib_samples: int, eval_samples: int, seed: int) -> None:
+    for name, value, least in (("calib_samples", calib_samples, 1), ("eval_samples", eval_samples, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UsageError(f"{name} must be an integer >= {least}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+
+
+def _image_channels(spec: str, model: nn.Module | None) -> int:
+    channels = in_channels(model) or 3
+    if channels not in (1, 3):
+        raise UsageError(f"data '{spec}' gives images, but the model takes {channels}-channel input: "
+                         "pass a .safetensors file of inputs instead")
+    return channels
+
+
+def _synthetic(arg: str, model: nn.Module | None, source: SourceSpec | None, image_size: int | None,
+               calib: int, evals: int, seed: int) -> DataSplit:
+    if arg:
+        if not re.fullmatch(r"[1-9]\d*(x[1-9]\d*)*", arg):
+            raise UsageError(f"malformed synthetic shape '{arg}': expected positive sizes joined by x, "
+                             "e.g. synthetic:3x224x224")
+        shape = tuple(int(v) for v in arg.split("x"))
+    else:
+        probe = example_input(model, source) if model is not None else None
+        tensors = [a for a in probe.args] + list(probe.kwargs.values()) if probe is not None else []
+        if len(tensors) != 1 or not torch.is_tensor(tensors[0]) or not tensors[0].is_floating_point():
+            raise UsageError("synthetic data cannot infer a float input shape for this model: give one, "
+                             "e.g. synthetic:3x224x224")
+        shape = tuple(tensors[0].shape[1:])
+        if image_size is not None and len(shape) == 3:
+            shape = (shape[0], int(image_size), int(image_size))
+    warnings.warn(RandomDataWarning(SYNTHETIC_MESSAGE), stacklevel=3)
+    text = "x".join(map(str, shape))
+
+    def part(name: str, size: int) -> LazyDataset:
+        return LazyDataset(size, lambda i: (torch.randn(shape, generator=item_generator(seed, name, i)), -1))
+
+    return DataSplit(f"synthetic: seeded standard-normal inputs {text}, no labels (random noise; seed {seed})",
+                     True, False, part("calibration", calib), part("evaluation", evals), seed,
+                     f"independent seeded samples: {calib} calibration, {evals} evaluation (seed {seed})")
+
+
+def open_data(spec: str, model: nn.Module | None = None, source: SourceSpec | None = None, *,
+              calib_samples: int = 256, eval_samples: int = 256, seed: int = 0, image_size: int | None = None,
+              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+              root: str | os.PathLike | None = None) -> DataSplit:
+    """Open the data ``spec`` names (see :func:`describe_specs`), preprocessed for ``model`` / ``source``.
+
+    Args:
+        calib_samples: calibration items (>= 1); eval_samples: evaluation items (>= 0; 0 = no evaluation).
+        seed: seeds the split and every random crop; the same arguments always give the same items.
+        image_size, mean, std: override the model's own preprocessing (``image_size`` is the square side).
+        root: where to look for Fashion-MNIST first (then ``$NORMSWAP_DATA``, ``.cache/datasets``).
+
+    Raises :class:`~normswap.errors.UsageError` for an unknown spec or a missing path, and
+    :class:`~normswap.errors.NormswapError` for data that cannot be read. ``synthetic`` issues a
+    :class:`RandomDataWarning`.
+
+    >>> import torch, warnings
+    >>> from safetensors.torch import save_file
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "d.safetensors")
+    >>> save_file({"inputs": torch.randn(10, 4), "labels": torch.arange(10)}, path)
+    >>> data = open_data(path, calib_samples=6, eval_samples=4)
+    >>> data.to_dict()["sizes"], data.has_labels
+    ({'calibration': 6, 'evaluation': 4}, True)
+    """
+    _check_counts(calib_samples, eval_samples, seed)
+    text = str(spec).strip()
+    name, _, arg = text.lower().partition(":")
+    counts = (calib_samples, eval_samples, seed)
+    if text.lower() == "photos":
+        from normswap.data.photos import open_photos
+        pre = model_preprocess(model, source, image_size=image_size, mean=mean, std=std,
+                               channels=_image_channels(text, model))
+        return open_photos(pre, *counts)
+    if name in FMNIST_ALIASES and arg in ("", "test"):
+        from normswap.data.fmnist import MEAN, STD, open_fmnist
+        channels = 3 if in_channels(model) == 3 else 1
+        size = None
+        if image_size is not None or is_imagenet_style(model, source):
+            size = model_preprocess(model, source, image_size=image_size).size
+        origin = "given mean/std" if mean is not None and std is not None else "Fashion-MNIST mean/std"
+        m = fit_channels(mean if mean is not None else (MEAN,), channels, "mean")
+        s = fit_channels(std if std is not None else (STD,), channels, "std")
+        pre = Preprocess(size or (28, 28), min(size or (28, 28)), m, s, channels, "bilinear", origin)
+        return open_fmnist(pre, size, arg == "test", *counts, root)
+    if name == "synthetic":
+        return _synthetic(arg, model, source, image_size, *counts)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        from normswap.data.files import open_folder
+        pre = model_preprocess(model, source, image_size=image_size, mean=mean, std=std,
+                               channels=_image_channels(text, model))
+        return open_folder(path, pre, model, source, *counts)
+    if path.is_file():
+        from normswap.data.files import PICKLE_SUFFIXES, open_tensors, refuse_pickle
+        if path.suffix.lower() == ".safetensors":
+            return open_tensors(path, *counts)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise refuse_pickle(path)
+        raise UsageError(f"unsupported data file {text}: expected a .safetensors file with 'inputs' [+ 'labels'] "
+                         "or a directory of images")
+    if "/" in text or os.sep in text or path.suffix or text.startswith(("~", ".")):
+        raise UsageError(f"data path {text} not found (no such file or directory)")
+    raise UsageError(f"unknown data spec '{text}': expected {_accepted()}")
