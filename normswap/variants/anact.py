@@ -60,7 +60,7 @@ from normswap.variants._activations import (
     make_activation, resolve_activation, unsupported_message,
 )
 from normswap.variants._fold import compensation_status, decide, export_fold, fold_into_consumer, mark_unchecked
-from normswap.variants.base import Variant, VariantConfig, check_strength, qualname
+from normswap.variants.base import CalibrationSettings, Variant, VariantConfig, check_strength, qualname
 from normswap.variants.registry import register
 
 __all__ = ["ANAct", "ANActConfig", "KINDS", "UnsupportedActivationError", "activation_kind", "compensation_status",
@@ -84,6 +84,22 @@ class ANActConfig(VariantConfig):
             raise OptionError(f"option 'momentum' of variant '{variant}' must be in [0, 1); got {self.momentum}")
         if not self.reject > 0.0:
             raise OptionError(f"option 'reject' of variant '{variant}' must be > 0; got {self.reject}")
+
+
+def _all_ranks(acc: dict | None, settings: CalibrationSettings, like: torch.Tensor) -> dict:
+    """The calibration sums of every distributed worker, added up (a worker with no data adds zeros). The
+    shifted sums are first re-centred on rank 0's shift, so that they can be added."""
+    zero = torch.zeros(like.shape, dtype=torch.float64, device=like.device)
+    acc = acc or {"shift": zero.unsqueeze(-1), "count": 0, "batches": 0}
+    s = acc["shift"].squeeze(-1)
+    s0 = settings.from_rank0(s.clone())
+    n, delta = float(acc["count"]), s - s0
+    sx, sx2 = acc.get("sum_x", zero), acc.get("sum_x2", zero)
+    out = {"sum_x": sx + n * delta, "sum_x2": sx2 + 2 * delta * sx + n * delta.square()}
+    out.update({k: acc.get(k, zero) for k in ("sum_f", "sum_f2", "sum_fp2")})
+    out = {k: settings.sum(v.clone()) for k, v in out.items()}
+    counts = settings.sum(torch.tensor([n, float(acc["batches"])], dtype=torch.float64))
+    return {**out, "shift": s0.unsqueeze(-1), "count": int(counts[0].item()), "batches": int(counts[1].item())}
 
 
 @register
@@ -176,12 +192,14 @@ class ANAct(Variant):
         self.num_batches_tracked.add_(1)
 
     # ---- calibration ---------------------------------------------------------------------------------
-    def calibration_begin(self) -> None:
+    def calibration_begin(self, settings: CalibrationSettings | None = None) -> None:
         """Reset the accumulators; every forward until :meth:`calibration_end` adds to them. The current
-        ``(c, mu)`` -- what the consumers are folded with -- is kept for :meth:`after_calibration`."""
+        ``(c, mu)`` -- what the consumers are folded with -- is kept for :meth:`after_calibration`.
+        ``settings.reduce`` (torch.distributed) makes every rank write the statistics of all ranks' data."""
         with torch.no_grad():
             self._folded = (self.scale().detach().clone(), self.shift().detach().clone())
         self._calibrating, self._acc = True, None
+        self._settings = settings or CalibrationSettings()
 
     def calibration_abort(self) -> None:
         self._calibrating, self._acc, self._folded = False, None, None
@@ -203,6 +221,9 @@ class ANAct(Variant):
     def calibration_end(self) -> None:
         """Write rho, rho', mu from all calibration data (non-finite values keep the running ones)."""
         acc, self._calibrating, self._acc = self._acc, False, None
+        settings = getattr(self, "_settings", None)
+        if settings is not None and settings.reduce is not None:
+            acc = _all_ranks(acc, settings, self.running_mean)
         if acc is None or acc["count"] == 0:
             return
         n = acc["count"]
@@ -381,6 +402,9 @@ class ANAct(Variant):
         """Recorded only: ANAct has no homotopy; it is exact at any strength once compensated."""
         s = check_strength(strength)
         self.strength = s
+
+    def current_strength(self) -> float:
+        return self.strength
 
     def claims_exact(self) -> bool:
         if self.compensated:

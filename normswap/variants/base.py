@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -85,6 +85,36 @@ def check_strength(value: float) -> float:
 
 
 @dataclass
+class CalibrationSettings:
+    """What the calibration runner passes to :meth:`Variant.calibration_begin`.
+
+    ``strength``: the homotopy value the statistics are fitted for (PatchNorm's gains: the layer at
+    ``lam = strength``); ``seed``: every random choice (subsampling, k-means++) derives from it;
+    ``em_*``: UAN's EM (METHODS 3.3): values kept per channel, initialisation (``quantile`` or
+    ``kmeans++``), log-likelihood tolerance per value, iteration cap; ``reduce``: sums a tensor over
+    the workers of a torch.distributed job in place-free style (returns the sum; ``None`` = one
+    process), ``broadcast``: returns rank 0's copy of a tensor (``None`` = one process). Variants apply
+    them to their accumulated statistics in ``calibration_end`` so every rank writes the same values."""
+
+    strength: float = 1.0
+    seed: int = 0
+    em_samples: int = 4096
+    em_init: str = "quantile"
+    em_tol: float = 1e-6
+    em_max_iter: int = 300
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    broadcast: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the workers (``t`` itself in one process)."""
+        return t if self.reduce is None else self.reduce(t)
+
+    def from_rank0(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's value of ``t`` (``t`` itself in one process)."""
+        return t if self.broadcast is None else self.broadcast(t)
+
+
+@dataclass
 class VariantConfig:
     """Base of every variant's config. ``strength`` is the uniform homotopy parameter in [0, 1]."""
 
@@ -129,6 +159,9 @@ class Variant(nn.Module):
     families: ClassVar[tuple[type, ...]] = ()
     functional_kinds: ClassVar[tuple[str, ...]] = ()  # "norm" / "activation": functional calls reported as skipped
     needs_calibration: ClassVar[bool] = False  # convert fits statistics on the probe batch before verifying
+    # calibration fits against the original network's activations, layer by layer in network order: the
+    # runner calls ``observe(x, y)`` with the module's input in the converted network and the original's output
+    needs_targets: ClassVar[bool] = False
 
     # ---- finding sites -------------------------------------------------------------------------
     @classmethod
@@ -234,6 +267,10 @@ class Variant(nn.Module):
         """Set the homotopy parameter: 0 = the exact source function, 1 = the paper's layer."""
         raise NotImplementedError
 
+    def current_strength(self) -> float:
+        """The homotopy value the module runs at now (what :meth:`set_strength` last set)."""
+        raise NotImplementedError
+
     def claims_exact(self) -> bool:
         """True when this module claims to reproduce its source modules exactly (in eval mode)."""
         return False
@@ -247,14 +284,19 @@ class Variant(nn.Module):
         return []
 
     # ---- calibration hooks (the calibration runner drives these) ----------------------------------
-    def calibration_begin(self) -> None:
-        """Start collecting statistics in forward."""
+    def calibration_begin(self, settings: CalibrationSettings | None = None) -> None:
+        """Start collecting statistics in forward (``settings``: defaults when None)."""
 
     def calibration_end(self) -> None:
         """Stop collecting and write the fitted statistics into registered buffers."""
 
     def calibration_abort(self) -> None:
         """Stop collecting and discard what was collected (an error interrupted calibration)."""
+
+    def calibration_info(self) -> dict[str, float]:
+        """Figures about the last calibration for the fidelity report (UAN: ``ll_gain``, the mean
+        per-value log-likelihood gain of the K-component fit over K = 1); empty by default."""
+        return {}
 
 
 def strength_buffer(value: float, like: torch.Tensor | None = None) -> torch.Tensor:

@@ -52,7 +52,8 @@ from normswap.errors import NormswapError, OptionError
 from normswap.surgery.plan import CONVERT, SKIP, Site
 from normswap.variants import _patch
 from normswap.variants._patch import fold_batchnorm
-from normswap.variants.base import Variant, VariantConfig, check_strength, qualname, strength_buffer
+from normswap.variants.base import (CalibrationSettings, Variant, VariantConfig, check_strength, qualname,
+                                    strength_buffer)
 from normswap.variants.registry import register
 
 __all__ = ["PatchNorm", "PatchNormConfig", "PatchNormConv", "PatchNormLinear", "fit_gain", "fold_batchnorm"]
@@ -113,6 +114,7 @@ class PatchNorm(Variant):
     config_class = PatchNormConfig
     adapters = {_LINEAR: "linear", **{k: "conv" for k in _CONVS}, **{k: "bn" for k in _BNS}}
     families = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+    needs_targets = True
 
     form: str
     eps: float
@@ -218,6 +220,9 @@ class PatchNorm(Variant):
         if self.lam.device.type != "meta":
             self._lam = float(self.lam)
 
+    def current_strength(self) -> float:
+        return self._lam
+
     def claims_exact(self) -> bool:
         return self._lam == 0.0
 
@@ -234,12 +239,15 @@ class PatchNorm(Variant):
         return g, (self.offset * lam if self.offset is not None else None)
 
     # ---- calibration -----------------------------------------------------------------------------
-    def calibration_begin(self, strength: float = 1.0) -> None:
-        """Start fitting ``gain`` (and ``offset``) for the layer at ``strength`` (default 1, the paper's)."""
-        t = float(strength)
+    def calibration_begin(self, settings: CalibrationSettings | float | None = None) -> None:
+        """Start fitting ``gain`` (and ``offset``) for the layer at ``settings.strength`` (or a plain float;
+        default 1, the paper's layer). ``settings.reduce`` sums the statistics over distributed workers."""
+        cfg = settings if isinstance(settings, CalibrationSettings) else CalibrationSettings(
+            strength=1.0 if settings is None else float(settings))
+        t = float(cfg.strength)
         if not 0.0 < t <= 1.0:
             raise OptionError(f"calibration strength must be in (0, 1]; got {t}")
-        self._calib = {"t": t}
+        self._calib = {"t": t, "settings": cfg}
 
     def observe(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Accumulate one batch: input ``x`` and target ``y`` (default: the source layer's output on ``x``)."""
@@ -249,15 +257,37 @@ class PatchNorm(Variant):
         with torch.no_grad():
             w, base, source = self._calib_terms(x, t)
             target = source if y is None else y
+            self._calib["explicit"] = self._calib.get("explicit", False) or y is not None
             if target.shape != w.shape:
                 raise NormswapError(f"calibration target has shape {tuple(target.shape)}, expected {tuple(w.shape)}")
             ch = 1 if isinstance(self, PatchNormConv) else w.dim() - 1
             _patch.lsq_accumulate(self._calib, w, target - base, ch)
 
+    def calibration_abort(self) -> None:
+        self._calib = None
+
     def calibration_end(self) -> None:
-        """Solve the per-channel least squares and write ``gain`` (and ``offset``); no data: no change."""
+        """Solve the per-channel least squares and write ``gain`` (and ``offset``); no data: no change.
+        Under torch.distributed the sums are added over all workers first (every rank then writes the same)."""
         acc, self._calib = self._calib, None
-        if not acc or "n" not in acc:
+        if not acc:
+            return
+        cfg: CalibrationSettings = acc["settings"]
+        if cfg.reduce is not None:  # every rank takes part, with zeros where it saw no data
+            zeros = torch.zeros(self.gain.shape[0], dtype=torch.float64, device=self.gain.device)
+            for key in ("ww", "wr", "w", "r"):
+                acc[key] = cfg.sum(acc.get(key, zeros))
+            acc["n"] = int(cfg.sum(torch.tensor([float(acc.get("n", 0))], dtype=torch.float64)).item())
+        self._solve(acc)
+
+    def calibration_update(self) -> None:
+        """Write the gains solved from the data observed so far (this process only) and keep collecting: the
+        calibration runner's streaming network order uses it so that later layers see this one calibrated."""
+        if self._calib is not None:
+            self._solve(self._calib)
+
+    def _solve(self, acc: dict[str, Any]) -> None:
+        if not acc.get("n"):
             return
         g, o, live = _patch.lsq_solve(acc, self.offset is not None)  # z = g * w + o (+ base)
         t = acc["t"]
@@ -271,7 +301,7 @@ class PatchNorm(Variant):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._calib is not None:
+        if self._calib is not None and not self._calib.get("explicit"):  # no observe(x, y) call: own targets
             self.observe(x)
         return self._forward(x)
 
