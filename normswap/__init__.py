@@ -6,6 +6,8 @@
     True
     >>> result.save("mobilenet_v2-uan.safetensors")
     >>> model = normswap.load("mobilenet_v2-uan.safetensors")
+    >>> calibrated = normswap.calibrate(result, "photos")   # EM on real photos + fidelity report
+    >>> print(calibrated.report.render())
 """
 
 __version__ = "0.1.0"
@@ -15,11 +17,14 @@ from normswap.compat import import_torchvision as _import_torchvision
 _import_torchvision()  # repairs the CPU-torch + CUDA-torchvision install before anyone imports it
 
 from normswap.api import ConvertResult, ExportResult, Inspection, convert, export, inspect, load, plan, save  # noqa: E402
+from normswap.calibrate.report import FidelityReport  # noqa: E402
+from normswap.calibrate.session import CalibrationResult, calibrate, evaluate  # noqa: E402
 from normswap.errors import NormswapError  # noqa: E402
 from normswap.surgery.plan import Plan, Site  # noqa: E402
 from normswap.variants import Variant, VariantConfig, register  # noqa: E402
 
 __all__ = [
-    "ConvertResult", "ExportResult", "Inspection", "NormswapError", "Plan", "Site", "Variant", "VariantConfig",
-    "__version__", "convert", "export", "inspect", "load", "plan", "register", "save",
+    "CalibrationResult", "ConvertResult", "ExportResult", "FidelityReport", "Inspection", "NormswapError", "Plan",
+    "Site", "Variant", "VariantConfig", "__version__", "calibrate", "convert", "evaluate", "export", "inspect",
+    "load", "plan", "register", "save",
 ]

@@ -36,6 +36,7 @@ class ConvertResult:
     plan: Plan
     report: VerifyReport
     source: SourceSpec | None = None
+    original: nn.Module | None = field(default=None, repr=False)  # the unconverted model, when it was kept
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Save the converted model (see :func:`save`)."""
@@ -123,7 +124,8 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
             f"end to end: max |diff| {report.end_to_end:.3e}"
         raise VerificationError(f"the converted model does not reproduce the original at the exact start ({where})", report)
     setattr(converted, META_ATTR, {"plan": the_plan, "source": source})
-    result = ConvertResult(converted, the_plan, report, source)
+    kept = reference if reference is not converted and (reference is not module or not inplace) else None
+    result = ConvertResult(converted, the_plan, report, source, original=kept)
     if result.graph_module:
         note = (f"the result is a torch.fx.GraphModule: {sum(bool(s.facts.get('graph_rewrite')) for s in the_plan.converted)}"
                 " functional call(s) became anact_fn_* modules")

@@ -113,3 +113,32 @@ def photo_batch() -> torch.Tensor:
         s = min(h, w) * 3 // 4
         crops.append(tf(img[:, :s, :s]))
     return torch.stack(crops)
+
+
+def fashion_mnist_available() -> bool:
+    from normswap.data.fmnist import locate
+    from normswap.errors import NormswapError
+
+    try:
+        locate("test")
+        return True
+    except NormswapError:
+        return False
+
+
+needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(),
+                                  reason="Fashion-MNIST not installed (run scripts/setup.sh: Debian dataset-fashion-mnist)")
+
+
+@pytest.fixture(scope="session")
+def fmnist_weights() -> str:
+    """The small BatchNorm CNN of examples/fmnist_cnn.py trained on Fashion-MNIST (trained once, about a minute
+    on 2 cores, then cached under .cache/models)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "fmnist_cnn.py"
+    spec = importlib.util.spec_from_file_location("fmnist_cnn_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.train(verbose=False))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import click
 
 from normswap import api
+from normswap.cli.calibrate import calibration_options, data_options, emit, is_main_process, run_calibration
 from normswap.cli.common import echo_json, parse_options, split_patterns
 from normswap.io import check_output
 from normswap.surgery.plan import Plan
@@ -43,10 +45,14 @@ def render_plan(plan: Plan) -> str:
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; convert and write nothing.")
 @click.option("--strict-trace", is_flag=True, help="Fail if torch.fx cannot trace the model (no module-walk fallback).")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (plan, report, output).")
+@click.option("--calibrate", "calib_data", default=None, metavar="DATA",
+              help="Calibrate on DATA after converting and print the fidelity report (photos, fashion-mnist, a "
+                   "folder, a .safetensors file; see `normswap calibrate --help`). The data options below apply.")
+@data_options
+@calibration_options
 def convert_cmd(model: str, variant: str, targets: tuple[str, ...], exclude: tuple[str, ...], strength: float,
                 options: tuple[str, ...], weights: str | None, output: str | None, force: bool, dry_run: bool,
-                strict_trace: bool, as_json: bool) -> None:
+                strict_trace: bool, as_json: bool, calib_data: str | None, **kw: Any) -> None:
     """Convert MODEL's norm layers to a variant, verify the exact start, and save it.
 
     MODEL is a torchvision name (resnet50), torchvision:NAME, timm:NAME, hf:PATH,
@@ -59,6 +65,7 @@ def convert_cmd(model: str, variant: str, targets: tuple[str, ...], exclude: tup
       normswap convert mobilenet_v2 --weights IMAGENET1K_V1 --to uan -o mnv2-uan.safetensors
       normswap convert resnet50 --weights none --to uan --option k=5 --exclude layer4
       normswap convert resnet18 --weights none --to uan --dry-run
+      normswap convert mobilenet_v2 --weights IMAGENET1K_V1 --to patchnorm --strength 1 --calibrate photos
       normswap convert timm:efficientnet_b0 --weights none --to uan --targets re:blocks\\.[0-2]\\..*
     """
     opts = parse_options(options)
@@ -74,10 +81,16 @@ def convert_cmd(model: str, variant: str, targets: tuple[str, ...], exclude: tup
     out_path = check_output(output or default, force=force)  # fail before any work
     result = api.convert(model, variant, target_list, exclude_list, strength, opts, weights=weights,
                          strict_trace=strict_trace)
+    fidelity = run_calibration(result, calib_data, kw).report if calib_data else None
+    if not is_main_process():
+        return
     saved = result.save(out_path, force=force)
     if as_json:
-        echo_json({"plan": result.plan.to_dict(), "report": result.report.to_dict(), "output": str(saved)})
+        echo_json({"plan": result.plan.to_dict(), "report": result.report.to_dict(), "output": str(saved),
+                   "fidelity": fidelity.to_dict() if fidelity else None})
         return
     click.echo(render_plan(result.plan))
     click.echo(result.report.render())
+    if fidelity is not None:
+        emit(fidelity, False)
     click.echo(f"saved {saved}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from normswap import __version__
+from normswap.cli.calibrate import calibrate_cmd, eval_cmd
 from normswap.cli.common import NormswapGroup
 from normswap.cli.convert import convert_cmd
 from normswap.cli.export import export_cmd
@@ -23,6 +24,8 @@ def cli() -> None:
       normswap inspect resnet50
       normswap variants
       normswap convert mobilenet_v2 --weights IMAGENET1K_V1 --to uan -o mnv2-uan.safetensors
+      normswap convert mobilenet_v2 --weights IMAGENET1K_V1 --to uan --calibrate photos -o mnv2-uan.safetensors
+      normswap eval mnv2-uan.safetensors --data photos --strengths 0,0.1,1
       normswap convert mobilenet_v2 --weights IMAGENET1K_V1 --to anact -o mnv2-anact.safetensors
       normswap export mnv2-anact.safetensors -o mnv2-anact-export.safetensors
     """
@@ -31,6 +34,8 @@ def cli() -> None:
 cli.add_command(inspect_cmd)
 cli.add_command(variants_cmd)
 cli.add_command(convert_cmd)
+cli.add_command(calibrate_cmd)
+cli.add_command(eval_cmd)
 cli.add_command(export_cmd)
 
 
