@@ -243,6 +243,6 @@ def _site_hooks(model: nn.Module, points: dict[str, list[tuple[str, str]]], stor
         for site, a in by_conv.get(name, []):
             ref = store.get(a)
             if torch.is_tensor(out) and ref is not None and ref.shape == out.shape:
-                sums[site][0] += float((out.double() - ref.double()).square().sum())
-                sums[site][1] += float(ref.double().square().sum())
+                sums[site][0] += float(torch.linalg.vector_norm(out.float() - ref.float())) ** 2
+                sums[site][1] += float(torch.linalg.vector_norm(ref.float())) ** 2
     return _hooks(model, by_conv, fn)

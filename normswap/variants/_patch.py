@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from normswap.variants.base import qualname
 
 __all__ = ["ConvGeometry", "patch_sq_norm", "scale_by_group"]
 
@@ -217,32 +220,6 @@ def _reference_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return z.reshape(n, geom.out_channels, *out)
 
 
-# ---- calibration: streaming per-channel least squares -----------------------------------------------
-def lsq_accumulate(acc: dict, w: torch.Tensor, r: torch.Tensor, ch: int) -> None:
-    """Add one batch to the sums for fitting ``r ~ g * w + o`` per channel ``ch`` (float64 sums)."""
-    dims = [d for d in range(w.dim()) if d != ch]
-    w, r = w.double(), r.double()
-    stats = {"ww": (w * w).sum(dims), "wr": (w * r).sum(dims), "w": w.sum(dims), "r": r.sum(dims)}
-    for k, v in stats.items():
-        acc[k] = acc[k] + v if k in acc else v
-    acc["n"] = acc.get("n", 0) + w.numel() // w.shape[ch]
-
-
-def lsq_solve(acc: dict, with_offset: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(g, o, live)``: least-squares slope (and intercept, else 0); ``live`` is False for channels
-    whose regressor was identically 0 (nothing to fit: the caller keeps their old values)."""
-    n, ww, wr, sw, sr = float(acc["n"]), acc["ww"], acc["wr"], acc["w"], acc["r"]
-    live = ww > 0
-    g, o = wr / torch.where(live, ww, torch.ones_like(ww)), torch.zeros_like(ww)
-    if with_offset:
-        det = ww * n - sw * sw
-        ok = live & (det > 1e-12 * ww * n)  # a constant regressor: the slope alone
-        det = torch.where(ok, det, torch.ones_like(det))
-        g = torch.where(ok, (wr * n - sw * sr) / det, g)
-        o = torch.where(ok, (sr - g * sw) / n, o)
-    return g, o, live
-
-
 # ---- BatchNorm folding and the variant's example models ---------------------------------------------
 def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
                    bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,3 +267,38 @@ def examples() -> list[tuple[nn.Module, torch.Tensor]]:
             (stats(seq, gen), torch.randn(2, 4, 20)),
             (stats(dw, gen), torch.randn(2, 6, 10, 10)),
         ]
+
+
+# ---- which Conv/Linear -> BatchNorm pairs fold ----------------------------------------------------------
+_LINEAR = "torch.nn.modules.linear.Linear"
+_CONVS = {f"torch.nn.modules.conv.Conv{d}d": d for d in (1, 2, 3)}
+_BNS = {f"torch.nn.modules.batchnorm.BatchNorm{d}d": d for d in (1, 2, 3)}
+
+
+def pair_problem(info: Any, by_name: dict[str, Any]) -> str:
+    """Why the BatchNorm of ``info`` cannot be folded into its producer ("" if it can)."""
+    bn = info.module
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        return "BatchNorm without running statistics (track_running_stats=False): nothing fixed to fold"
+    if info.calls is not None and info.calls > 1:
+        return f"BatchNorm is called {info.calls} times: folding it into one producer would change the other calls"
+    dims = _BNS[qualname(bn)]
+    allowed = [f"Conv{dims}d"] + (["Linear"] if dims == 1 else [])
+    what = " or ".join(allowed)
+    producer = by_name.get(info.producer) if info.producer is not None else None
+    if producer is None:
+        if info.path == "walk":
+            return f"found by the module walk: no preceding {what} could be proven to feed it"
+        return f"no preceding {what}: its input is not the output of a module"
+    src = qualname(producer.module)
+    if src not in (_LINEAR, *_CONVS) or (src == _LINEAR and dims != 1) or (src in _CONVS and _CONVS[src] != dims):
+        return f"its input comes from '{info.producer}' ({type(producer.module).__name__}), not a {what}"
+    if info.producer_exclusive is None:
+        return (f"found by the module walk and not provably exclusive: the output of '{info.producer}' "
+                "may have other users")
+    if not info.producer_exclusive:
+        return f"the output of '{info.producer}' has other users (a residual, say): folding would change them"
+    out = getattr(producer.module, "out_channels", getattr(producer.module, "out_features", None))
+    if out != bn.num_features:
+        return f"'{info.producer}' has {out} output channels, the BatchNorm {bn.num_features}"
+    return ""

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,17 +51,14 @@ from torch import nn
 from normswap.errors import NormswapError, OptionError
 from normswap.surgery.plan import CONVERT, SKIP, Site
 from normswap.variants import _patch
-from normswap.variants._patch import fold_batchnorm
-from normswap.variants.base import (CalibrationSettings, Variant, VariantConfig, check_strength, qualname,
-                                    strength_buffer)
+from normswap.variants._patch import _BNS, _CONVS, _LINEAR, fold_batchnorm, pair_problem as _pair_problem
+from normswap.variants._patch_calib import GainCalibration, fit_gain
+from normswap.variants.base import Variant, VariantConfig, check_strength, qualname, strength_buffer
 from normswap.variants.registry import register
 
 __all__ = ["PatchNorm", "PatchNormConfig", "PatchNormConv", "PatchNormLinear", "fit_gain", "fold_batchnorm"]
 
 FORMS = ("corrected", "l2", "rms")
-_LINEAR = "torch.nn.modules.linear.Linear"
-_CONVS = {f"torch.nn.modules.conv.Conv{d}d": d for d in (1, 2, 3)}
-_BNS = {f"torch.nn.modules.batchnorm.BatchNorm{d}d": d for d in (1, 2, 3)}
 _CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 LN_REASON = (
     "LayerNorm left in place: a token is a 1x1 patch and LayerNorm already is PatchNorm's centred RMS "
@@ -104,7 +101,7 @@ def _f32(value: float) -> float:
 
 
 @register
-class PatchNorm(Variant):
+class PatchNorm(GainCalibration, Variant):
     """The registered PatchNorm variant. :meth:`from_site` builds a :class:`PatchNormLinear` or a
     :class:`PatchNormConv`; both subclass this one, which holds the gain, ``lam`` and its Python
     mirror, the calibration and the contract methods."""
@@ -238,64 +235,6 @@ class PatchNorm(Variant):
         g = self.gain * lam + (1 - lam)
         return g, (self.offset * lam if self.offset is not None else None)
 
-    # ---- calibration -----------------------------------------------------------------------------
-    def calibration_begin(self, settings: CalibrationSettings | float | None = None) -> None:
-        """Start fitting ``gain`` (and ``offset``) for the layer at ``settings.strength`` (or a plain float;
-        default 1, the paper's layer). ``settings.reduce`` sums the statistics over distributed workers."""
-        cfg = settings if isinstance(settings, CalibrationSettings) else CalibrationSettings(
-            strength=1.0 if settings is None else float(settings))
-        t = float(cfg.strength)
-        if not 0.0 < t <= 1.0:
-            raise OptionError(f"calibration strength must be in (0, 1]; got {t}")
-        self._calib = {"t": t, "settings": cfg}
-
-    def observe(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        """Accumulate one batch: input ``x`` and target ``y`` (default: the source layer's output on ``x``)."""
-        if self._calib is None:
-            raise NormswapError("observe() needs calibration_begin() first")
-        t = self._calib["t"]
-        with torch.no_grad():
-            w, base, source = self._calib_terms(x, t)
-            target = source if y is None else y
-            self._calib["explicit"] = self._calib.get("explicit", False) or y is not None
-            if target.shape != w.shape:
-                raise NormswapError(f"calibration target has shape {tuple(target.shape)}, expected {tuple(w.shape)}")
-            ch = 1 if isinstance(self, PatchNormConv) else w.dim() - 1
-            _patch.lsq_accumulate(self._calib, w, target - base, ch)
-
-    def calibration_abort(self) -> None:
-        self._calib = None
-
-    def calibration_end(self) -> None:
-        """Solve the per-channel least squares and write ``gain`` (and ``offset``); no data: no change.
-        Under torch.distributed the sums are added over all workers first (every rank then writes the same)."""
-        acc, self._calib = self._calib, None
-        if not acc:
-            return
-        cfg: CalibrationSettings = acc["settings"]
-        if cfg.reduce is not None:  # every rank takes part, with zeros where it saw no data
-            zeros = torch.zeros(self.gain.shape[0], dtype=torch.float64, device=self.gain.device)
-            for key in ("ww", "wr", "w", "r"):
-                acc[key] = cfg.sum(acc.get(key, zeros))
-            acc["n"] = int(cfg.sum(torch.tensor([float(acc.get("n", 0))], dtype=torch.float64)).item())
-        self._solve(acc)
-
-    def calibration_update(self) -> None:
-        """Write the gains solved from the data observed so far (this process only) and keep collecting: the
-        calibration runner's streaming network order uses it so that later layers see this one calibrated."""
-        if self._calib is not None:
-            self._solve(self._calib)
-
-    def _solve(self, acc: dict[str, Any]) -> None:
-        if not acc.get("n"):
-            return
-        g, o, live = _patch.lsq_solve(acc, self.offset is not None)  # z = g * w + o (+ base)
-        t = acc["t"]
-        with torch.no_grad():
-            self.gain.copy_(torch.where(live, (g - (1.0 - t)) / t, self.gain.double()).to(self.gain.dtype))
-            if self.offset is not None:
-                self.offset.copy_(torch.where(live, o / t, self.offset.double()).to(self.offset.dtype))
-
     def _calib_terms(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(w, base, source)``: the layer at strength t is ``g * w + base + t * o``; ``source`` = lam 0."""
         raise NotImplementedError
@@ -379,6 +318,8 @@ class PatchNormConv(PatchNorm):
     conv output. ``lam = 0`` calls the conv exactly. Keys: ``weight``, ``bias``, ``gain``, ``lam``
     (and ``offset``)."""
 
+    _conv_layout = True  # channels in dim 1 (the gain calibration's per-channel axis)
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, dims: int = 2,
                  form: str = "corrected", eps: float = 1e-5, offset: bool = False, strength: float = 1.0,
@@ -453,51 +394,3 @@ class PatchNormConv(PatchNorm):
         if g.padding_mode != "zeros":
             s += f", padding_mode={g.padding_mode}"
         return f"{s}, bias={self.bias is not None}, " + super().extra_repr()
-
-
-def fit_gain(module: PatchNorm, inputs: Iterable[torch.Tensor], targets: Iterable[torch.Tensor] | None = None,
-             *, strength: float = 1.0) -> PatchNorm:
-    """Fit one layer's ``gain`` (and ``offset``) from its input batches and, optionally, target batches
-    (the original layer's outputs; default: the layer's own exact-start output). Returns ``module``."""
-    module.calibration_begin(strength)
-    try:
-        if targets is None:
-            for x in inputs:
-                module.observe(x)
-        else:
-            for x, y in zip(inputs, targets, strict=True):
-                module.observe(x, y)
-    except BaseException:
-        module._calib = None
-        raise
-    module.calibration_end()
-    return module
-
-
-def _pair_problem(info: Any, by_name: dict[str, Any]) -> str:
-    """Why the BatchNorm of ``info`` cannot be folded into its producer ("" if it can)."""
-    bn = info.module
-    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-        return "BatchNorm without running statistics (track_running_stats=False): nothing fixed to fold"
-    if info.calls is not None and info.calls > 1:
-        return f"BatchNorm is called {info.calls} times: folding it into one producer would change the other calls"
-    dims = _BNS[qualname(bn)]
-    allowed = [f"Conv{dims}d"] + (["Linear"] if dims == 1 else [])
-    what = " or ".join(allowed)
-    producer = by_name.get(info.producer) if info.producer is not None else None
-    if producer is None:
-        if info.path == "walk":
-            return f"found by the module walk: no preceding {what} could be proven to feed it"
-        return f"no preceding {what}: its input is not the output of a module"
-    src = qualname(producer.module)
-    if src not in (_LINEAR, *_CONVS) or (src == _LINEAR and dims != 1) or (src in _CONVS and _CONVS[src] != dims):
-        return f"its input comes from '{info.producer}' ({type(producer.module).__name__}), not a {what}"
-    if info.producer_exclusive is None:
-        return (f"found by the module walk and not provably exclusive: the output of '{info.producer}' "
-                "may have other users")
-    if not info.producer_exclusive:
-        return f"the output of '{info.producer}' has other users (a residual, say): folding would change them"
-    out = getattr(producer.module, "out_channels", getattr(producer.module, "out_features", None))
-    if out != bn.num_features:
-        return f"'{info.producer}' has {out} output channels, the BatchNorm {bn.num_features}"
-    return ""
