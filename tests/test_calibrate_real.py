@@ -50,14 +50,20 @@ def test_mobilenet_uan_on_photos_separates_components_and_keeps_the_start():
     rep = out.report
     assert rep.row("after calibration", 0.0).agreement == 1.0  # every held-out crop
     assert rep.row("after calibration", 1.0).agreement is not None  # reported; not expected to be high
-    spreads = []
+    separated = total = 0
     for site in r.plan.converted:
         m = out.model.get_submodule(site.name)
-        spread = (m.mix_mean.max(0).values - m.mix_mean.min(0).values) / (m.running_var + m.eps).sqrt()
-        spreads.append(float(spread.median()))
-        assert not m.claims_exact() or m.current_strength() == 0.0
-    assert min(spreads) > 0.1, spreads
-    assert all(s.info["ll_gain"] >= 0 for s in rep.sites)
+        spread = (m.mix_mean.max(0).values - m.mix_mean.min(0).values).detach() / (m.running_var + m.eps).sqrt()
+        separated += int((spread > 0.05).sum())
+        total += spread.numel()
+        m.set_strength(1.0)
+        assert not m.claims_exact()  # separated components: at strength 1 the layer is no longer the BN
+        m.set_strength(0.0)
+    # measured: 96 % of the 17k channels; a few, e.g. in the 7x7 depthwise layer features.17.conv.1.1, stay
+    # one Gaussian because a mixture does not fit them better (EM falls back to K coinciding components there)
+    assert separated / total > 0.9, separated / total
+    assert all(s.info["ll_gain"] > 0 for s in rep.sites)
+    assert "log-lik gain" in rep.render()
 
 
 @needs_mobilenet

@@ -109,8 +109,8 @@ def _strengths(model: nn.Module, given: Sequence[float] | None) -> tuple[float, 
 def calibrate(model: Any, data: Any = None, *, original: nn.Module | None = None, calib_samples: int = 256,
               eval_samples: int = 256, batch_size: int = 32, seed: int = 0, strength: float | None = None,
               strengths: Sequence[float] | None = None, reestimate_bn: bool = False, em_init: str = "quantile",
-              em_samples: int = 4096, layerwise: bool = False, evaluate: bool = True, progress: bool = False,
-              trust_source: bool = False,
+              em_samples: int = 4096, em_tol: float = 1e-4, layerwise: bool = False, evaluate: bool = True,
+              progress: bool = False, trust_source: bool = False,
               base_model: nn.Module | None = None, data_options: dict[str, Any] | None = None) -> CalibrationResult:
     """Calibrate a converted model on data and report its fidelity to the original.
 
@@ -126,7 +126,8 @@ def calibrate(model: Any, data: Any = None, *, original: nn.Module | None = None
             strength, or 1 when it is at 0.
         strengths: strengths to report end to end (default: 0, the model's and 1).
         reestimate_bn: re-estimate the running statistics of the BatchNorms that were not converted.
-        em_init, em_samples: UAN's EM initialisation (``quantile`` or ``kmeans++``) and values kept per channel.
+        em_init, em_samples, em_tol: UAN's EM initialisation (``quantile`` or ``kmeans++``), values kept per
+            channel, and stopping tolerance (mean log-likelihood gain per value and step, in nats).
         layerwise: PatchNorm's network order one layer at a time (exact, one pass per layer) instead of streaming.
         data_options: ``image_size``, ``mean``, ``std``, ``root`` for :func:`normswap.data.open_data`.
 
@@ -138,8 +139,8 @@ def calibrate(model: Any, data: Any = None, *, original: nn.Module | None = None
     """
     if em_init not in EM_INITS:
         raise OptionError(f"em_init must be one of {', '.join(EM_INITS)}; got {em_init!r}")
-    if calib_samples < 1 or batch_size < 1 or em_samples < 2:
-        raise OptionError("calib_samples and batch_size must be >= 1 and em_samples >= 2")
+    if calib_samples < 1 or batch_size < 1 or em_samples < 2 or not em_tol > 0:
+        raise OptionError("calib_samples and batch_size must be >= 1, em_samples >= 2 and em_tol > 0")
     module, the_plan, source, known = _resolve(model, base_model, trust_source)
     reference, ref_label = _reference(module, source, original if original is not None else known, trust_source)
     split = _open(data, reference, source, calib_samples, eval_samples if evaluate else 0, seed, data_options)
@@ -147,7 +148,8 @@ def calibrate(model: Any, data: Any = None, *, original: nn.Module | None = None
     fit = check_strength(strength) if strength is not None else (now if now > 0 else 1.0)
     if fit == 0:
         raise OptionError("the calibration strength must be > 0 (at 0 every variant is the original already)")
-    settings = CalibrationSettings(strength=fit, seed=seed, em_samples=em_samples, em_init=em_init)
+    settings = CalibrationSettings(strength=fit, seed=seed, em_samples=em_samples, em_init=em_init,
+                                   em_tol=em_tol)
     before = copy.deepcopy(module) if evaluate else None
     world = dist.world()
     batches = split.batches("calibration", batch_size, rank=world.rank, world_size=world.size)

@@ -64,6 +64,8 @@ def calibration_options(func: Callable) -> Callable:
                      help="UAN: EM initialisation."),
         click.option("--em-samples", type=click.IntRange(min=2), default=4096, show_default=True,
                      help="UAN: values kept per channel for EM."),
+        click.option("--em-tol", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+                     help="UAN: EM stops when the log-likelihood per value gains less than this (nats)."),
         click.option("--layerwise", is_flag=True,
                      help="PatchNorm: exact network order, one pass over the data per layer (slow).")]
     for option in reversed(options):
@@ -80,7 +82,8 @@ def split_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
            "data_options": {k: v for k, v in data_opts.items() if v is not None}}
     if "calib_strength" in kw:
         out.update(calib_samples=kw.pop("calib_samples"), strength=kw.pop("calib_strength"), reestimate_bn=kw.pop("reestimate_bn"),
-                   em_init=kw.pop("em_init"), em_samples=kw.pop("em_samples"), layerwise=kw.pop("layerwise"))
+                   em_init=kw.pop("em_init"), em_samples=kw.pop("em_samples"), em_tol=kw.pop("em_tol"),
+                   layerwise=kw.pop("layerwise"))
     return out
 
 

@@ -100,7 +100,7 @@ class CalibrationSettings:
     seed: int = 0
     em_samples: int = 4096
     em_init: str = "quantile"
-    em_tol: float = 1e-6
+    em_tol: float = 1e-4
     em_max_iter: int = 300
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     broadcast: Callable[[torch.Tensor], torch.Tensor] | None = None

@@ -41,7 +41,7 @@ What is the paper's and what is normswap's:
   space (no 0/0 when a component takes no value of a sample).
 
 Calibration (EM, METHODS 3.3) only has to write ``mix_mean``, ``mix_var`` (variances, floored in
-forward) and ``mix_logit`` (log-priors up to a constant); the hooks here are still the base no-ops.
+forward) and ``mix_logit`` (log-priors up to a constant); the hooks (``_uan_calib.py``) fit them by EM.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from torch import nn
 
 from normswap.errors import NormswapError, OptionError
 from normswap.surgery.plan import Site
+from normswap.variants._uan_calib import UANCalibration
 from normswap.variants.base import Variant, VariantConfig, check_strength, qualname, strength_buffer
 from normswap.variants.registry import register
 
@@ -98,7 +99,7 @@ def _mix_weights(log_tau: torch.Tensor, log_pi: torch.Tensor, k: int) -> torch.T
 
 
 @register
-class UAN(Variant):
+class UAN(UANCalibration, Variant):
     """The registered UAN variant. :meth:`from_site` builds a :class:`UANChannel` (BatchNorm sources)
     or a :class:`UANSample` (LayerNorm sources); both subclass this one, which holds what they share:
     the mixture parameters, ``rho`` and its Python mirror, the contract methods."""
@@ -184,6 +185,9 @@ class UAN(Variant):
             self.rho.fill_(s)
         self._sync_rho(float(self.rho))
 
+    def current_strength(self) -> float:
+        return self._rho
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.rho.device.type != "meta":
@@ -231,6 +235,8 @@ class UANChannel(UAN):
             self.act = copy.deepcopy(source.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._calib is not None:
+            self._observe(x)
         if self._rho_zero:
             if self.kind == "frozen_bn":  # FrozenBatchNorm2d.forward, term for term
                 scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
@@ -299,6 +305,8 @@ class UANSample(UAN):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "ln2d":
             x = x.permute(0, 2, 3, 1)
+        if self._calib is not None:
+            self._observe(x)
         if self._rho_zero:
             y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         else:
