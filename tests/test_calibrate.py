@@ -230,3 +230,24 @@ def test_data_split_object_is_accepted(tensor_file):
     split = open_data(tensor_file, calib_samples=8, eval_samples=8)
     out = normswap.calibrate(r, split, batch_size=4)
     assert out.log.batches == 2 and out.log.samples == 8
+
+
+def test_layernorm_sites_calibrate_in_sample_mode(tiny_vit, tmp_path):
+    g = torch.Generator().manual_seed(4)
+    path = str(tmp_path / "img.safetensors")
+    save_file({"inputs": torch.randn(24, 3, 32, 32, generator=g)}, path)
+    r = normswap.convert(tiny_vit, to="uan")
+    out = normswap.calibrate(r, path, calib_samples=16, eval_samples=8, batch_size=8)
+    assert out.report.row("after calibration", 0.0).rel_error < 1e-6
+    assert all(s.info["ll_gain"] >= 0 and s.info["values_per_channel"] > 0 for s in out.report.sites)
+    lns = [out.model.get_submodule(s.name) for s in r.plan.converted]
+    assert any(float(m.mix_mean.max() - m.mix_mean.min()) > 0.1 for m in lns)  # pooled z values separated
+
+
+def test_synthetic_data_is_said_loudly(recwarn):
+    from normswap.data import RandomDataWarning
+
+    r = normswap.convert(cnn(), to="uan")
+    out = normswap.calibrate(r, "synthetic:3x10x10", calib_samples=8, eval_samples=8)
+    assert any(issubclass(w.category, RandomDataWarning) for w in recwarn.list)
+    assert "synthetic random inputs: these figures say nothing about real data" in out.report.render()

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["World", "average_buffers", "init_from_env", "world"]
+__all__ = ["World", "average_buffers", "collectives", "init_from_env", "total", "world"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,13 @@ def collectives() -> tuple:
     """``(reduce, broadcast)`` for :class:`normswap.variants.base.CalibrationSettings`: ``(None, None)`` in a
     single process."""
     return (_sum, _from_rank0) if world().active else (None, None)
+
+
+def total(*counts: int) -> tuple[int, ...]:
+    """``counts`` summed over all ranks (themselves in a single process)."""
+    if not world().active:
+        return counts
+    return tuple(int(v) for v in _sum(torch.tensor(counts, dtype=torch.float64)).tolist())
 
 
 @torch.no_grad()

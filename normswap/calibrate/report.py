@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from normswap.calibrate.runner import set_strengths, strengths_of
 from normswap.surgery.plan import Plan
@@ -175,7 +176,7 @@ def _hooks(model: nn.Module, names: Iterable[str], fn: Any) -> list[Any]:
 @torch.no_grad()
 def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
             batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], strengths: list[float],
-            site_strength: float | None) -> tuple[list[EndToEnd], dict[str, dict[str, float]], float | None, int]:
+            site_strength: float | None, progress: bool = False) -> tuple[list[EndToEnd], dict[str, dict[str, float]], float | None, int]:
     """Run the reference and every model on ``batches`` at every strength (strengths restored afterwards).
 
     Returns the end-to-end rows, per model label the relative error of each site at ``site_strength``
@@ -192,7 +193,7 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
         reference.eval()
         for m in models.values():
             m.eval()
-        for x, labels in batches:
+        for x, labels in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False):
             store: dict[str, torch.Tensor] = {}  # cloned: an in-place activation may follow the module
             record = site_strength is not None
             handles = _hooks(reference, ref_names if record else [],

@@ -244,8 +244,7 @@ def calibrate(model: nn.Module, plan: Plan, batches: Iterable[Any], *, reference
         cls.after_calibration(model, site, module)
         info = log.sites.setdefault(site.name, {"variant": site.variant})
         info.update(module.calibration_info())
-    log.batches = len(data)
-    log.samples = sum(_size(b) for b in data)
+    log.batches, log.samples = dist.total(len(data), sum(_size(b) for b in data))  # over all ranks
     log.seconds = time.perf_counter() - start
     return log
 

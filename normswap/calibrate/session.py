@@ -158,13 +158,14 @@ def calibrate(model: Any, data: Any = None, *, original: nn.Module | None = None
     report = None
     if evaluate and before is not None:
         models = {"before calibration": before, "after calibration": module}
-        report = _report(reference, ref_label, models, the_plan, split, batch_size, report_strengths, fit, log)
+        report = _report(reference, ref_label, models, the_plan, split, batch_size, report_strengths, fit, log,
+                         progress)
     return CalibrationResult(module, the_plan, log, report, source)
 
 
 def _report(reference: nn.Module, ref_label: str, models: dict[str, nn.Module], plan: Plan, split: Any,
-            batch_size: int, strengths: list[float], site_strength: float, log: CalibrationLog | None
-            ) -> FidelityReport:
+            batch_size: int, strengths: list[float], site_strength: float, log: CalibrationLog | None,
+            progress: bool = False) -> FidelityReport:
     data = split.to_dict()
     notes = []
     if getattr(split, "synthetic", False):
@@ -172,7 +173,7 @@ def _report(reference: nn.Module, ref_label: str, models: dict[str, nn.Module], 
     batches = list(split.batches("evaluation", batch_size))
     if not batches:
         raise UsageError("the evaluation split is empty: pass eval_samples >= 1 (--eval-samples)")
-    rows, per_site, orig_acc, n = measure(reference, models, plan, batches, strengths, site_strength)
+    rows, per_site, orig_acc, n = measure(reference, models, plan, batches, strengths, site_strength, progress)
     labels = list(models)
     sites = []
     for s in plan.converted:
@@ -189,7 +190,7 @@ def _report(reference: nn.Module, ref_label: str, models: dict[str, nn.Module], 
 def evaluate(model: Any, data: Any = None, *, original: nn.Module | None = None, eval_samples: int = 256,
              batch_size: int = 32, seed: int = 0, strengths: Sequence[float] | None = None,
              trust_source: bool = False, base_model: nn.Module | None = None,
-             data_options: dict[str, Any] | None = None) -> FidelityReport:
+             data_options: dict[str, Any] | None = None, progress: bool = False) -> FidelityReport:
     """The fidelity report of a converted model on held-out data, without changing it (see :func:`calibrate`).
 
     Per-site errors are measured at the model's strength, or at 1 when it is at 0."""
@@ -200,4 +201,4 @@ def evaluate(model: Any, data: Any = None, *, original: nn.Module | None = None,
     split = _open(data, reference, source, 1, eval_samples, seed, data_options)
     now, report_strengths = _strengths(module, strengths)
     return _report(reference, ref_label, {"converted": module}, the_plan, split, batch_size, report_strengths,
-                   now if now > 0 else 1.0, None)
+                   now if now > 0 else 1.0, None, progress)

@@ -165,7 +165,8 @@ def eval_cmd(checkpoint: str, data: str | None, trust_source: bool, as_json: boo
       normswap eval mnv2-uan-cal.safetensors --data photos
       normswap eval fmnist-uan.safetensors --data fashion-mnist --strengths 0,0.1,1 --json
     """
-    report = evaluate(_existing(checkpoint), data, trust_source=trust_source, **split_kwargs(kw))
+    report = evaluate(_existing(checkpoint), data, trust_source=trust_source, progress=sys.stderr.isatty(),
+                      **split_kwargs(kw))
     emit(report, as_json)
 
 

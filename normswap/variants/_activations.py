@@ -21,7 +21,7 @@ from normswap.errors import NormswapError
 
 __all__ = [
     "KINDS", "UnsupportedActivationError", "activation_kind", "apply_activation", "derivative",
-    "make_activation", "resolve_activation",
+    "make_activation", "resolve_activation", "sum_over_ranks",
 ]
 
 KINDS = (
@@ -245,3 +245,20 @@ _CLASS_OF: dict[str, type] = {
     "celu": nn.CELU, "gelu": nn.GELU, "silu": nn.SiLU, "mish": nn.Mish, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
     "softplus": nn.Softplus, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid,
 }
+
+
+# ---- calibration statistics of several torch.distributed workers ---------------------------------------
+def sum_over_ranks(acc: dict | None, settings: Any, like: torch.Tensor) -> dict:
+    """The calibration sums of every distributed worker, added up (a worker with no data adds zeros). The
+    shifted sums are first re-centred on rank 0's shift, so that they can be added."""
+    zero = torch.zeros(like.shape, dtype=torch.float64, device=like.device)
+    acc = acc or {"shift": zero.unsqueeze(-1), "count": 0, "batches": 0}
+    s = acc["shift"].squeeze(-1)
+    s0 = settings.from_rank0(s.clone())
+    n, delta = float(acc["count"]), s - s0
+    sx, sx2 = acc.get("sum_x", zero), acc.get("sum_x2", zero)
+    out = {"sum_x": sx + n * delta, "sum_x2": sx2 + 2 * delta * sx + n * delta.square()}
+    out.update({k: acc.get(k, zero) for k in ("sum_f", "sum_f2", "sum_fp2")})
+    out = {k: settings.sum(v.clone()) for k, v in out.items()}
+    counts = settings.sum(torch.tensor([n, float(acc["batches"])], dtype=torch.float64))
+    return {**out, "shift": s0.unsqueeze(-1), "count": int(counts[0].item()), "batches": int(counts[1].item())}

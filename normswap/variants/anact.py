@@ -57,7 +57,7 @@ from normswap.surgery.graph import ACTIVATION_TYPES
 from normswap.surgery.plan import CONVERT, SKIP, Site
 from normswap.variants._activations import (
     DEFAULTS, KINDS, MODULE_CLASSES, UnsupportedActivationError, activation_kind, apply_activation, derivative, describe,
-    make_activation, resolve_activation, unsupported_message,
+    make_activation, resolve_activation, sum_over_ranks, unsupported_message,
 )
 from normswap.variants._fold import compensation_status, decide, export_fold, fold_into_consumer, mark_unchecked
 from normswap.variants.base import CalibrationSettings, Variant, VariantConfig, check_strength, qualname
@@ -84,22 +84,6 @@ class ANActConfig(VariantConfig):
             raise OptionError(f"option 'momentum' of variant '{variant}' must be in [0, 1); got {self.momentum}")
         if not self.reject > 0.0:
             raise OptionError(f"option 'reject' of variant '{variant}' must be > 0; got {self.reject}")
-
-
-def _all_ranks(acc: dict | None, settings: CalibrationSettings, like: torch.Tensor) -> dict:
-    """The calibration sums of every distributed worker, added up (a worker with no data adds zeros). The
-    shifted sums are first re-centred on rank 0's shift, so that they can be added."""
-    zero = torch.zeros(like.shape, dtype=torch.float64, device=like.device)
-    acc = acc or {"shift": zero.unsqueeze(-1), "count": 0, "batches": 0}
-    s = acc["shift"].squeeze(-1)
-    s0 = settings.from_rank0(s.clone())
-    n, delta = float(acc["count"]), s - s0
-    sx, sx2 = acc.get("sum_x", zero), acc.get("sum_x2", zero)
-    out = {"sum_x": sx + n * delta, "sum_x2": sx2 + 2 * delta * sx + n * delta.square()}
-    out.update({k: acc.get(k, zero) for k in ("sum_f", "sum_f2", "sum_fp2")})
-    out = {k: settings.sum(v.clone()) for k, v in out.items()}
-    counts = settings.sum(torch.tensor([n, float(acc["batches"])], dtype=torch.float64))
-    return {**out, "shift": s0.unsqueeze(-1), "count": int(counts[0].item()), "batches": int(counts[1].item())}
 
 
 @register
@@ -223,7 +207,7 @@ class ANAct(Variant):
         acc, self._calibrating, self._acc = self._acc, False, None
         settings = getattr(self, "_settings", None)
         if settings is not None and settings.reduce is not None:
-            acc = _all_ranks(acc, settings, self.running_mean)
+            acc = sum_over_ranks(acc, settings, self.running_mean)
         if acc is None or acc["count"] == 0:
             return
         n = acc["count"]
