@@ -110,8 +110,8 @@ def _default_output(path: str) -> str:
 
 
 def _with_data_help(func: Callable) -> Callable:
-    func.__doc__ = (func.__doc__ or "") + "\n\b\nDATA is one of:\n" + "\n".join(
-        f"  {line}" for line in describe_specs().splitlines())
+    func.__doc__ = (func.__doc__ or "").rstrip() + "\n\n    \b\n    DATA is one of:\n" + "\n".join(
+        f"      {line}" for line in describe_specs().splitlines()) + "\n"
     return func
 
 
@@ -129,11 +129,11 @@ def calibrate_cmd(checkpoint: str, data: str | None, output: str | None, force: 
                   as_json: bool, **kw: Any) -> None:
     """Fit a converted model's statistics on data, print the fidelity report, and save it.
 
-    UAN: EM per channel (METHODS 3.3). PatchNorm: the per-channel gains, layer by layer
+    UAN: EM per channel (METHODS 3.3). PatchNorm: the per-channel gains, in network order
     against the original network's activations. ANAct: its statistics, refolded into the
     consumers. At strength 0 the calibrated model still computes the original function.
     The report compares with the original (reloaded from the file's source weights when
-    possible) before and after calibration, at the model's strength and at 1.
+    possible) before and after calibration, at strength 0, the model's and 1.
 
     \b
     Examples:
