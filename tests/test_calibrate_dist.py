@@ -82,3 +82,30 @@ def _model_state(variant: str) -> dict[str, torch.Tensor]:
 
     strength = 1.0 if variant == "patchnorm" else 0.0
     return normswap.convert(_model(), to=variant, strength=strength).model.state_dict()
+
+
+def test_torchrun_cli_writes_once_with_global_counts(tmp_path):
+    import socket
+    import subprocess
+
+    (tmp_path / "models.py").write_text(
+        "import torch\nfrom torch import nn\n\ndef net():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()\n")
+    g = torch.Generator().manual_seed(0)
+    save_file({"inputs": torch.randn(40, 3, 8, 8, generator=g)}, str(tmp_path / "d.safetensors"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    normswap_cmd = [sys.executable, "-m", "normswap"]
+    subprocess.run([*normswap_cmd, "convert", "models.py:net", "--weights", "none", "--to", "uan", "-o", "m.safetensors"],
+                   cwd=tmp_path, env=env, check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), "-m", "normswap", "calibrate", "m.safetensors", "--data", "d.safetensors",
+                          "--trust-source", "--calib-samples", "16", "--eval-samples", "8", "--batch-size", "4"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("saved m-calibrated.safetensors") == 1  # rank 0 only
+    assert "calibration: 16 samples in 4 batches" in res.stdout  # counted over both ranks
+    assert (tmp_path / "m-calibrated.safetensors").is_file()
