@@ -71,7 +71,7 @@ class FidelityReport:
     def row(self, model: str, strength: float) -> EndToEnd:
         """The end-to-end row of ``model`` (e.g. ``"after calibration"``) at ``strength``."""
         for r in self.rows:
-            if r.model == model and abs(r.strength - strength) < 1e-9:
+            if r.model == model and abs(r.strength - strength) < 1e-6:  # float32 strength buffers
                 return r
         raise KeyError(f"no row for {model!r} at strength {strength:g}")
 
