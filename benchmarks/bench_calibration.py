@@ -60,7 +60,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="64 calibration / 64 evaluation samples")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "calibration.json"))
+    ap.add_argument("--table", metavar="JSON", help="only print the table of an earlier run's results file")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
     n = 64 if args.quick else 256
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"{torch.get_num_threads()} threads", "samples": n, "cases": []}
@@ -89,7 +93,7 @@ def table(results: dict) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     lines = ["| model, variant | strength S | top-1 agree @0 (after) | top-1 agree @S before -> after | "
              "top-1 agree @1 before -> after | logit cos @1 before -> after | accuracy: original / @S / @1 (after) | "
-             "median site error @S before -> after | calibration s |",
+             "median site error at the fit strength before -> after | calibration s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in results["cases"]:
         r, s = c["rows"], c["strength"]
