@@ -159,8 +159,10 @@ class Variant(nn.Module):
     families: ClassVar[tuple[type, ...]] = ()
     functional_kinds: ClassVar[tuple[str, ...]] = ()  # "norm" / "activation": functional calls reported as skipped
     needs_calibration: ClassVar[bool] = False  # convert fits statistics on the probe batch before verifying
-    # calibration fits against the original network's activations, layer by layer in network order: the
-    # runner calls ``observe(x, y)`` with the module's input in the converted network and the original's output
+    # calibration fits against the original network's activations, in network order: such a variant provides
+    # ``observe(x, y)`` (the module's input in the converted network, the original network's output at the
+    # site's first compare point) and ``calibration_update()`` (solve from what it has seen so far and keep
+    # collecting; the runner's streaming mode calls it just before the module runs)
     needs_targets: ClassVar[bool] = False
 
     # ---- finding sites -------------------------------------------------------------------------
