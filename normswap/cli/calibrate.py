@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from normswap.calibrate import dist
 from normswap.calibrate.session import EM_INITS, calibrate, evaluate
-from normswap.cli.common import echo_json
+from normswap.cli.common import echo_json, existing_file, sibling_output
 from normswap.data import describe_specs
-from normswap.errors import FileFormatError
 from normswap.io import check_output
 
 DATA_HELP = "Data: " + "; ".join(line.split(None, 1)[0] for line in describe_specs().splitlines()) + \
@@ -98,17 +96,6 @@ def is_main_process() -> bool:
     return dist.world().rank == 0
 
 
-def _existing(path: str) -> str:
-    if not Path(path).is_file():
-        raise FileFormatError(f"no such file: {path}")
-    return path
-
-
-def _default_output(path: str) -> str:
-    p = Path(path)
-    return str(p.with_name(f"{p.stem}-calibrated{p.suffix or '.safetensors'}"))
-
-
 def _with_data_help(func: Callable) -> Callable:
     func.__doc__ = (func.__doc__ or "").rstrip() + "\n\n    \b\n    DATA is one of:\n" + "\n".join(
         f"      {line}" for line in describe_specs().splitlines()) + "\n"
@@ -141,7 +128,7 @@ def calibrate_cmd(checkpoint: str, data: str | None, output: str | None, force: 
       normswap calibrate fmnist-patchnorm.safetensors --data fashion-mnist --calib-strength 1 --json
       torchrun --nproc_per_node 2 -m normswap calibrate m.safetensors --data fashion-mnist
     """
-    out_path = check_output(output or _default_output(_existing(checkpoint)), force=force)
+    out_path = check_output(output or sibling_output(existing_file(checkpoint), "calibrated"), force=force)
     result = run_calibration(checkpoint, data, kw, trust_source=trust_source)
     if is_main_process():
         saved = result.save(out_path, force=force)
@@ -165,7 +152,7 @@ def eval_cmd(checkpoint: str, data: str | None, trust_source: bool, as_json: boo
       normswap eval mnv2-uan-cal.safetensors --data photos
       normswap eval fmnist-uan.safetensors --data fashion-mnist --strengths 0,0.1,1 --json
     """
-    report = evaluate(_existing(checkpoint), data, trust_source=trust_source, progress=sys.stderr.isatty(),
+    report = evaluate(existing_file(checkpoint), data, trust_source=trust_source, progress=sys.stderr.isatty(),
                       **split_kwargs(kw))
     emit(report, as_json)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Iterable
 
 import click
 
-from normswap.errors import NormswapError
+from normswap.errors import FileFormatError, NormswapError
 
 
 def split_patterns(values: Iterable[str]) -> list[str]:
@@ -32,6 +33,19 @@ def parse_options(values: Iterable[str]) -> dict[str, str]:
             raise click.BadParameter(f"expected KEY=VALUE, got '{value}'", param_hint="'--option'")
         options[key.strip()] = val.strip()
     return options
+
+
+def existing_file(path: str) -> str:
+    """``path`` if it is a file, else a one-line FileFormatError (exit 1)."""
+    if not Path(path).is_file():
+        raise FileFormatError(f"no such file: {path}")
+    return path
+
+
+def sibling_output(path: str, tag: str) -> str:
+    """``model.safetensors`` -> ``model-TAG.safetensors``, next to the input."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{tag}{p.suffix or '.safetensors'}"))
 
 
 def echo_json(data: Any) -> None:

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from normswap import api
-from normswap.cli.common import echo_json
-from normswap.errors import FileFormatError
+from normswap.cli.common import echo_json, existing_file, sibling_output
 from normswap.io import check_output
-
-
-def default_output(path: str) -> str:
-    """``model-anact.safetensors`` -> ``model-anact-export.safetensors`` (next to the input)."""
-    p = Path(path)
-    return str(p.with_name(f"{p.stem}-export{p.suffix or '.safetensors'}"))
 
 
 @click.command("export")
@@ -41,9 +32,7 @@ def export_cmd(input_path: str, output: str | None, force: bool, trust_source: b
       normswap export mnv2-anact.safetensors -o mnv2-anact-export.safetensors
       normswap export mnv2-anact.safetensors --force --json
     """
-    if not Path(input_path).is_file():
-        raise FileFormatError(f"no such file: {input_path}")
-    out_path = check_output(output or default_output(input_path), force=force)  # fail before any work
+    out_path = check_output(output or sibling_output(existing_file(input_path), "export"), force=force)  # fail before any work
     result = api.export(input_path, out_path, force=force, trust_source=trust_source)
     if as_json:
         echo_json(result.to_dict())
