@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from normswap.calibrate.runner import set_strengths, strengths_of
 from normswap.surgery.plan import Plan
+from normswap.surgery.verify import _record, _tensors
 from normswap.variants import registry
 
 __all__ = ["EndToEnd", "FidelityReport", "SiteFidelity", "measure"]
@@ -118,17 +119,9 @@ def _table(rows: list[tuple]) -> list[str]:
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
-    if torch.is_tensor(out):
-        return out
+    """A model's main output: ``out.logits`` when it has one, else its first tensor."""
     logits = getattr(out, "logits", None)
-    if torch.is_tensor(logits):
-        return logits
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
-    for item in items:
-        t = _first_tensor(item)
-        if t is not None:
-            return t
-    return None
+    return logits if torch.is_tensor(logits) else next(iter(_tensors(out)), None)
 
 
 class _Acc:
@@ -162,15 +155,12 @@ class _Acc:
                         self.correct / self.labelled if cls and self.labelled else None)
 
 
-def _hooks(model: nn.Module, names: Iterable[str], fn: Any) -> list[Any]:
-    handles = []
-    for name in names:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        handles.append(module.register_forward_hook(lambda _m, _a, out, name=name: fn(name, out)))
-    return handles
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:  # e.g. an anact_fn_* module that only the rewritten graph has
+        return False
 
 
 @torch.no_grad()
@@ -182,7 +172,7 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
     Returns the end-to-end rows, per model label the relative error of each site at ``site_strength``
     (``None``: no per-site figures), the reference's accuracy (``None`` without labels) and the sample count."""
     points = {s.name: registry.get(s.variant).compare_points(s) for s in plan.converted}
-    ref_names = sorted({a for pts in points.values() for a, _ in pts})
+    ref_names = sorted({a for pts in points.values() for a, _ in pts if _has(reference, a)})
     accs = {(label, s): _Acc() for label in models for s in strengths}
     site_sums = {label: {name: [0.0, 0.0] for name in points} for label in models}
     ref_correct = ref_labelled = 0.0
@@ -194,10 +184,8 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
         for m in models.values():
             m.eval()
         for x, labels in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False):
-            store: dict[str, torch.Tensor] = {}  # cloned: an in-place activation may follow the module
             record = site_strength is not None
-            handles = _hooks(reference, ref_names if record else [],
-                             lambda n, out: store.__setitem__(n, out.clone()) if torch.is_tensor(out) else None)
+            store, handles = _record(reference, ref_names if record else [])
             try:
                 ref = _first_tensor(reference(x))
             finally:
@@ -246,4 +234,5 @@ def _site_hooks(model: nn.Module, points: dict[str, list[tuple[str, str]]], stor
             if torch.is_tensor(out) and ref is not None and ref.shape == out.shape:
                 sums[site][0] += float(torch.linalg.vector_norm(out.float() - ref.float())) ** 2
                 sums[site][1] += float(torch.linalg.vector_norm(ref.float())) ** 2
-    return _hooks(model, by_conv, fn)
+    return [model.get_submodule(name).register_forward_hook(lambda _m, _a, out, name=name: fn(name, out))
+            for name in by_conv if _has(model, name)]

@@ -110,7 +110,7 @@ def _record(model: nn.Module, names: list[str]) -> tuple[dict[str, Any], list[An
     handles = []
     for name in names:
         def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
-            store[name] = out
+            store[name] = out.clone() if torch.is_tensor(out) else out  # an in-place activation may follow
         handles.append(model.get_submodule(name).register_forward_hook(hook))
     return store, handles
 
