@@ -124,7 +124,7 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
             f"end to end: max |diff| {report.end_to_end:.3e}"
         raise VerificationError(f"the converted model does not reproduce the original at the exact start ({where})", report)
     setattr(converted, META_ATTR, {"plan": the_plan, "source": source})
-    kept = reference if reference is not converted and (reference is not module or not inplace) else None
+    kept = None if inplace and reference is module else reference  # converted in place: the original is gone
     result = ConvertResult(converted, the_plan, report, source, original=kept)
     if result.graph_module:
         note = (f"the result is a torch.fx.GraphModule: {sum(bool(s.facts.get('graph_rewrite')) for s in the_plan.converted)}"

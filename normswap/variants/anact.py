@@ -117,6 +117,7 @@ class ANAct(Variant):
         self.register_buffer("running_mean", torch.zeros(shape, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         self.compensated, self._calibrating, self._acc = False, False, None
+        self._settings: CalibrationSettings | None = None
 
     # ---- the layer ---------------------------------------------------------------------------------
     def scale(self) -> torch.Tensor:
@@ -205,9 +206,8 @@ class ANAct(Variant):
     def calibration_end(self) -> None:
         """Write rho, rho', mu from all calibration data (non-finite values keep the running ones)."""
         acc, self._calibrating, self._acc = self._acc, False, None
-        settings = getattr(self, "_settings", None)
-        if settings is not None and settings.reduce is not None:
-            acc = sum_over_ranks(acc, settings, self.running_mean)
+        if self._settings is not None and self._settings.reduce is not None:
+            acc = sum_over_ranks(acc, self._settings, self.running_mean)
         if acc is None or acc["count"] == 0:
             return
         n = acc["count"]
