@@ -1,0 +1,157 @@
+"""What ``recenter`` and ``rescale`` share: a BatchNorm's state, its batch/running statistics, the homotopy.
+
+A subclass provides only :meth:`BNPart._normalise` (``x``, per-channel mean ``m`` and variance ``v`` in the
+compute dtype, the strength ``s`` as a 0-d tensor -> the normalised ``x`` before the affine). At strength 0
+the forward calls ``F.batch_norm`` itself (train and eval alike), so the layer is the source bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normswap.errors import NormswapError
+from normswap.surgery.plan import Site
+from normswap.variants.base import Variant, VariantConfig, check_strength, qualname, strength_buffer
+
+__all__ = ["BNPart", "bn_examples"]
+
+_BN_ADAPTERS = {f"torch.nn.modules.batchnorm.BatchNorm{d}d": "bn" for d in (1, 2, 3)}
+
+
+class BNPart(Variant):
+    """Base of the BatchNorm-decomposed ablations (not registered itself).
+
+    State_dict keys: the source's ``weight``, ``bias`` (absent when ``affine=False``), ``running_mean``,
+    ``running_var``, ``num_batches_tracked``, plus the scalar buffer ``strength``. Training mode uses batch
+    statistics and updates the running ones exactly as the source BatchNorm would (momentum, or a cumulative
+    average when ``momentum`` is None); eval mode uses the running statistics."""
+
+    config_class = VariantConfig
+    adapters = _BN_ADAPTERS
+    families = (nn.modules.batchnorm._BatchNorm,)
+    functional_kinds = ("norm",)
+
+    _s: float  # Python mirror of the ``strength`` buffer: only the strength-0 branch reads it
+
+    @classmethod
+    def classify(cls, module: nn.Module) -> tuple[str | None, str]:
+        kind, reason = super().classify(module)
+        if kind == "bn" and (not module.track_running_stats or module.running_mean is None):
+            return None, f"{qualname(module)} has track_running_stats=False: no running statistics to start an exact copy from"
+        return kind, reason
+
+    @classmethod
+    def from_site(cls, site: Site, module: nn.Module, absorbed: list[nn.Module]) -> "BNPart":
+        if absorbed:
+            raise NormswapError(f"site '{site.name}': variant '{cls.name}' absorbs no modules, got {len(absorbed)}")
+        found, reason = cls.classify(module)
+        if site.config.get("source_kind") != "bn" or found != "bn":
+            why = reason or f"it is of kind {found!r}"
+            raise NormswapError(f"site '{site.name}': the plan says source kind {site.config.get('source_kind')!r} "
+                                f"but the module is {qualname(module)} ({why})")
+        config = VariantConfig.from_dict(site.config)
+        config.validate(cls.name)
+        return cls(module, config.strength)
+
+    def __init__(self, source: nn.modules.batchnorm._BatchNorm, strength: float = 0.0) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum = int(source.num_features), float(source.eps), source.momentum
+        for key in ("weight", "bias"):
+            p = getattr(source, key)
+            self.register_parameter(
+                key, None if p is None else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+        self.register_buffer("running_mean", source.running_mean.detach().clone())
+        self.register_buffer("running_var", source.running_var.detach().clone())
+        self.register_buffer("num_batches_tracked", source.num_batches_tracked.detach().clone())
+        self.register_buffer("strength", strength_buffer(check_strength(strength), like=self.running_mean))
+        self._s = float(self.strength)
+        self.train(source.training)
+
+    # ---- the homotopy ---------------------------------------------------------------------------
+    def set_strength(self, strength: float) -> None:
+        s = check_strength(strength)
+        with torch.no_grad():
+            self.strength.fill_(s)
+        self._s = float(self.strength)
+
+    def current_strength(self) -> float:
+        return self._s
+
+    def claims_exact(self) -> bool:
+        return self._s == 0.0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.strength.device.type != "meta":
+            self._s = float(self.strength)
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def _average_factor(self) -> float:
+        """BatchNorm's exponential average factor for this training step (counts the step)."""
+        self.num_batches_tracked.add_(1)
+        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else float(self.momentum)
+
+    def _batch_stats(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and biased variance of ``xc`` (channels in dim 1); updates the running statistics."""
+        dims = [0, *range(2, xc.dim())]
+        v, m = torch.var_mean(xc, dim=dims, correction=0)
+        n = xc.numel() // xc.shape[1]
+        with torch.no_grad():
+            factor = self._average_factor()
+            unbiased = v * (n / max(n - 1, 1))
+            self.running_mean.lerp_(m.to(self.running_mean.dtype), factor)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        return m, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._s == 0.0:
+            factor = self._average_factor() if self.training else 0.0
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                                factor, self.eps)
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        xc = x.to(cdt)
+        if self.training:
+            m, v = self._batch_stats(xc)
+        else:
+            m, v = self.running_mean.to(cdt), self.running_var.to(cdt)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = self._normalise(xc, m.reshape(shape), v.reshape(shape), self.strength.to(cdt))
+        if self.weight is not None:
+            y = y * self.weight.to(cdt).reshape(shape)
+        if self.bias is not None:
+            y = y + self.bias.to(cdt).reshape(shape)
+        return y.to(x.dtype)
+
+    def _normalise(self, x: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, strength={self._s:g}, "
+                f"affine={self.weight is not None}")
+
+
+def bn_examples() -> list[tuple[nn.Module, torch.Tensor]]:
+    """Eval-mode models holding BatchNorm1d (2-d and 3-d inputs), BatchNorm2d (with and without affine) and
+    BatchNorm3d, with non-trivial running statistics, each with an example input."""
+    from normswap.variants.uan import _settle
+
+    out: list[tuple[nn.Module, torch.Tensor]] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Conv2d(8, 6, 3), nn.BatchNorm2d(6, affine=False), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+        x = torch.randn(4, 3, 12, 12)
+        out.append((_settle(cnn, x), x))
+        mlp = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16, momentum=None), nn.ReLU(), nn.Linear(16, 4))
+        x = torch.randn(8, 10)
+        out.append((_settle(mlp, x), x))
+        seq = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.Tanh(), nn.Conv1d(4, 3, 1))
+        x = torch.randn(3, 2, 9)
+        out.append((_settle(seq, x), x))
+        vol = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 3, 1))
+        x = torch.randn(2, 2, 4, 6, 6)
+        out.append((_settle(vol, x), x))
+    return out
