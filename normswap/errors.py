@@ -57,3 +57,14 @@ class FileFormatError(NormswapError):
 
 class OutputError(NormswapError):
     """An output path that exists (without force) or cannot be written."""
+
+
+class RecipeError(UsageError):
+    """A recipe file (or a ``--set`` override) that cannot be read or does not fit the schema.
+
+    The message is the first problem, one line (``FILE: dotted.path: message (line N)``), plus
+    ``(and N more)``; ``problems`` holds every problem's line."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
