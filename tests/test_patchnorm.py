@@ -1,4 +1,4 @@
-"""PatchNorm family (METHODS 1): layers against an im2col reference, exact starts, the paper's SGD
+"""PatchNorm family (docs/methods.md section 1): layers against an im2col reference, exact starts, the paper's SGD
 property, calibration, site proposals and config errors."""
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ def test_gradcheck(form):
     ]
     for dims, cin, cout, kw in cases:
         m = _perturb(PatchNormConv.from_conv(_conv(dims, cin, cout, kw), form=form, offset=True, strength=0.7))
+        m.eval().n2_mean.fill_(2.5)  # eval: the running patch-norm mean (and so the scale k) is a constant
         x = _x(dims, cin, n=2, size=5).requires_grad_(True)
         params = {k: v.detach().clone().requires_grad_(True) for k, v in m.named_parameters()}
         names = list(params)
@@ -116,6 +117,7 @@ def test_gradcheck(form):
 
         assert torch.autograd.gradcheck(f, (x, *params.values()), fast_mode=True)
     lin = _perturb(PatchNormLinear(5, 3, form=form, offset=True, strength=0.7, dtype=D))
+    lin.eval().n2_mean.fill_(2.5)
     x = torch.randn(2, 3, 5, dtype=D, requires_grad=True)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in lin.named_parameters()}
     assert torch.autograd.gradcheck(lambda x, *ps: functional_call(lin, dict(zip(params, ps)), (x,)),
@@ -169,9 +171,9 @@ def test_folded_pair_at_strength_zero_matches_the_pair():
 
 
 def test_sgd_step_moves_each_activation_by_exactly_minus_lr_g():
-    """METHODS 1.1: a step on (W, b) moves a plain affine layer's z by -lr g (|x|^2 + 1), the corrected
+    """docs/methods.md section 1.1: a step on (W, b) moves a plain affine layer's z by -lr g (|x|^2 + 1), the corrected
     layer's (lam = 1, gain fixed at 1) by -lr g, whatever the input norm. One sample per step: that is
-    the sample's own term (in a batch the other samples add cross terms, METHODS 1.5)."""
+    the sample's own term (in a batch the other samples add cross terms, docs/methods.md section 1.5)."""
     torch.manual_seed(0)
     lr = 1e-4
     base = nn.Linear(6, 4).double()
@@ -183,6 +185,7 @@ def test_sgd_step_moves_each_activation_by_exactly_minus_lr_g():
                               (PatchNormLinear.from_linear(base, strength=1.0), torch.tensor(1.0, dtype=D))):
             if isinstance(layer, PatchNorm):
                 layer.gain.requires_grad_(False)
+                layer.eval()  # n2_mean 0: k = 1
             params = [p for p in layer.parameters() if p.requires_grad]
             z_old = layer(x)
             (z_old * g).sum().backward()  # dL/dz = g
@@ -202,14 +205,19 @@ def test_fit_gain_recovers_known_gain_and_offset():
         truth = _perturb(PatchNormConv.from_conv(conv, offset=True, strength=strength), seed=3)
         xs = [_x(2, 4, n=3) * s for s in (0.5, 2.0, 5.0)]
         ys = [truth(x).detach() for x in xs]
+        n2 = torch.cat([_patch._reference_n2(x, truth.geom) for x in xs])  # (N, groups, ...)
+        truth.eval().n2_mean.copy_(n2.transpose(0, 1).reshape(2, -1).mean(1))
+        ys = [truth(x).detach() for x in xs]  # truth's scale k uses the data's mean patch norm per group
         m = PatchNormConv.from_conv(conv, offset=True, strength=0.0)
         fit_gain(m, xs, ys, strength=strength)
+        assert torch.allclose(m.n2_mean, truth.n2_mean, rtol=1e-12)  # calibration sets the mean from the data
         assert torch.allclose(m.gain, truth.gain, atol=1e-9) and torch.allclose(m.offset, truth.offset, atol=1e-9)
         assert m._calib is None and m.claims_exact()  # calibrating does not move the exact start
     for form in FORMS:
         lin = nn.Linear(5, 3).double()
         truth = _perturb(PatchNormLinear.from_linear(lin, form=form, strength=1.0))
         xs = [torch.randn(16, 5, dtype=D) * 3]
+        truth.eval().n2_mean.fill_(float(xs[0].square().sum(-1).mean()))
         m = fit_gain(PatchNormLinear.from_linear(lin, form=form), xs, [truth(xs[0]).detach()])
         assert torch.allclose(m.gain, truth.gain, atol=1e-9), form
 
@@ -219,11 +227,14 @@ def test_fit_gain_streaming_equals_least_squares_formula():
     xs = [_x(2, 3, n=2) for _ in range(3)]
     ys = [torch.randn(2, 5, 9, 9, dtype=D) for _ in range(3)]
     m = fit_gain(PatchNormConv.from_conv(conv), xs, ys)
-    probe = PatchNormConv.from_conv(conv, strength=1.0)
+    probe = PatchNormConv.from_conv(conv, strength=1.0).eval()  # eval, no statistics: k = 1
     u = torch.cat([probe(x).detach() for x in xs])  # u = (W.P + b) / s with gain 1
     y = torch.cat(ys)
     want = (y * u).sum((0, 2, 3)) / (u * u).sum((0, 2, 3))
-    assert torch.allclose(m.gain, want, atol=1e-12)
+    n2 = torch.cat([_patch._reference_n2(x, m.geom) for x in xs])
+    assert torch.allclose(m.n2_mean, n2.mean().reshape(1), rtol=1e-12)
+    k = torch.sqrt(n2.mean() + 1)  # the fitted gain times the scale is the least-squares slope
+    assert torch.allclose(m.gain * k, want, atol=1e-12)
 
 
 def test_calibration_on_real_activations_in_network_order():
@@ -252,11 +263,13 @@ def test_calibration_on_real_activations_in_network_order():
     for layer in layers:
         layer.calibration_end()
     for (i, j), layer in zip(pairs, layers):
-        probe = PatchNormConv.from_conv(model[i], model[j], strength=1.0)
+        probe = PatchNormConv.from_conv(model[i], model[j], strength=1.0).eval()  # k = 1
         u = torch.cat([probe(a).detach() for a in ins[i]]).double()
         y = torch.cat(outs[j]).double()
         want = (y * u).sum((0, 2, 3)) / (u * u).sum((0, 2, 3))
-        assert torch.allclose(layer.gain.double(), want, rtol=1e-4)
+        k = layer.scale_per_output(1.0).double()
+        assert float(layer.n2_mean.min()) > 0
+        assert torch.allclose(layer.gain.double() * k, want, rtol=1e-4)
         # at strength 1 the calibrated layer fits the pair better than the uncalibrated one
         layer.set_strength(1.0)
         err = sum(((layer(a) - b) ** 2).sum() for a, b in zip(ins[i], outs[j]))
@@ -311,9 +324,9 @@ def test_config_parses_cli_strings_and_registry():
 
 def test_state_dict_keys_and_strength_resync():
     conv_bn = PatchNormConv.from_conv(nn.Conv2d(3, 4, 3, bias=False), _bn(4, 2))
-    assert list(conv_bn.state_dict()) == ["weight", "bias", "gain", "lam"]
+    assert list(conv_bn.state_dict()) == ["weight", "bias", "gain", "lam", "n2_mean", "n2_batches"]
     lin = PatchNormLinear.from_linear(nn.Linear(3, 2, bias=False), offset=True)
-    assert list(lin.state_dict()) == ["weight", "gain", "offset", "lam"]
+    assert list(lin.state_dict()) == ["weight", "gain", "offset", "lam", "n2_mean", "n2_batches"]
     assert conv_bn.lam.dtype == torch.float32 and conv_bn.lam.dim() == 0
     src = _perturb(PatchNormConv.from_conv(nn.Conv2d(3, 4, 3), strength=0.5))
     dst = PatchNormConv.from_conv(nn.Conv2d(3, 4, 3))
@@ -445,3 +458,39 @@ def test_find_and_apply_fold_the_pairs():
     assert isinstance(converted[1], nn.Identity) and isinstance(converted[0], PatchNormConv)
     with torch.no_grad():
         assert torch.allclose(converted(x), model(x), atol=1e-5)
+
+
+def test_strength_aware_scale_tracks_the_patch_norm_and_keeps_the_output_scale():
+    """Training mode keeps a running mean of n2 per group (first batch as is, then EMA 0.1); eval freezes it; the
+    scale k = sqrt(lam m + 1) keeps a sample of typical patch norm unchanged at every lam (docs/methods.md 0.2)."""
+    torch.manual_seed(0)
+    conv = _conv(2, 4, 6, dict(kernel_size=3, padding=1, groups=2))
+    m = PatchNormConv.from_conv(conv, strength=0.5).train()
+    xs = [_x(2, 4, n=3) * s for s in (1.0, 3.0)]
+    means = [_patch._reference_n2(x, m.geom).transpose(0, 1).reshape(2, -1).mean(1) for x in xs]
+    m(xs[0])
+    assert torch.allclose(m.n2_mean, means[0], rtol=1e-12) and int(m.n2_batches) == 1
+    m(xs[1])
+    assert torch.allclose(m.n2_mean, 0.9 * means[0] + 0.1 * means[1], rtol=1e-12)
+    frozen = m.n2_mean.clone()
+    m.eval()(xs[0] * 7)
+    assert torch.equal(m.n2_mean, frozen)
+    # a constant-norm input at the typical norm passes through unchanged at any lam: k * (1 / s) = 1
+    lin = PatchNormLinear.from_linear(nn.Linear(4, 3).double()).eval()
+    x = torch.full((5, 4), 2.0, dtype=D)  # n2 = 16 for every sample
+    lin.n2_mean.fill_(16.0)
+    for lam in (0.001, 0.3, 1.0):
+        lin.set_strength(lam)
+        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-12), lam
+
+
+def test_file_without_scale_buffers_loads_with_unit_scale():
+    """A state_dict written before the scale existed (no n2_mean / n2_batches) loads strictly as k = 1."""
+    src = _perturb(PatchNormConv.from_conv(nn.Conv2d(3, 4, 3), strength=0.5))
+    old = {k: v for k, v in src.state_dict().items() if not k.startswith("n2_")}
+    dst = PatchNormConv.from_conv(nn.Conv2d(3, 4, 3))
+    dst.n2_mean.fill_(5.0)
+    dst.load_state_dict(old)  # strict
+    assert float(dst.n2_mean.abs().max()) == 0.0 and int(dst.n2_batches) == 0
+    x = torch.randn(2, 3, 7, 7)
+    assert torch.allclose(dst.eval()(x), _patch._reference_forward(dst, x), atol=1e-5)

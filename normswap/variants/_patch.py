@@ -3,7 +3,7 @@ least squares of calibration, BatchNorm folding, and the variant's example model
 
 For a convolution with ``groups = G``, output location ``q`` of group ``j`` reads the patch ``P_jq``
 (the group's ``C_in / G`` input channels times every kernel tap, with the conv's stride, padding and
-dilation). PatchNorm needs ``n2[n, j, q] = sum over P_jq of x^2`` (METHODS 1.3). Since
+dilation). PatchNorm needs ``n2[n, j, q] = sum over P_jq of x^2`` (docs/methods.md section 1.3.1). Since
 ``sum_{c, tap} x[c, tap]^2 = sum_tap (sum_c x[c, tap]^2)``, the efficient computation is:
 
 1. ``q = sum of x^2 over the channels of each group``, shape ``(N, G, *spatial)`` (the whole work
@@ -15,7 +15,7 @@ dilation). PatchNorm needs ``n2[n, j, q] = sum over P_jq of x^2`` (METHODS 1.3).
    one channel at 56x56 and 224x224, 2-5x for 8-64 channels; pooling won only on small maps
    (one channel at 28x28), where both take under 0.2 ms.
 
-``"direct"`` is the literal statement of METHODS 1.3 (a conv of ``x^2`` with an all-ones kernel of
+``"direct"`` is the literal statement of docs/methods.md section 1.3.1 (a conv of ``x^2`` with an all-ones kernel of
 shape ``(G, C_in / G, *k)``), kept as a cross-check. A 1x1 unpadded kernel needs no filter at all:
 ``n2`` is ``q`` at the strided locations. padding_mode other than ``zeros`` is honoured by padding
 ``x`` explicitly first, exactly as ``nn.Conv`` does.
@@ -209,13 +209,18 @@ def _reference_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     v = torch.einsum("gok,ngkl->ngol", w, cols).reshape(n, geom.out_channels, -1)  # W . P
     n2 = cols.square().sum(2).repeat_interleave(geom.out_channels // g, dim=1)  # (N, C_out, L)
     lam = float(module.lam)
-    a = (module.gain * lam + (1 - lam)).view(-1, 1)
+    r = 1.0 if module.form == "l2" else math.sqrt(geom.patch_size)
+    m = module.n2_mean.to(v.dtype).repeat_interleave(geom.out_channels // g).view(-1, 1)  # the running mean
+    if module.form == "corrected":
+        k = torch.sqrt(lam * m + 1)
+    else:
+        k = torch.where(m > 0, 1 / ((1 - lam) + lam * r / torch.sqrt(m + module.eps)), torch.ones_like(m))
+    a = (module.gain * lam + (1 - lam)).view(-1, 1) * k
     b = module.bias.view(-1, 1) if module.bias is not None else torch.zeros_like(a)
     off = lam * module.offset.view(-1, 1) if module.offset is not None else 0.0
     if module.form == "corrected":
         z = a * (v + b) / torch.sqrt(lam * n2 + 1) + off
     else:
-        r = 1.0 if module.form == "l2" else math.sqrt(geom.patch_size)
         z = a * v * ((1 - lam) + lam * r / torch.sqrt(n2 + module.eps)) + b + off
     return z.reshape(n, geom.out_channels, *out)
 

@@ -1,8 +1,10 @@
-"""PatchNorm's gain calibration (METHODS 1.3): streaming per-channel least squares, a mixin of the variant.
+"""PatchNorm's gain calibration (docs/methods.md section 1.3.3): streaming per-channel least squares, a mixin
+of the variant.
 
-The layer at strength ``t`` is ``g * w + base + t * o`` with ``g = 1 + t (a - 1)`` (see patchnorm.py), so
-fitting ``target - base ~ g * w + o`` per output channel by least squares gives ``a = (g - (1 - t)) / t``
-and the offset ``o / t``. Sums are float64; under torch.distributed they are added over all workers
+The layer at strength ``t`` is ``g * k(t) * w + base + t * o`` with ``g = 1 + t (a - 1)`` (see patchnorm.py)
+and ``k`` the strength-aware scale (``_patch_scale.py``, whose patch-norm mean is set from the same data), so
+fitting ``target - base ~ G * w + o`` per output channel by least squares gives ``g = G / k(t)``,
+``a = (g - (1 - t)) / t`` and the offset ``o / t``. Sums are float64; under torch.distributed they are added over all workers
 before the solve (``CalibrationSettings.reduce``), so every rank writes the same gains.
 """
 
@@ -41,7 +43,8 @@ class GainCalibration:
             raise NormswapError("observe() needs calibration_begin() first")
         t = self._calib["t"]
         with torch.no_grad():
-            w, base, source = self._calib_terms(x, t)
+            w, base, source, n2 = self._calib_terms(x, t)
+            self.scale_accumulate(self._calib, n2, channels_last=not self._conv_layout)
             target = source if y is None else y
             self._calib["explicit"] = self._calib.get("explicit", False) or y is not None
             if target.shape != w.shape:
@@ -63,7 +66,9 @@ class GainCalibration:
             zeros = torch.zeros(self.gain.shape[0], dtype=torch.float64, device=self.gain.device)
             for key in ("ww", "wr", "w", "r"):
                 acc[key] = cfg.sum(acc.get(key, zeros))
-            acc["n"] = int(cfg.sum(torch.tensor([float(acc.get("n", 0))], dtype=torch.float64)).item())
+            acc["n2_sum"] = cfg.sum(acc.get("n2_sum", torch.zeros_like(self.n2_mean, dtype=torch.float64)))
+            counts = torch.tensor([float(acc.get("n", 0)), float(acc.get("n2_count", 0))], dtype=torch.float64)
+            acc["n"], acc["n2_count"] = (int(v) for v in cfg.sum(counts).tolist())
         self._solve(acc)
 
     def calibration_update(self) -> None:
@@ -75,8 +80,10 @@ class GainCalibration:
     def _solve(self, acc: dict[str, Any]) -> None:
         if not acc.get("n"):
             return
-        g, o, live = lsq_solve(acc, self.offset is not None)  # z = g * w + o (+ base)
+        g, o, live = lsq_solve(acc, self.offset is not None)  # z = g * k(t) * w + o (+ base)
         t = acc["t"]
+        self.scale_from_calibration(acc)
+        g = g / self.scale_per_output(t).double()
         with torch.no_grad():
             self.gain.copy_(torch.where(live, (g - (1.0 - t)) / t, self.gain.double()).to(self.gain.dtype))
             if self.offset is not None:

@@ -1,22 +1,27 @@
 """PatchNorm family: divergence-corrected affine and convolution layers.
 
-Paper: G. Bird, "The Affine Divergence", arXiv 2512.22247. Specification: METHODS.md sections 0 and 1.
+Paper: G. Bird, "The Affine Divergence", arXiv 2512.22247. Specification: docs/methods.md sections 0 and 1.
 One SGD step on an affine map ``z = W x + b`` moves ``z`` by ``-lr * g * (||x||^2 + 1)`` (``g = dL/dz``)
 instead of ``-lr * g``; dividing by ``sqrt(||x||^2 + 1)`` removes that per-sample factor. For a conv the
 "input" of an output location ``q`` is its receptive-field patch ``P_q`` (one group's channels times
 every tap, with the conv's stride, padding, dilation and padding_mode), ``n2[q] = ||P_q||^2``.
 
-**[reconstruction]** The formulas below are normswap's reconstruction of the paper's layers (METHODS 1.2,
-1.3), consistent with its stated claims; the paper's own text could not be read. With ``lam`` the
+**[reconstruction]** The formulas below are normswap's reconstruction of the paper's layers (docs/methods.md
+sections 1.2, 1.3), consistent with its stated claims; the paper's own text could not be read. With ``lam`` the
 homotopy buffer (``strength``), ``a`` the learnable per-output gain (init 1), ``o`` the optional offset::
 
     g      = 1 + lam * (a - 1)                              # gain blended in with lam (normswap design)
+    k      = sqrt(lam * m + 1)   (l2/rms: 1 / ((1 - lam) + lam * r / sqrt(m + eps)))   # strength-aware scale
     corrected (default; PatchNormLinear and PatchNormConv):
-    z      = g * (W . P + b) / sqrt(lam * n2 + 1) + lam * o
+    z      = g * k * (W . P + b) / sqrt(lam * n2 + 1) + lam * o
     l2 / rms (normaliser forms), r = 1 (l2) or sqrt(|P|) (rms):
-    z      = g * (W . P) * ((1 - lam) + lam * r / sqrt(n2 + eps)) + b + lam * o
+    z      = g * k * (W . P) * ((1 - lam) + lam * r / sqrt(n2 + eps)) + b + lam * o
 
-``lam = 1`` is METHODS' layer exactly (``g = a``); ``lam = 0`` is the source layer exactly: the forward
+``m`` (buffer ``n2_mean``, per group) is a running mean of ``n2``, kept like BatchNorm's running statistics
+(:mod:`._patch_scale`, normswap design): it keeps each layer's mean output scale as ``lam`` rises, and is a
+constant absorbed by the gain at ``lam = 1``.
+
+``lam = 1`` is the docs/methods.md layer exactly (``g = a``); ``lam = 0`` is the source layer exactly: the forward
 then calls ``F.linear`` / the conv itself, bit-identical, whatever ``a`` and ``o`` hold (the Python
 mirror ``_lam`` decides that branch, never a tensor value, so torch.fx and torch.compile work). That is
 why ``a`` and ``o`` are blended in with ``lam`` (normswap design, not the paper's): calibration fits
@@ -27,10 +32,10 @@ Sources: ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (opt-in: converted only when a ta
 a Conv/Linear -> BatchNorm pair whose BatchNorm is folded in with its eval statistics
 (``W' = W gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) gamma / sqrt(var + eps)``) and replaced
 by ``nn.Identity``. State_dict keys: the source's ``weight`` and ``bias`` (a folded pair always has a
-bias), plus ``gain``, ``lam`` and, with ``offset=True``, ``offset``. LayerNorm sites are left alone
-(METHODS 1.4).
+bias), plus ``gain``, ``lam``, ``n2_mean``, ``n2_batches`` and, with ``offset=True``, ``offset``. LayerNorm sites are left alone
+(docs/methods.md section 1.4).
 
-Calibration (METHODS 1.3) fits ``a`` (and ``o``) by least squares against the source's outputs ``y``:
+Calibration (docs/methods.md section 1.3.3) fits ``a`` (and ``o``) by least squares against the source's outputs ``y``:
 ``a_c = E[y_c u_c] / E[u_c^2]`` with ``u = (W'.P + b') / s`` at ``lam = 1``. Streaming API:
 ``calibration_begin(strength=1.0)``; then every forward observes its input (the target is the
 module's own exact-start output, i.e. the source layer's output) or call ``observe(x, y)`` with
@@ -53,6 +58,7 @@ from normswap.surgery.plan import CONVERT, SKIP, Site
 from normswap.variants import _patch
 from normswap.variants._patch import _BNS, _CONVS, _LINEAR, fold_batchnorm, pair_problem as _pair_problem
 from normswap.variants._patch_calib import GainCalibration, fit_gain
+from normswap.variants._patch_scale import ScaleTracking
 from normswap.variants.base import Variant, VariantConfig, check_strength, qualname, strength_buffer
 from normswap.variants.registry import register
 
@@ -62,7 +68,7 @@ FORMS = ("corrected", "l2", "rms")
 _CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 LN_REASON = (
     "LayerNorm left in place: a token is a 1x1 patch and LayerNorm already is PatchNorm's centred RMS "
-    "normaliser form; dropping the centring is not faithful to a pretrained model (METHODS 1.4); "
+    "normaliser form; dropping the centring is not faithful to a pretrained model (docs/methods.md section 1.4); "
     "target the Linear layers by name instead"
 )
 
@@ -101,7 +107,7 @@ def _f32(value: float) -> float:
 
 
 @register
-class PatchNorm(GainCalibration, Variant):
+class PatchNorm(GainCalibration, ScaleTracking, Variant):
     """The registered PatchNorm variant. :meth:`from_site` builds a :class:`PatchNormLinear` or a
     :class:`PatchNormConv`; both subclass this one, which holds the gain, ``lam`` and its Python
     mirror, the calibration and the contract methods."""
@@ -191,7 +197,7 @@ class PatchNorm(GainCalibration, Variant):
         return PatchNormConv.from_conv(module, bn, **opts)
 
     def _init_common(self, weight: nn.Parameter, bias: nn.Parameter | None, out: int, form: str, eps: float,
-                     offset: bool, strength: float) -> None:
+                     offset: bool, strength: float, groups: int = 1) -> None:
         config = PatchNormConfig(strength=float(strength), form=form, eps=float(eps), offset=bool(offset))
         config.validate(self.name)
         self.form, self.eps = form, float(eps)
@@ -204,6 +210,7 @@ class PatchNorm(GainCalibration, Variant):
         )
         self.register_buffer("lam", strength_buffer(strength, like=weight))
         self._lam = _f32(strength)
+        self._init_scale(groups, weight)
         self._calib = None
 
     def set_strength(self, strength: float) -> None:
@@ -212,8 +219,9 @@ class PatchNorm(GainCalibration, Variant):
             self.lam.fill_(s)
         self._lam = _f32(s)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        self._scale_compat(state_dict, prefix, missing_keys)
         if self.lam.device.type != "meta":
             self._lam = float(self.lam)
 
@@ -235,9 +243,24 @@ class PatchNorm(GainCalibration, Variant):
         g = self.gain * lam + (1 - lam)
         return g, (self.offset * lam if self.offset is not None else None)
 
-    def _calib_terms(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(w, base, source)``: the layer at strength t is ``g * w + base + t * o``; ``source`` = lam 0."""
+    def _calib_terms(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w, base, source, n2)``: the layer at strength t is ``g * k(t) * w + base + t * o`` (``k``: the
+        strength-aware scale, a constant per group); ``source`` = lam 0; ``n2`` the patch norms."""
         raise NotImplementedError
+
+    def _factor(self, n2: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
+        """The per-patch factor from the patch norms: ``1/s`` (corrected) or the normaliser blend."""
+        lam = lam.to(n2.dtype) if isinstance(lam, torch.Tensor) else lam
+        if self.form == "corrected":
+            return torch.rsqrt(n2 * lam + 1)
+        return torch.rsqrt(n2 + self.eps) * (lam * self._r) + (1 - lam)
+
+    def _gains(self, n2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training mode tracks ``n2``; returns the blended gain times the scale ``k(lam)``, and the offset."""
+        if self.training:
+            self._track(n2, channels_last=not self._conv_layout)
+        g, off = self._blend()
+        return g * self.scale_per_output(self.lam), off
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._calib is not None and not self._calib.get("explicit"):  # no observe(x, y) call: own targets
@@ -252,7 +275,7 @@ class PatchNorm(GainCalibration, Variant):
 
 
 class PatchNormLinear(PatchNorm):
-    """Divergence-corrected affine layer, METHODS 1.2 **[reconstruction]**; replaces ``nn.Linear``.
+    """Divergence-corrected affine layer, docs/methods.md section 1.2 **[reconstruction]**; replaces ``nn.Linear``.
 
     ``z = g * (W x + b) / sqrt(lam * ||x||^2 + 1) + lam * o``, the norm over the last dimension only
     (``g``, ``o``: see the module docstring); ``form="l2"``/``"rms"`` normalise ``x`` instead (``|P|`` =
@@ -280,20 +303,18 @@ class PatchNormLinear(PatchNorm):
         self._r = math.sqrt(self.in_features) if form == "rms" else 1.0
         self._init_common(weight, bias, self.out_features, form, eps, offset, strength)
 
-    def _factor(self, x: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
+    @staticmethod
+    def _sq_norm(x: torch.Tensor) -> torch.Tensor:
         xs = _patch.to_acc(x)
-        n2 = torch.linalg.vecdot(xs, xs, dim=-1).unsqueeze(-1)
-        lam = lam.to(n2.dtype) if isinstance(lam, torch.Tensor) else lam
-        if self.form == "corrected":
-            return torch.rsqrt(n2 * lam + 1).to(x.dtype)
-        return (torch.rsqrt(n2 + self.eps) * (lam * self._r) + (1 - lam)).to(x.dtype)
+        return torch.linalg.vecdot(xs, xs, dim=-1).unsqueeze(-1)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._lam == 0.0:
             return F.linear(x, self.weight, self.bias)
-        g, off = self._blend()
+        n2 = self._sq_norm(x)
+        g, off = self._gains(n2)
         corrected = self.form == "corrected"
-        z = F.linear(x, self.weight, self.bias if corrected else None) * g * self._factor(x, self.lam)
+        z = F.linear(x, self.weight, self.bias if corrected else None) * g * self._factor(n2, self.lam).to(x.dtype)
         if not corrected and self.bias is not None:
             z = z + self.bias
         return z if off is None else z + off
@@ -301,16 +322,17 @@ class PatchNormLinear(PatchNorm):
     def _calib_terms(self, x, t):
         corrected = self.form == "corrected"
         v = F.linear(x, self.weight, self.bias if corrected else None)
-        w = v * self._factor(x, t)
+        n2 = self._sq_norm(x)
+        w = v * self._factor(n2, t).to(v.dtype)
         base = self.bias if not corrected and self.bias is not None else torch.zeros_like(self.gain)
-        return w, base.expand_as(w), (v if corrected else F.linear(x, self.weight, self.bias))
+        return w, base.expand_as(w), (v if corrected else F.linear(x, self.weight, self.bias)), n2
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
 
 
 class PatchNormConv(PatchNorm):
-    """PatchNorm convolution, METHODS 1.3 **[reconstruction]**; replaces ``nn.Conv1d/2d/3d`` (or a
+    """PatchNorm convolution, docs/methods.md section 1.3 **[reconstruction]**; replaces ``nn.Conv1d/2d/3d`` (or a
     Conv -> BatchNorm pair, folded). Every conv option is honoured: stride, int/tuple/``"same"``/
     ``"valid"`` padding, dilation, groups (each group's patch norm scales that group's outputs),
     bias, padding_mode zeros/reflect/replicate/circular. ``n2`` comes from :mod:`._patch` (channel sum
@@ -348,25 +370,18 @@ class PatchNormConv(PatchNorm):
         self.kernel_size, self.stride, self.padding = g.kernel_size, g.stride, g.padding
         self.dilation, self.padding_mode = g.dilation, g.padding_mode
         self._r = math.sqrt(g.patch_size) if form == "rms" else 1.0
-        self._init_common(weight, bias, g.out_channels, form, eps, offset, strength)
-
-    def _factor(self, x_in, lam) -> torch.Tensor:
-        """The per-patch factor ``(N, G, *out)``: ``1/s`` (corrected) or the normaliser blend."""
-        n2 = _patch.prepared_sq_norm(x_in, self.geom)
-        lam = lam.to(n2.dtype) if isinstance(lam, torch.Tensor) else lam
-        if self.form == "corrected":
-            return torch.rsqrt(n2 * lam + 1)
-        return torch.rsqrt(n2 + self.eps) * (lam * self._r) + (1 - lam)
+        self._init_common(weight, bias, g.out_channels, form, eps, offset, strength, groups=g.groups)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x_in, padding = self.geom.prepare(x)
         if self._lam == 0.0:
             return self.geom.conv(x_in, self.weight, self.bias, padding)
-        g, off = self._blend()
+        n2 = _patch.prepared_sq_norm(x_in, self.geom)  # (N, G, *out)
+        g, off = self._gains(n2)
         corrected = self.form == "corrected"
         w = self.weight * g.view(-1, *([1] * (self.dims + 1)))
         b = self.bias * g if corrected and self.bias is not None else None
-        m = self._factor(x_in, self.lam)
+        m = self._factor(n2, self.lam)
         v = self.geom.conv(x_in, w, b, padding)
         z = _patch.scale_by_group(v, m.to(v.dtype), self.groups, inplace=not torch.is_grad_enabled())
         shape = (-1, *([1] * self.dims))
@@ -378,11 +393,12 @@ class PatchNormConv(PatchNorm):
         x_in, padding = self.geom.prepare(x)
         corrected = self.form == "corrected"
         v = self.geom.conv(x_in, self.weight, self.bias if corrected else None, padding)
-        w = _patch.scale_by_group(v, self._factor(x_in, t).to(v.dtype), self.groups)
+        n2 = _patch.prepared_sq_norm(x_in, self.geom)
+        w = _patch.scale_by_group(v, self._factor(n2, t).to(v.dtype), self.groups)
         if corrected or self.bias is None:
-            return w, torch.zeros_like(w), v
+            return w, torch.zeros_like(w), v, n2
         b = self.bias.view(-1, *([1] * self.dims)).expand_as(w)
-        return w, b, v + b
+        return w, b, v + b, n2
 
     def extra_repr(self) -> str:
         g = self.geom
