@@ -1,4 +1,5 @@
-"""ANAct (METHODS 2): exact derivatives, statistics (EMA, rejection, calibration), compensation and export."""
+"""ANAct (docs/methods.md section 2): exact derivatives, statistics (EMA, rejection, calibration), compensation,
+export."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def _set_stats(m: ANAct, rho, rho_p, mu, alpha=0.0) -> ANAct:
     return m
 
 
-# ---- METHODS 2.1 reference values ------------------------------------------------------------------------
+# ---- reference values (docs/methods.md section 2.1.2) ---------------------------------------------------
 @pytest.mark.parametrize("module, ref", [
     (nn.ReLU(), 1.4142), (nn.GELU(), 1.5076), (nn.SiLU(), 1.6501), (nn.Tanh(), 1.5313), (nn.Sigmoid(), 3.5855),
     (nn.ELU(), 1.2344), (nn.SELU(), 0.9832), (nn.Mish(), 1.4660), (nn.Softplus(), 1.4990),

@@ -1,4 +1,5 @@
-"""UAN (normswap/variants/uan.py): exact start, the METHODS 3.1/3.4 formulas, precision, state, tracing."""
+"""UAN (normswap/variants/uan.py): exact start, the formulas of docs/methods.md sections 3.1 and 3.4,
+precision, state, tracing."""
 
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def sample_source(key: str):
     return randomize(factory()), kind, x
 
 
-# ---- exact start (METHODS 3.2) ---------------------------------------------------------------------
+# ---- exact start (docs/methods.md section 3.2) -------------------------------------------------------
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("key", list(CHANNEL_SOURCES))
@@ -132,7 +133,7 @@ def test_claims_exact_false_once_components_separate():
 
 # ---- the formulas, against a naive float64 reference -------------------------------------------------
 def reference_channel(x, module: UANChannel, act=None):
-    """METHODS 3.1 written out in float64: densities, responsibilities, x_mix, blend, affine."""
+    """docs/methods.md section 3.1 written out in float64: densities, responsibilities, x_mix, blend, affine."""
     x = x.double()
     c, k = x.shape[1], module.k
     view = (k, 1, c) + (1,) * (x.dim() - 2)
@@ -153,7 +154,7 @@ def reference_channel(x, module: UANChannel, act=None):
 
 
 def reference_sample(x, module: UANSample):
-    """METHODS 3.4 with explicit loops over the samples."""
+    """docs/methods.md section 3.4 with explicit loops over the samples."""
     x = x.double()
     if module.kind == "ln2d":
         x = x.permute(0, 2, 3, 1)

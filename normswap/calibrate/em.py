@@ -1,4 +1,4 @@
-"""Per-channel 1-D Gaussian mixtures by EM, for UAN calibration (METHODS.md 3.1 and 3.3).
+"""Per-channel 1-D Gaussian mixtures by EM, for UAN calibration (docs/methods.md sections 3.1 and 3.3).
 
 Nothing here knows about UAN: the inputs are value matrices ``x`` of shape (C, n), one row per
 channel, and every function works on all channels at once (float64 internally).
@@ -6,7 +6,7 @@ channel, and every function works on all channels at once (float64 internally).
 - :class:`Reservoir`: a seeded, uniform random subsample of up to ``capacity`` columns of a stream of
   (C, M) blocks (the same column positions for every channel), in bounded memory (C * capacity).
 - :func:`fit_gmm`: a K-component mixture per row by EM. The E step is the log-space formula of
-  METHODS 3.1 (Gaussian normaliser included, log-sum-exp over k, no eps anywhere); the sufficient
+  docs/methods.md section 3.1 (Gaussian normaliser included, log-sum-exp over k, no eps anywhere); the sufficient
   statistics ``sum r``, ``sum r (x - mu)`` and ``sum r (x - mu)^2`` (the streaming form of
   ``sum r, sum r x, sum r x^2``, shifted by the current means for accuracy) are accumulated over
   cache-sized blocks of columns; the M step floors the variances at ``var_floor``. With ``reduce`` /
@@ -201,7 +201,7 @@ def _estep(
 ) -> torch.Tensor:
     """Sums over the columns of ``x`` (C, n): rows ``[S0 (K), S1 (K), S2 (K), loglik (1)]`` of (3K+1, C),
     ``S0 = sum r``, ``S1 = sum r (x - mu)``, ``S2 = sum r (x - mu)^2``, ``loglik = sum log p(x)`` with
-    ``r = tau_k(x)`` and ``log p_k`` as in METHODS 3.1 (only the last row is filled when ``stats`` is False).
+    ``r = tau_k(x)`` and ``log p_k`` as in docs/methods.md section 3.1 (only the last row is filled when ``stats`` is False).
 
     Grouped values (the warm start): column ``j`` stands for ``w[j]`` values with mean ``x[:, j]`` and
     mean squared deviation ``s2[:, j]``, which share one responsibility computed from the group's mean

@@ -1,7 +1,7 @@
 """The fidelity report: how close a converted model is to the original, per site and end to end.
 
 End to end, on held-out batches, for each model state (before / after calibration, or the converted
-model) at each strength (METHODS 0: the exact start and full strength, so a user sees what annealing
+model) at each strength (docs/methods.md section 0.1: the exact start and full strength, so a user sees what annealing
 will have to recover): top-1 agreement with the original, mean cosine of the logits, mean
 KL(original || converted) of the softmax, relative output error ``||out - ref|| / ||ref||`` and, when
 the data has labels, accuracy (the original's too). Per site: the relative output error at the site's

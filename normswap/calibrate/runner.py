@@ -10,7 +10,7 @@ Phases, each optional, in this order:
    pass over the batches with every variant module at strength 0, so each sees the *original* network's
    activations; then ``calibration_end`` (EM runs there).
 3. **Network order** for variants that fit against the original's activations (``needs_targets``, PatchNorm's
-   gains, METHODS 1.3): layer by layer in execution order, each layer sees its input in the converted
+   gains, docs/methods.md section 1.3.3): layer by layer in execution order, each layer sees its input in the converted
    network (the layers before it already calibrated and at the calibration strength) and the *reference*
    network's output at the same point as target. A forward stops as soon as it has what it needs.
 4. ``after_calibration`` hooks (ANAct refolds its compensation) and the per-site figures.

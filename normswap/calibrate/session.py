@@ -99,7 +99,8 @@ def _open(data: Any, model: nn.Module, source: SourceSpec | None, calib: int, ev
 
 
 def _strengths(model: nn.Module, given: Sequence[float] | None) -> tuple[float, list[float]]:
-    """``(model strength, strengths to report)``: both ends (METHODS 0) and the model's own, unless given."""
+    """``(model strength, strengths to report)``: both ends (docs/methods.md section 0.1) and the model's own,
+    unless given."""
     values = set(strengths_of(model).values())
     now = float(f"{max(values):.7g}") if values else 0.0  # float32 buffers: 0.1 reads back as 0.10000000149
     report = [check_strength(s) for s in given] if given else [0.0, now, 1.0]

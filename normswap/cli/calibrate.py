@@ -116,7 +116,7 @@ def calibrate_cmd(checkpoint: str, data: str | None, output: str | None, force: 
                   as_json: bool, **kw: Any) -> None:
     """Fit a converted model's statistics on data, print the fidelity report, and save it.
 
-    UAN: EM per channel (METHODS 3.3). PatchNorm: the per-channel gains, in network order
+    UAN: EM per channel (docs/methods.md section 3.3). PatchNorm: the per-channel gains, in network order
     against the original network's activations. ANAct: its statistics, refolded into the
     consumers. At strength 0 the calibrated model still computes the original function.
     The report compares with the original (reloaded from the file's source weights when

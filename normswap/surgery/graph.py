@@ -47,7 +47,7 @@ ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 
 
 # Ops through which a positive per-tensor affine map c * (f - mu) commutes exactly (in eval mode): an
-# activation's consumers found through them can absorb the map (ANAct compensation, METHODS 2.2).
+# activation's consumers found through them can absorb the map (ANAct compensation, docs/methods.md section 2.2).
 COMMUTING_MODULES: tuple[type, ...] = (
     nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,

@@ -1,6 +1,6 @@
 """ANAct compensation: fold an activation's ``c * (f - mu)`` into the Linear / conv layers that consume it.
 
-METHODS.md section 2.2: ``W' = W / c``, ``b' = b + W mu`` (a conv sums W over its taps). Exact for Linear,
+docs/methods.md section 2.2: ``W' = W / c``, ``b' = b + W mu`` (a conv sums W over its taps). Exact for Linear,
 unpadded (or non-zero-padded) convolutions and chains through ops that commute with a positive affine map;
 approximate for zero-padded convolutions; absent otherwise. Split from ``anact.py`` to keep files small.
 """

@@ -1,4 +1,4 @@
-"""UAN calibration (METHODS.md 3.3 / 3.4): collect a UAN layer's inputs, fit its mixture by EM.
+"""UAN calibration (docs/methods.md sections 3.3 and 3.4): collect a UAN layer's inputs, fit its mixture by EM.
 
 :class:`UANCalibration` is a mixin of :class:`normswap.variants.uan.UAN` holding the calibration hooks:
 

@@ -1,7 +1,7 @@
 """ANAct: normalised activation functions, made exact on a pretrained network by compensation.
 
 Paper: P. Yuan, H. Liu, C. Zhu, Y. Wang, "ANAct: Adaptive Normalization for Activation Functions",
-arXiv 2208.13315. Specification: METHODS.md sections 0 and 2. For an activation ``f`` at one site with
+arXiv 2208.13315. Specification: docs/methods.md sections 0 and 2. For an activation ``f`` at one site with
 pre-activation ``X``::
 
     rho   = E[f(X)^2] / Var[X]            # forward gain (Var: population variance, ddof 0)
@@ -28,7 +28,7 @@ uses the running values, so gradients flow through ``f`` and ``alpha`` only.
 - Initial ``rho = rho' = 1, mu = 0`` give ``c = 1``: before any statistics the layer is exactly ``f``
   (normswap design), so a fresh conversion is exact even before compensation.
 
-Exactness (METHODS 0, 2.2). ANAct has no homotopy: ``set_strength`` only records the value. The start
+Exactness (docs/methods.md sections 0 and 2.3). ANAct has no homotopy: ``set_strength`` only records the value. The start
 is exact when every consumer of the output is folded (:func:`fold_into_consumer`, ``W' = W / c``,
 ``b' = b + W mu``; :func:`compensation_status` says where that is exact), which the apply step marks with
 ``compensated = True``; a training update or a calibration clears it (refold). :meth:`claims_exact` is
@@ -71,7 +71,7 @@ _TINY = 1e-12  # floor of rho and rho' inside lam (a dead unit would otherwise g
 
 @dataclass
 class ANActConfig(VariantConfig):
-    """ANAct options. ``strength`` is recorded only: ANAct is exact through compensation (METHODS 0)."""
+    """ANAct options. ``strength`` is recorded only: ANAct is exact through compensation (docs/methods.md section 2.3)."""
 
     per_channel: bool = False
     momentum: float = 0.9
@@ -326,7 +326,8 @@ class ANAct(Variant):
 
     @classmethod
     def after_apply(cls, model: nn.Module, site: Site, module: "Variant") -> None:
-        """Fold the current ``(c, mu)`` into the consumers (METHODS 2.2): exact sites become compensated.
+        """Fold the current ``(c, mu)`` into the consumers (docs/methods.md section 2.2): exact sites become
+        compensated.
 
         A fresh ANAct has ``c = 1, mu = 0``, so this only gives bias-less consumers their ``bias`` key
         (``load`` relies on that before its strict load); :meth:`after_calibration` refolds."""

@@ -9,7 +9,7 @@ A variant is an ``nn.Module`` subclass, registered by name with :func:`normswap.
 - :meth:`from_site`: build the replacement from the source module(s), copying every hyper-parameter,
   device and dtype. ``load`` calls the same constructor on a freshly built source model and then loads
   the state_dict strictly, so the structure must depend only on the site and the source structure.
-- :meth:`set_strength`: the uniform homotopy parameter (METHODS.md section 0): 0 = exact copy of the
+- :meth:`set_strength`: the uniform homotopy parameter (docs/methods.md section 0): 0 = exact copy of the
   pretrained function, 1 = the paper's layer.
 - :meth:`claims_exact`: whether the module claims to reproduce its source exactly right now; the
   apply step verifies every such claim on a probe batch.
@@ -90,7 +90,7 @@ class CalibrationSettings:
 
     ``strength``: the homotopy value the statistics are fitted for (PatchNorm's gains: the layer at
     ``lam = strength``); ``seed``: every random choice (subsampling, k-means++) derives from it;
-    ``em_*``: UAN's EM (METHODS 3.3): values kept per channel, initialisation (``quantile`` or
+    ``em_*``: UAN's EM (docs/methods.md section 3.3): values kept per channel, initialisation (``quantile`` or
     ``kmeans++``), log-likelihood tolerance per value, iteration cap; ``reduce``: sums a tensor over
     the workers of a torch.distributed job in place-free style (returns the sum; ``None`` = one
     process), ``broadcast``: returns rank 0's copy of a tensor (``None`` = one process). Variants apply

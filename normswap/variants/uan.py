@@ -3,9 +3,9 @@
 Paper: B. Faye, H. Azzag, M. Lebbah, F. Feng, "Unsupervised Adaptive Normalization",
 arXiv 2409.04757 (IJCNN 2024), of the Mixture Normalization family (M. Kalayeh, M. Shah,
 "Training Faster by Separating Modes of Variation in Batch-normalized Models").
-Specification: METHODS.md sections 0 and 3.
+Specification: docs/methods.md sections 0 and 3.
 
-Channel mode (BatchNorm sources; METHODS 3.1). Per channel ``c`` (dim 1 of ``x``), K components with
+Channel mode (BatchNorm sources; docs/methods.md section 3.1). Per channel ``c`` (dim 1 of ``x``), K components with
 means ``mu[k,c]``, variances ``v[k,c] >= var_floor``, priors ``pi[k,c] = softmax_k(mix_logit)``::
 
     log p_k(x) = log pi_k - 0.5 log(2 pi v_k) - (x - mu_k)^2 / (2 v_k)
@@ -14,7 +14,7 @@ means ``mu[k,c]``, variances ``v[k,c] >= var_floor``, priors ``pi[k,c] = softmax
     x_one      = (x - m) / sqrt(s2),   m = running_mean,  s2 = running_var + eps
     y          = gamma * ((1 - rho) x_one + rho x_mix) + beta
 
-Sample mode (LayerNorm sources; METHODS 3.4), over the LayerNorm's normalised dims ``i`` of a sample,
+Sample mode (LayerNorm sources; docs/methods.md section 3.4), over the LayerNorm's normalised dims ``i`` of a sample,
 with one set of K components per site::
 
     z_i     = (x_i - mean x) / sqrt(var x + eps)             # = x_one_i, the LayerNorm itself
@@ -23,7 +23,7 @@ with one set of K components per site::
     x_mix_i = (1/sqrt(K)) sum_k tau_ik / sqrt(pi_k) * (x_i - E_k) / sqrt(V_k)
     y_i     = gamma_i ((1 - rho) x_one_i + rho x_mix_i) + beta_i
 
-Exact start (METHODS 3.2): every component equals the single Gaussian it replaces (channel mode:
+Exact start (docs/methods.md section 3.2): every component equals the single Gaussian it replaces (channel mode:
 ``(m, s2)``; sample mode: any common value) and priors are uniform, so ``tau_k = 1/K``,
 ``x_mix = x_one`` and the layer is the source layer for every ``rho`` and ``K``. With ``rho == 0`` the
 forward calls ``F.batch_norm`` / ``F.layer_norm`` (or FrozenBatchNorm2d's own formula), so the output is
@@ -34,13 +34,13 @@ What is the paper's and what is normswap's:
 - paper: the mixture-of-Gaussians normalisation (``x_mix`` without ``1/sqrt(K)``, ``rho = 1``), the
   component parameters learned as weights.
 - normswap design: the ``1/sqrt(K)`` factor (a constant that gamma absorbs, chosen so coinciding
-  components give ``x_one`` exactly); the ``rho`` blend with the source's statistics (METHODS 0); the
+  components give ``x_one`` exactly); the ``rho`` blend with the source's statistics (docs/methods.md section 0); the
   log-space responsibilities and the variance floor (the official code's eps in the denominator breaks
   exactness); the whole sample mode (3.4), including the eps in ``z`` (a constant token gives ``z = 0``,
   not 0/0) and the per-sample weights ``tau_ik / sum_i tau_ik`` computed as a softmax over ``i`` in log
   space (no 0/0 when a component takes no value of a sample).
 
-Calibration (EM, METHODS 3.3) only has to write ``mix_mean``, ``mix_var`` (variances, floored in
+Calibration (EM, docs/methods.md section 3.3) only has to write ``mix_mean``, ``mix_var`` (variances, floored in
 forward) and ``mix_logit`` (log-priors up to a constant); the hooks (``_uan_calib.py``) fit them by EM.
 """
 
@@ -218,7 +218,7 @@ class UAN(UANCalibration, Variant):
 
 
 class UANChannel(UAN):
-    """Channel mode (METHODS 3.1/3.2) for BatchNorm1d/2d/3d, timm BatchNormAct2d, FrozenBatchNorm2d.
+    """Channel mode (docs/methods.md sections 3.1, 3.2) for BatchNorm1d/2d/3d, timm BatchNormAct2d, FrozenBatchNorm2d.
 
     Keeps the source's state_dict keys (``weight``, ``bias``, ``running_mean``, ``running_var``,
     ``num_batches_tracked``; FrozenBatchNorm2d's stay buffers) and adds ``mix_mean``, ``mix_var``,
@@ -293,7 +293,7 @@ class UANChannel(UAN):
 
 
 class UANSample(UAN):
-    """Sample mode (METHODS 3.4, normswap design) for nn.LayerNorm, timm LayerNorm and LayerNorm2d.
+    """Sample mode (docs/methods.md section 3.4, normswap design) for nn.LayerNorm, timm LayerNorm and LayerNorm2d.
 
     Keeps ``weight``/``bias`` as in the source (either may be absent) and adds ``mix_mean``, ``mix_var``,
     ``mix_logit`` of shape (K,) (one set per site, on the standardised scale) and the buffer ``rho``.
