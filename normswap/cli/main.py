@@ -10,6 +10,7 @@ from normswap.cli.common import NormswapGroup
 from normswap.cli.convert import convert_cmd
 from normswap.cli.export import export_cmd
 from normswap.cli.inspect import inspect_cmd, variants_cmd
+from normswap.cli.recipe import recipe_cmd
 
 
 @click.group(cls=NormswapGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -37,6 +38,7 @@ cli.add_command(convert_cmd)
 cli.add_command(calibrate_cmd)
 cli.add_command(eval_cmd)
 cli.add_command(export_cmd)
+cli.add_command(recipe_cmd)
 
 
 def main() -> None:

@@ -76,6 +76,9 @@ def _walk(node: yaml.Node, path: Loc, lines: dict[Loc, int], ends: dict[Loc, int
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    if context and problem.startswith("but "):  # "expected a single document in the stream but found another document"
+        problem = f"{context} {problem}"
     where = f" at line {mark.line + 1}" if mark is not None else ""
     return f"invalid YAML{where}: {problem}"
 

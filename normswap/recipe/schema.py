@@ -186,15 +186,15 @@ class StrengthSection(_Section):
         if self.levels is None:
             return self
         if self.shape != "step":
-            raise RuleError("levels", f"levels need shape: step (shape is '{self.shape}')")
+            raise RuleError("levels", f"needs shape: step (shape is '{self.shape}')")
         if not self.levels:
-            raise RuleError("levels", "levels is empty; give at least one stair value or leave it out")
+            raise RuleError("levels", "is empty; give at least one stair value or leave it out")
         lo, hi = sorted((self.from_, self.to))
         for i, value in enumerate(self.levels):
             if not lo <= value <= hi:
                 raise RuleError(f"levels[{i}]", f"{value:g} is outside [from, to] = [{lo:g}, {hi:g}]")
             if i and value <= self.levels[i - 1]:
-                raise RuleError(f"levels[{i}]", f"levels must increase ({value:g} after {self.levels[i - 1]:g})")
+                raise RuleError(f"levels[{i}]", f"must increase ({value:g} after {self.levels[i - 1]:g})")
         return self
 
     def resolved_span(self, total_steps: int) -> int:
