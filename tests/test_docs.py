@@ -111,11 +111,13 @@ def test_citation_pattern(text, ok):
     assert nums and all(n in _headings() for n in nums) is ok
 
 
-@pytest.mark.parametrize("text", [_BRIEF + ".md section 0", _BRIEF + " 3.3", _BRIEF + "' layer", "../shared/x"])
+@pytest.mark.parametrize("text", [_BRIEF + ".md section 0", _BRIEF + " 3.3", _BRIEF + "' layer", "../shared/x"],
+                         ids=["file", "number", "possessive", "outside"])
 def test_forbidden_pattern(text):
     assert FORBIDDEN.search(text)
 
 
-@pytest.mark.parametrize("text", ["ACTIVATION_" + _BRIEF + " = {", "if method not in " + _BRIEF + ":"])
+@pytest.mark.parametrize("text", ["ACTIVATION_" + _BRIEF + " = {", "if method not in " + _BRIEF + ":"],
+                         ids=["constant", "use"])
 def test_code_names_are_not_references(text):
     assert not FORBIDDEN.search(text)
