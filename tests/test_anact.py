@@ -13,6 +13,7 @@ from torch import nn
 from normswap.errors import NormswapError, OptionError
 from normswap.surgery.graph import build_graph
 from normswap.variants import _activations as A
+from normswap.variants._fold import folds
 from normswap.variants.anact import (
     ANAct, ANActConfig, UnsupportedActivationError, activation_kind, compensation_status, export_fold,
     fold_into_consumer,
@@ -141,7 +142,7 @@ def test_rejection_band_per_statistic():
 
 def test_train_updates_eval_frozen():
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2)) * 2 + 0.5
-    m = ANAct(nn.SiLU()).eval()
+    m = ANAct(nn.SiLU(), strength=1.0).eval()  # the paper's layer
     assert torch.equal(m(x), F.silu(x))  # no statistics yet: c = 1, mu = 0, the plain activation
     m.train()
     y_train = m(x)
@@ -184,7 +185,7 @@ def test_calibration_gives_exact_full_data_statistics(per_channel):
 @pytest.mark.parametrize("module, per_channel",
                          [(nn.GELU(), False), (nn.ELU(0.7), True), (nn.Softplus(2.0, 3.0), False)])
 def test_gradcheck_through_anact_and_alpha(module, per_channel):
-    m = ANAct(module, per_channel=per_channel, channels=3).double().eval()
+    m = ANAct(module, per_channel=per_channel, channels=3, folded=True).double().eval()
     _set_stats(m, torch.tensor([0.4, 0.6, 0.8]) if per_channel else 0.45, 0.7, 0.2)
     x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
     alpha = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
@@ -193,7 +194,7 @@ def test_gradcheck_through_anact_and_alpha(module, per_channel):
 
 
 def test_per_channel_shapes_and_statistics():
-    m = ANAct(nn.ReLU(), per_channel=True, channels=5).train()
+    m = ANAct(nn.ReLU(), per_channel=True, channels=5, strength=1.0).train()
     for key in ("running_rho", "running_rho_prime", "running_mean"):
         assert getattr(m, key).shape == (5,)
     assert m.alpha.shape == () and m.scale().shape == (5,)
@@ -225,7 +226,7 @@ def _check_fold(consumer: nn.Module, x: torch.Tensor, per_channel: bool = False,
     """Fold a non-trivial ANAct into ``consumer``; return max |diff| to the original; check the inverse."""
     torch.manual_seed(5)
     c_in = x.shape[1]
-    act = ANAct(nn.GELU(), per_channel=per_channel, channels=c_in).eval()
+    act = ANAct(nn.GELU(), per_channel=per_channel, channels=c_in, folded=True).eval()
     rho = torch.rand(c_in) * 0.5 + 0.3 if per_channel else 0.37
     mu = torch.randn(c_in) * 0.5 if per_channel else 0.6
     _set_stats(act, rho, 0.55, mu, alpha=0.3)
@@ -256,7 +257,7 @@ def test_fold_exact_for_linear_and_unpadded_convs(per_channel):
 
 
 def test_fold_through_flatten_per_channel():
-    act = _set_stats(ANAct(nn.ReLU(), per_channel=True, channels=3).eval(), torch.tensor([0.3, 0.5, 0.7]), 0.5,
+    act = _set_stats(ANAct(nn.ReLU(), per_channel=True, channels=3, folded=True).eval(), torch.tensor([0.3, 0.5, 0.7]), 0.5,
                      torch.tensor([0.1, 0.2, 0.3]))
     fc, x = nn.Linear(3 * 4, 5), torch.randn(2, 3, 2, 2)
     with torch.no_grad():
@@ -300,7 +301,8 @@ def test_export_fold_mlp(compensate):
     torch.manual_seed(6)
     original = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     x = torch.randn(32, 8)
-    model = nn.Sequential(original[0], ANAct(original[1]), nn.Linear(16, 16), ANAct(original[3]), nn.Linear(16, 3))
+    model = nn.Sequential(original[0], ANAct(original[1], folded=True), nn.Linear(16, 16),
+                          ANAct(original[3], folded=True), nn.Linear(16, 3))
     model[2].load_state_dict(original[2].state_dict())
     model[4].load_state_dict(original[4].state_dict())
     model.train()
@@ -332,7 +334,7 @@ def test_export_fold_mlp(compensate):
 
 
 def test_compensated_flag_cleared_by_statistics_updates():
-    m = ANAct(nn.ReLU())
+    m = ANAct(nn.ReLU(), folded=True)
     m.compensated = True
     m.train()(torch.randn(100))
     assert not m.compensated and not m.claims_exact()
@@ -414,27 +416,32 @@ def test_propose_uses_compensation_facts(allow):
     exact = _Info(nn.GELU(approximate="tanh"), {"compensation": {"status": "exact", "consumers": ["c"]}})
     (s1,) = ANAct.propose([inexact], ANActConfig(allow_inexact=allow))
     (s2,) = ANAct.propose([exact], ANActConfig())
-    assert s1.converted is allow
-    hint = "" if allow else "; set allow_inexact=true to convert anyway"
-    assert s1.reason == "compensation is approximate: zero padding" + hint
+    assert s1.converted  # every supported site converts; allow_inexact decides whether it is folded
+    if allow:
+        assert s1.reason == "compensation is approximate: zero padding; folded approximately (allow_inexact)"
+        assert s1.facts["exact_at"] == "no strength" and folds(s1)
+    else:
+        assert s1.reason == ("compensation is approximate: zero padding; not folded, so exact at strength 0 only "
+                             "(allow_inexact=true folds it approximately)")
+        assert s1.facts["exact_at"] == "strength 0" and not folds(s1)
     assert s2.converted and s2.reason == "" and s2.config["source_kind"] == "gelu_tanh"
+    assert s2.facts["exact_at"] == "every strength" and folds(s2)
     (s3,) = ANAct.propose([_Info(nn.ReLU(), {})], ANActConfig(per_channel=True))
     assert not s3.converted and s3.reason.startswith("per_channel needs the channel count")
+    (s4,) = ANAct.propose([_Info(nn.ReLU(), {})], ANActConfig())  # no consumer facts (module walk)
+    assert s4.converted and s4.facts["exact_at"] == "strength 0" and s4.reason == (
+        "no consumer facts: compensation not established; not folded, so exact at strength 0 only")
 
 
-def test_examples_start_exact_and_strength_recorded():
+def test_examples_start_exact():
     for model, x in ANAct.examples():
         assert not model.training
         with torch.no_grad():
             ref = model(x)
-            wrapped = [ANAct(m) if activation_kind(m) else m for m in model]
-            assert sum(isinstance(m, ANAct) for m in wrapped) == 1
-            assert torch.equal(nn.Sequential(*wrapped).eval()(x), ref)  # c = 1, mu = 0 before any statistics
-    m = ANAct(nn.ReLU())
-    m.set_strength(0.7)
-    assert m.strength == 0.7 and m.claims_exact()
-    with pytest.raises(OptionError, match=r"^strength must be in \[0, 1\]; got 2.0$"):
-        m.set_strength(2)
+            for name, child in list(model.named_children()):
+                if activation_kind(child):
+                    setattr(model, name, ANAct(child, folded=True).eval())  # c = 1, mu = 0: no statistics yet
+            assert torch.equal(model(x), ref)
 
 
 def test_calibrate_then_refold_stays_exact():
@@ -443,7 +450,8 @@ def test_calibrate_then_refold_stays_exact():
     original = nn.Sequential(nn.Linear(5, 9), nn.Mish(), nn.Conv1d(9, 4, 1, bias=False)).eval()
     x = torch.randn(6, 5)
     run = lambda m, x: m[2](m[1](m[0](x)).unsqueeze(-1))  # noqa: E731
-    model = nn.Sequential(original[0], ANAct(original[1], per_channel=True, channels=9), nn.Conv1d(9, 4, 1, bias=False))
+    model = nn.Sequential(original[0], ANAct(original[1], per_channel=True, channels=9, folded=True),
+                          nn.Conv1d(9, 4, 1, bias=False))
     model[2].weight.data.copy_(original[2].weight)
     model.eval()
     act, consumer = model[1], model[2]
@@ -484,7 +492,108 @@ def test_propose_derives_compensation_from_downstream_facts():
     assert site([{"consumer": "fc", "module": True, "via": []}], twice)["reason"] == "consumer fc is called 2 times"
     assert site([])["reason"] == "the output has no user"
     (shared,) = ANAct.propose([_Info(nn.ReLU(), {}, calls=2)], ANActConfig())
-    assert not shared.converted and shared.reason == (
-        "compensation is absent: the activation is called 2 times; set allow_inexact=true to convert anyway")
+    assert shared.converted and shared.facts["exact_at"] == "strength 0" and shared.reason == (
+        "compensation is absent: the activation is called 2 times; not folded, so exact at strength 0 only")
     permuted = [{"consumer": "fc", "module": True, "via": ["permute"]}]
     assert site(permuted, fc)["status"] == "exact"
+
+
+# ---- strength: the blend at unfolded sites ---------------------------------------------------------------------
+def _trained(act: nn.Module, per_channel: bool = False, **kw) -> ANAct:
+    """An ANAct with non-trivial statistics (c far from 1, mu far from 0) and alpha."""
+    m = ANAct(act, per_channel=per_channel, channels=3, **kw).eval()
+    rho = torch.tensor([0.3, 0.5, 0.9]) if per_channel else 0.37
+    mu = torch.tensor([0.4, -0.2, 0.7]) if per_channel else 0.6
+    return _set_stats(m, rho, 0.55, mu, alpha=0.3)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.GELU(), nn.Hardswish(), nn.LeakyReLU(0.2)])
+def test_strength_zero_is_the_activation_bit_for_bit(act):
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(8)) * 3
+    m = _trained(act)
+    assert abs(float(m.scale().detach()) - 1) > 0.1 and m.current_strength() == 0.0 and m.claims_exact()
+    with torch.no_grad():
+        assert torch.equal(m(x), act(x))
+        assert torch.equal(m.train()(x), act(x))  # training updates the statistics, the output stays f
+    assert int(m.num_batches_tracked) == 1
+    gm = torch.fx.symbolic_trace(m.eval())  # the strength-0 branch reads no buffer: none in the graph
+    assert [n.op for n in gm.graph.nodes if n.op == "get_attr"] == []
+    assert torch.equal(gm(x), act(x))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_blend_at_0_3_matches_float64_reference(per_channel):
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(9)) * 2
+    m = _trained(nn.SiLU(), per_channel)
+    m.set_strength(0.3)
+    s = float(torch.tensor(0.3, dtype=torch.float32))  # the stored float32 value
+    assert m.current_strength() == s and m.strength.dtype == torch.float32 and float(m.strength) == s
+    rho = m.running_rho.double()
+    lam = torch.sqrt((rho + 0.55) / (2 * rho * 0.55))
+    c, mu = lam + 0.3 * math.tanh(0.3), m.running_mean.double()
+    if per_channel:
+        c, mu = c.view(1, 3, 1, 1), mu.view(1, 3, 1, 1)
+    f = F.silu(x.double())
+    ref = (1 - s) * f + s * c * (f - mu)
+    with torch.no_grad():
+        out = m(x)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+        cs, mus = m.affine()  # the same map written as c_s (f - mu_s)
+        shape = (1, 3, 1, 1) if per_channel else ()
+        torch.testing.assert_close((cs.view(shape) * (F.silu(x) - mus.view(shape))), out, rtol=1e-5, atol=1e-6)
+    assert not m.claims_exact()
+
+
+def test_strength_one_is_the_paper_layer_and_folded_sites_ignore_strength():
+    x = torch.randn(64, 3) * 2
+    unfolded, folded = _trained(nn.GELU()), _trained(nn.GELU(), folded=True)
+    unfolded.set_strength(1.0)
+    paper = unfolded.scale() * (F.gelu(x) - unfolded.running_mean)
+    with torch.no_grad():
+        assert torch.equal(unfolded(x), paper) and torch.equal(folded(x), paper)
+        for s in (0.0, 0.3, 1.0):
+            folded.set_strength(s)
+            assert torch.equal(folded(x), paper)  # folded: c (f - mu) at every strength
+            assert folded.affine()[0] is not None and torch.equal(folded.affine()[1], folded.running_mean)
+    folded.compensated = True
+    assert folded.claims_exact() and not unfolded.claims_exact()
+    with pytest.raises(OptionError, match=r"^strength must be in \[0, 1\]; got 2.0$"):
+        unfolded.set_strength(2)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_gradients_reach_alpha_and_the_input_at_strength(per_channel):
+    m = _trained(nn.ELU(0.7), per_channel).double()
+    m.set_strength(0.3)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, a: torch.func.functional_call(m, {"alpha": a}, (x,))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, alpha))
+    m.alpha.grad = None
+    m(x).sum().backward()
+    assert m.alpha.grad is not None and float(m.alpha.grad.abs()) > 0
+    m.set_strength(0.0)
+    m.alpha.grad, x.grad = None, None
+    m(x).sum().backward()  # strength 0: the plain activation, alpha plays no part
+    (ref,) = torch.autograd.grad(F.elu(x, 0.7).sum(), x)
+    assert m.alpha.grad is None and torch.equal(x.grad, ref)
+
+
+def test_state_dict_strength_and_old_layout():
+    m = _trained(nn.ReLU())
+    m.set_strength(0.5)
+    state = m.state_dict()
+    assert state["strength"].dtype == torch.float32 and float(state["strength"]) == 0.5
+    again = ANAct(nn.ReLU())
+    again.load_state_dict(state)  # strict
+    assert again.current_strength() == 0.5
+    old = {k: v for k, v in state.items() if k != "strength"}  # the layout before the strength buffer
+    unfolded, folded = ANAct(nn.ReLU()), ANAct(nn.ReLU(), folded=True, strength=0.25)
+    assert unfolded.load_state_dict(old).missing_keys == [] and folded.load_state_dict(old).missing_keys == []
+    assert unfolded.current_strength() == 1.0 and float(unfolded.strength) == 1.0  # it computed c (f - mu)
+    assert folded.current_strength() == 0.25
+    x = torch.randn(32)
+    with torch.no_grad():
+        torch.testing.assert_close(unfolded.eval()(x), m.scale() * (F.relu(x) - m.running_mean))
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        ANAct(nn.ReLU()).load_state_dict({**state, "bogus": torch.zeros(())})

@@ -2,12 +2,15 @@
 
 docs/methods.md section 2.2: ``W' = W / c``, ``b' = b + W mu`` (a conv sums W over its taps). Exact for Linear,
 unpadded (or non-zero-padded) convolutions and chains through ops that commute with a positive affine map;
-approximate for zero-padded convolutions; absent otherwise. Split from ``anact.py`` to keep files small.
+approximate for zero-padded convolutions; absent otherwise. A site is folded where that is exact (or
+approximate, with ``allow_inexact``); every other site converts unfolded and is exact at strength 0 only
+(:func:`decide`, :func:`exact_at`). Split from ``anact.py`` to keep files small.
 """
 
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -47,47 +50,85 @@ def _compensation(info: Any, facts: dict[str, Any], by_name: dict[str, Any], per
     return {"status": status, "reason": reason, "consumers": [d.get("consumer") for d in down]}
 
 
+def folds(site: Any) -> bool:
+    """Whether a site's ``c`` and ``mu`` are folded into its consumers: its compensation is exact, or
+    approximate and ``allow_inexact`` is set (read from the site's facts and config, so old plans agree)."""
+    comp = site.facts.get("compensation") or {}
+    status = comp.get("status")
+    return bool(comp.get("consumers")) and (
+        status == "exact" or (status == "approximate" and bool(site.config.get("allow_inexact"))))
+
+
+def exact_at(site: Any) -> str:
+    """Where a converted site reproduces the original: ``"every strength"`` (folded, exact compensation),
+    ``"strength 0"`` (unfolded: the blend is ``f`` itself at 0) or ``"no strength"`` (folded approximately)."""
+    if not folds(site):
+        return "strength 0"
+    return "every strength" if (site.facts.get("compensation") or {}).get("status") == "exact" else "no strength"
+
+
+_UNFOLDED = "not folded, so exact at strength 0 only"
+
+
 def decide(kind: str, params: dict[str, Any], info: Any, facts: dict[str, Any], by_name: dict[str, Any],
            config: Any) -> tuple[str, str, dict[str, Any]]:
     """``(action, reason, site config)`` of a supported activation site (a module or a functional call).
 
-    ``facts["compensation"]`` is set from the finder's facts (left out when there are none): a site that
-    is not exact is skipped unless ``config.allow_inexact``; a site without facts converts (module walk)."""
+    ``facts["compensation"]`` is set from the finder's facts (left out when there are none). Every site
+    converts: an exact one is folded into its consumers (exact at every strength); an approximate one is
+    folded too with ``config.allow_inexact``; any other is left unfolded, exact at strength 0 (the reason
+    names the consumer that prevents folding). ``facts["exact_at"]`` says which (:func:`exact_at`)."""
     action, reason = CONVERT, ""
     comp = facts.setdefault("compensation", _compensation(info, facts, by_name, config.per_channel))
     if comp is None:
         del facts["compensation"]
-        reason = "no consumer facts: compensation not established, exact only once its consumers are folded"
+        reason = f"no consumer facts: compensation not established; {_UNFOLDED}"
     elif comp.get("status") != "exact":
         why = f"compensation is {comp.get('status')}: {comp.get('reason', '')}".rstrip(": ")
-        action, reason = (CONVERT, why) if config.allow_inexact else (
-            SKIP, f"{why}; set allow_inexact=true to convert anyway")
+        if comp.get("status") == "approximate" and config.allow_inexact:
+            reason = f"{why}; folded approximately (allow_inexact)"
+        elif comp.get("status") == "approximate":
+            reason = f"{why}; {_UNFOLDED} (allow_inexact=true folds it approximately)"
+        else:
+            reason = f"{why}; {_UNFOLDED}"
     channels = _channel_count(info, by_name) if config.per_channel else None
     if config.per_channel and channels is None:
         action, reason = SKIP, "per_channel needs the channel count (dim 1), which the finder could not establish"
     if getattr(info, "path", None) == "fx" and getattr(info, "calls", None) == 0 and not facts.get("inside"):
         facts.pop("compensation", None)
         action, reason = SKIP, "forward never calls it: nothing to convert"
-    return action, reason, {**config.to_dict(), "source_kind": kind, **params, "channels": channels}
+    extra = {**config.to_dict(), "source_kind": kind, **params, "channels": channels}
+    if action == CONVERT:
+        facts["exact_at"] = exact_at(SimpleNamespace(facts=facts, config=extra))
+    return action, reason, extra
 
 
 def mark_unchecked(sites: list[Any], graph: Any) -> None:
-    """Mark exact converted sites whose consumers see the output of an inexact converted site (see
-    ``ANAct.finalize_plan``); without an fx graph every exact site is marked once any site is inexact."""
-    status = {id(s): (s.facts.get("compensation") or {}).get("status") for s in sites if s.action == CONVERT}
-    inexact = [s for s in sites if status.get(id(s), "exact") != "exact"]
+    """Mark converted sites that would be exact where they are but whose input (an unfolded site) or
+    consumers' input (a folded one) is changed by an inexact converted site upstream: one folded
+    approximately, or an unfolded one at strength > 0. The probe compares with the original network, so
+    they get ``facts["probe_check"] = False`` (see ``ANAct.finalize_plan``); without an fx graph every
+    such site is marked once any site is inexact."""
+    converted = [s for s in sites if s.action == CONVERT]
+    inexact = {id(s): s for s in converted if exact_at(s) == "no strength"
+               or (exact_at(s) == "strength 0" and float(s.config.get("strength", 0.0)) > 0)}
     if not inexact:
         return
     fx_graph = getattr(graph, "graph", None)
     reached = None
     if fx_graph is not None:
-        modules = {s.facts.get("inside") or s.name for s in inexact if not s.facts.get("graph_rewrite")}
-        reached = reached_modules(fx_graph, modules, {s.facts["node"] for s in inexact if s.facts.get("node")})
-    for site in sites:
-        consumers = (site.facts.get("compensation") or {}).get("consumers", [])
-        if status.get(id(site)) == "exact" and (reached is None or reached.intersection(consumers)):
+        bad = list(inexact.values())
+        modules = {s.facts.get("inside") or s.name for s in bad if not s.facts.get("graph_rewrite")}
+        reached = reached_modules(fx_graph, modules, {s.facts["node"] for s in bad if s.facts.get("node")})
+    for site in converted:
+        if id(site) in inexact:
+            continue
+        consumers = (site.facts.get("compensation") or {}).get("consumers", []) if folds(site) else [
+            site.facts.get("inside") or site.name]
+        if reached is None or reached.intersection(consumers):
             site.facts["probe_check"] = False
-            site.reason = "exact where it is, but not compared on the probe: an inexact site upstream changes its input"
+            note = "exact where it is, but not compared on the probe: an inexact site upstream changes its input"
+            site.reason = f"{site.reason}; {note}" if site.reason else note
 
 
 def _channel_count(info: Any, by_name: dict[str, Any]) -> int | None:
@@ -190,19 +231,26 @@ def fold_into_consumer(consumer: nn.Module, c: torch.Tensor | float, mu: torch.T
 
 
 def export_fold(model: nn.Module, consumers: dict[str, list[str]], inplace: bool = False) -> nn.Module:
-    """Inference export: fold each named ANAct's frozen ``c``, ``mu`` into its consumers (an inverse
-    :func:`fold_into_consumer`) and put its plain ``act`` back under every name it has; the result computes
-    what ``model`` computes (in a compensated model, the consumers become the original ones again).
-    ``consumers``: ANAct module name -> names of *every* module consuming its output, each exactly foldable.
-    Works on a deep copy unless ``inplace``; everything is checked before the first change."""
+    """Inference export: fold each named ANAct's frozen map of ``f`` (``ANAct.affine()``: ``c``, ``mu`` at a
+    folded site) into its consumers (an inverse :func:`fold_into_consumer`) and put its plain ``act`` back
+    under every name it has; the result computes what ``model`` computes (in a compensated model, the
+    consumers become the original ones again). ``consumers``: ANAct module name -> names of *every* module
+    consuming its output, each exactly foldable; an empty list is allowed only where the ANAct computes
+    ``f`` itself (an unfolded site at strength 0). Works on a deep copy unless ``inplace``; everything is
+    checked before the first change."""
     target, aliases = model if inplace else copy.deepcopy(model), {}
     for name, mod in target.named_modules(remove_duplicate=False):
         aliases.setdefault(id(mod), []).append(name)
     jobs, seen = [], set()
     for name, names in consumers.items():
         act = target.get_submodule(name)
-        if type(act).__name__ != "ANAct" or not hasattr(act, "scale"):
+        if type(act).__name__ != "ANAct" or not hasattr(act, "affine"):
             raise NormswapError(f"export_fold: '{name}' is {describe(act)}, not an ANAct")
+        with torch.no_grad():
+            c, mu = (t.detach() for t in act.affine())
+        if not names and not (bool((c == 1).all()) and bool((mu == 0).all())):
+            raise NormswapError(f"export_fold: '{name}' has no consumer to fold into and does not compute its plain "
+                                f"activation (strength {act.current_strength():g})")
         mods = []
         for cname in dict.fromkeys(names):
             mod = target.get_submodule(cname)
@@ -212,10 +260,8 @@ def export_fold(model: nn.Module, consumers: dict[str, list[str]], inplace: bool
                 raise NormswapError(f"export_fold: cannot fold '{name}' into '{cname}' exactly ({why})")
             seen.add(id(mod))
             mods.append(mod)
-        jobs.append((act, mods))
-    for act, mods in jobs:
-        with torch.no_grad():
-            c, mu = act.scale().detach(), act.shift().detach()
+        jobs.append((act, mods, c, mu))
+    for act, mods, c, mu in jobs:
         for mod in mods:
             fold_into_consumer(mod, c, mu, inverse=True)
         for alias in aliases[id(act)]:

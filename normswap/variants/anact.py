@@ -1,8 +1,8 @@
-"""ANAct: normalised activation functions, made exact on a pretrained network by compensation.
+"""ANAct: normalised activation functions, with a strength homotopy and compensation by folding.
 
 Paper: P. Yuan, H. Liu, C. Zhu, Y. Wang, "ANAct: Adaptive Normalization for Activation Functions",
-arXiv 2208.13315. Specification: docs/methods.md sections 0 and 2. For an activation ``f`` at one site with
-pre-activation ``X``::
+arXiv 2208.13315. Specification: docs/methods.md sections 0 and 2. For an activation ``f`` at one site
+with pre-activation ``X``::
 
     rho   = E[f(X)^2] / Var[X]            # forward gain (Var: population variance, ddof 0)
     rho'  = E[f'(X)^2]                    # backward gain, f' exact (normswap.variants._activations)
@@ -10,32 +10,35 @@ pre-activation ``X``::
     c     = lam + 0.3 tanh(alpha)         # alpha: learnable scalar, init 0
     f_hat = c * (f(X) - mu)               # mu: running mean of f(X)
 
-Statistics (no gradient; float32, float64 for float64 inputs) are one scalar per site, or per channel
-(``per_channel``: dim 1, BN layout; buffers of shape (C,), ``alpha`` stays a scalar). ``lam`` always
-uses the running values, so gradients flow through ``f`` and ``alpha`` only.
+Statistics (no gradient; float32, float64 for float64 inputs; one scalar per site or, with
+``per_channel``, one per channel of dim 1 while ``alpha`` stays a scalar): EMA with rejection in training,
+frozen in eval, exact sums in calibration, at every strength (:mod:`normswap.variants._anact_stats`).
+``lam`` always uses the running values, so gradients flow through ``f`` and ``alpha`` only. Initial
+``rho = rho' = 1, mu = 0`` give ``c = 1`` (normswap design).
 
-- Training: the first batch (``num_batches_tracked == 0``) is taken as is, later ones by EMA
-  ``new = momentum * old + (1 - momentum) * batch``; the output uses the updated values. Each statistic
-  (and channel) is tested on its own: a rejected one keeps its running value, the others still update,
-  and ``num_batches_tracked`` counts every batch. rho, rho' are rejected outside ``[1 - reject,
-  1 + reject] x`` the running value (the paper's [0.8, 1.2]). The mean is signed and often near 0
-  (tanh), where a ratio band would freeze it, so it is rejected when ``|batch - running| > reject *
-  sqrt(E_batch[f^2])``, the same band on the scale of ``f`` (normswap design). Non-finite estimates (a
-  constant input: Var = 0) are always rejected.
-- Eval: frozen. Calibration: :meth:`calibration_begin` resets float64 accumulators (count, sums of x
-  and x^2 shifted by the first batch's mean, f, f^2, f'^2), each forward adds to them, and
-  :meth:`calibration_end` writes the exact full-data statistics (no EMA, no rejection; no data: no change).
-- Initial ``rho = rho' = 1, mu = 0`` give ``c = 1``: before any statistics the layer is exactly ``f``
-  (normswap design), so a fresh conversion is exact even before compensation.
+Strength and exactness (docs/methods.md sections 0, 2.2 and 2.4; normswap design). The strength ``s`` in [0, 1] is the
+``strength`` buffer (float32, in the state_dict) with a Python mirror ``_strength`` that decides the
+branches, so ``s == 0`` never reads a tensor value (torch.fx / torch.compile). Two kinds of site:
 
-Exactness (docs/methods.md sections 0 and 2.3). ANAct has no homotopy: ``set_strength`` only records the value. The start
-is exact when every consumer of the output is folded (:func:`fold_into_consumer`, ``W' = W / c``,
-``b' = b + W mu``; :func:`compensation_status` says where that is exact), which the apply step marks with
-``compensated = True``; a training update or a calibration clears it (refold). :meth:`claims_exact` is
-``compensated``, or ``c == 1 and mu == 0`` (the layer is ``f`` itself). :func:`export_fold` folds c and
-mu back into the consumers and restores the plain activation for inference. State_dict: ``act.*`` (the
-activation's own keys, none for most), ``alpha``, ``running_rho``, ``running_rho_prime``,
-``running_mean``, ``num_batches_tracked``; folding adds a ``bias`` key to a consumer without one.
+- **folded** (``folded = True``): every consumer absorbs ``c`` and ``mu`` (:func:`fold_into_consumer`,
+  ``W' = W / c``, ``b' = b + W mu``), exactly where :func:`compensation_status` says "exact" (or
+  approximately, with ``allow_inexact``). The layer computes ``c (f - mu)`` at *every* strength: the
+  folded consumers make the network exact at every strength, so strength does not change the function
+  there, only the parametrisation training sees. ``compensated`` says the fold matches the current
+  statistics; a training update or a calibration clears it until the refold (``after_calibration``).
+- **unfolded** (a residual add, a zero-padded conv, a non-affine consumer, a shared module: nothing
+  absorbs the map): the output is the blend ``(1 - s) f + s c (f - mu)``, affine in ``f`` as
+  ``c_s (f - mu_s)`` with ``c_s = 1 + s (c - 1)``, ``mu_s = s c mu / c_s`` (:meth:`affine`): exactly
+  ``f`` at 0 (bit for bit, the value ``act`` returns) and the paper's layer at 1.
+
+:meth:`claims_exact`: folded: ``compensated``; unfolded: ``s == 0``; either: ``c == 1 and mu == 0``.
+Export (:func:`export_fold`) folds an exact folded site's ``c`` and ``mu`` back into its consumers and
+puts the plain activation back; an unfolded site at strength 0 simply becomes its plain activation;
+an unfolded site at ``s > 0`` stays ANAct. State_dict: ``act.*`` (the activation's own keys, none for
+most), ``alpha``, ``running_rho``, ``running_rho_prime``, ``running_mean``, ``num_batches_tracked``,
+``strength``; folding adds a ``bias`` key to a consumer without one. A file from before the strength
+buffer loads strictly: unfolded sites get strength 1 (that layer always computed ``c (f - mu)``),
+folded ones keep the plan's strength (their function does not depend on it).
 
 Sites (docs/anact.md): activation modules; the ``act`` of timm norm + activation layers (it takes the
 layer's consumers); functional calls, which become modules ``anact_fn_<fx node>`` (:meth:`propose_functional`;
@@ -56,11 +59,14 @@ from normswap.errors import FileFormatError, NormswapError, OptionError
 from normswap.surgery.graph import ACTIVATION_TYPES
 from normswap.surgery.plan import CONVERT, SKIP, Site
 from normswap.variants._activations import (
-    DEFAULTS, KINDS, MODULE_CLASSES, UnsupportedActivationError, activation_kind, apply_activation, derivative, describe,
-    make_activation, resolve_activation, sum_over_ranks, unsupported_message,
+    DEFAULTS, KINDS, MODULE_CLASSES, UnsupportedActivationError, activation_kind, describe, make_activation,
+    resolve_activation, unsupported_message,
 )
-from normswap.variants._fold import compensation_status, decide, export_fold, fold_into_consumer, mark_unchecked
-from normswap.variants.base import CalibrationSettings, Variant, VariantConfig, check_strength, qualname
+from normswap.variants._anact_stats import ANActStatistics
+from normswap.variants._fold import (
+    compensation_status, decide, exact_at, export_fold, fold_into_consumer, folds, mark_unchecked,
+)
+from normswap.variants.base import CalibrationSettings, Variant, VariantConfig, check_strength, qualname, strength_buffer
 from normswap.variants.registry import register
 
 __all__ = ["ANAct", "ANActConfig", "KINDS", "UnsupportedActivationError", "activation_kind", "compensation_status",
@@ -71,7 +77,9 @@ _TINY = 1e-12  # floor of rho and rho' inside lam (a dead unit would otherwise g
 
 @dataclass
 class ANActConfig(VariantConfig):
-    """ANAct options. ``strength`` is recorded only: ANAct is exact through compensation (docs/methods.md section 2.3)."""
+    """ANAct options. ``strength`` blends the layer in at unfolded sites (docs/methods.md section 2.4);
+    ``allow_inexact`` folds approximately compensated sites (zero-padded consumers) instead of leaving them
+    unfolded."""
 
     per_channel: bool = False
     momentum: float = 0.9
@@ -86,20 +94,36 @@ class ANActConfig(VariantConfig):
             raise OptionError(f"option 'reject' of variant '{variant}' must be > 0; got {self.reject}")
 
 
+class ResidualExample(nn.Module):
+    """``head(gelu(h + fc2(h)))`` with ``h = relu(fc1(x))``: the ReLU feeds a residual add (unfolded, exact at
+    strength 0), the GELU feeds only ``head`` (folded, exact at every strength). Used by :meth:`ANAct.examples`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.relu, self.fc2 = nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6)
+        self.gelu, self.head = nn.GELU(), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.fc1(x))
+        return self.head(self.gelu(h + self.fc2(h)))
+
+
 @register
-class ANAct(Variant):
-    """``c * (f(x) - mu)`` around a kept activation module ``act``; see the module docstring."""
+class ANAct(ANActStatistics, Variant):
+    """``c * (f(x) - mu)`` around a kept activation module ``act``, blended in by strength where it is not
+    folded into the consumers; see the module docstring."""
 
     name = "anact"
     needs_calibration = True
-    description = "normalised activations (Yuan et al. 2208.13315), exact through folding into consumers"
+    description = ("normalised activations (Yuan et al. 2208.13315): folded into consumers where exact, "
+                   "else blended in by strength")
     config_class = ANActConfig
     adapters = {qualname(c): activation_kind(c())[0] for c in MODULE_CLASSES}  # GELU: gelu or gelu_tanh
     families = MODULE_CLASSES
     functional_kinds = ("activation",)
 
     def __init__(self, act: nn.Module | str, *, per_channel: bool = False, channels: int | None = None,
-                 momentum: float = 0.9, reject: float = 0.2, strength: float = 0.0,
+                 momentum: float = 0.9, reject: float = 0.2, strength: float = 0.0, folded: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         act = make_activation(act) if isinstance(act, str) else act
@@ -108,7 +132,7 @@ class ANAct(Variant):
         if per_channel and not (isinstance(channels, int) and channels > 0):
             raise NormswapError(f"ANAct per_channel needs a positive channel count; got {channels!r}")
         self.per_channel, self.channels = bool(per_channel), (int(channels) if per_channel else None)
-        self.momentum, self.reject, self.strength = float(momentum), float(reject), float(strength)
+        self.momentum, self.reject, self.folded = float(momentum), float(reject), bool(folded)
         shape = (self.channels,) if per_channel else ()
         factory = {"device": device, "dtype": dtype or torch.float32}
         self.alpha = nn.Parameter(torch.zeros((), **factory))
@@ -116,7 +140,9 @@ class ANAct(Variant):
         self.register_buffer("running_rho_prime", torch.ones(shape, **factory))
         self.register_buffer("running_mean", torch.zeros(shape, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        self.compensated, self._calibrating, self._acc = False, False, None
+        self.register_buffer("strength", strength_buffer(check_strength(strength), like=self.running_mean))
+        self._strength = float(strength_buffer(strength))  # Python mirror: decides the branches in forward
+        self.compensated, self._calibrating, self._acc, self._folded = False, False, None, None
         self._settings: CalibrationSettings | None = None
 
     # ---- the layer ---------------------------------------------------------------------------------
@@ -135,88 +161,29 @@ class ANAct(Variant):
         elif self.training:
             self._update(x)
         f = self.act(x)  # after the statistics: an in-place activation may overwrite x
+        s = self._strength
+        if s == 0.0 and not self.folded:
+            return f  # the source activation itself: no tensor value is read (torch.fx, torch.compile)
         c, mu = self.scale().to(f.dtype), self.running_mean.to(f.dtype)
-        if self.per_channel:
-            return ((f.transpose(1, -1) - mu) * c).transpose(1, -1)
-        return (f - mu) * c
+        ft = f.transpose(1, -1) if self.per_channel else f  # channels last, where c and mu broadcast
+        if self.folded or s == 1.0:
+            out = (ft - mu) * c
+        else:  # (1 - s) f + s c (f - mu), affine in f
+            cs = c * s
+            out = ft * (cs + (1.0 - s)) - cs * mu
+        return out.transpose(1, -1) if self.per_channel else out
 
-    def _columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x, f(x), f'(x) detached in the statistics dtype, reshaped so that dim -1 is reduced."""
-        xs = x.detach().to(torch.promote_types(x.dtype, torch.float32))
-        if self.per_channel:
-            if xs.dim() < 2 or xs.shape[1] != self.channels:
-                raise NormswapError(f"ANAct per_channel expects {self.channels} channels in dim 1; "
-                                    f"got input of shape {tuple(x.shape)}")
-            xs = xs.transpose(0, 1).reshape(self.channels, -1)
-        else:
-            xs = xs.reshape(-1)
-        return xs, apply_activation(self.kind, self.act_params, xs), derivative(self.kind, self.act_params, xs)
-
-    @torch.no_grad()
-    def _update(self, x: torch.Tensor) -> None:
-        xs, f, fp = self._columns(x)
-        var = (xs - xs.mean(-1, keepdim=True)).square().mean(-1)
-        f2 = f.square().mean(-1)
-        self._update_running(f2 / var, fp.square().mean(-1), f.mean(-1), f2)
-        self.compensated = False
-
-    @torch.no_grad()
-    def _update_running(self, rho: torch.Tensor, rho_p: torch.Tensor, mean: torch.Tensor, f2: torch.Tensor) -> None:
-        """EMA with per-statistic rejection (module docstring); ``f2 = E_batch[f^2]`` scales the mean's band."""
-        first = self.num_batches_tracked == 0
-        m, r = self.momentum, self.reject
-        for buf, est in ((self.running_rho, rho), (self.running_rho_prime, rho_p), (self.running_mean, mean)):
-            est = est.to(buf.dtype)
-            if buf is self.running_mean:
-                ok = (est - buf).abs() <= r * f2.to(buf.dtype).sqrt()
-            else:
-                ok = (est >= (1 - r) * buf) & (est <= (1 + r) * buf)
-            ok = (ok | first) & torch.isfinite(est)
-            new = torch.where(first, est, m * buf + (1 - m) * est)
-            buf.copy_(torch.where(ok, new, buf))
-        self.num_batches_tracked.add_(1)
-
-    # ---- calibration ---------------------------------------------------------------------------------
-    def calibration_begin(self, settings: CalibrationSettings | None = None) -> None:
-        """Reset the accumulators; every forward until :meth:`calibration_end` adds to them. The current
-        ``(c, mu)`` -- what the consumers are folded with -- is kept for :meth:`after_calibration`.
-        ``settings.reduce`` (torch.distributed) makes every rank write the statistics of all ranks' data."""
-        with torch.no_grad():
-            self._folded = (self.scale().detach().clone(), self.shift().detach().clone())
-        self._calibrating, self._acc = True, None
-        self._settings = settings or CalibrationSettings()
-
-    def calibration_abort(self) -> None:
-        self._calibrating, self._acc, self._folded = False, None, None
-
-    @torch.no_grad()
-    def _observe(self, x: torch.Tensor) -> None:
-        xs, f, fp = (t.to(torch.float64) for t in self._columns(x))
-        acc = self._acc
-        if acc is None:  # the first batch's mean shifts x, so that Var = E[d^2] - E[d]^2 does not cancel
-            acc = self._acc = {"shift": xs.mean(-1, keepdim=True), "count": 0, "batches": 0}
-        d = xs - acc["shift"]
-        for key, t in (("sum_x", d), ("sum_x2", d.square()), ("sum_f", f), ("sum_f2", f.square()),
-                       ("sum_fp2", fp.square())):
-            acc[key] = acc.get(key, 0) + t.sum(-1)
-        acc["count"] += xs.shape[-1]
-        acc["batches"] += 1
-
-    @torch.no_grad()
-    def calibration_end(self) -> None:
-        """Write rho, rho', mu from all calibration data (non-finite values keep the running ones)."""
-        acc, self._calibrating, self._acc = self._acc, False, None
-        if self._settings is not None and self._settings.reduce is not None:
-            acc = sum_over_ranks(acc, self._settings, self.running_mean)
-        if acc is None or acc["count"] == 0:
-            return
-        n = acc["count"]
-        var = acc["sum_x2"] / n - (acc["sum_x"] / n).square()
-        stats = (acc["sum_f2"] / n / var, acc["sum_fp2"] / n, acc["sum_f"] / n)
-        for buf, est in zip((self.running_rho, self.running_rho_prime, self.running_mean), stats):
-            buf.copy_(torch.where(torch.isfinite(est), est.to(buf), buf))
-        self.num_batches_tracked.add_(acc["batches"])
-        self.compensated = False
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c_s, mu_s)`` of the map ``c_s (f - mu_s)`` the layer applies to ``f`` now: ``(c, mu)`` at a
+        folded site or at strength 1, ``(1, 0)`` at an unfolded site at strength 0, else
+        ``c_s = 1 + s (c - 1)``, ``mu_s = s c mu / c_s`` (what :func:`export_fold` folds)."""
+        c, mu, s = self.scale(), self.shift(), self._strength
+        if self.folded or s == 1.0:
+            return c, mu
+        if s == 0.0:
+            return torch.ones_like(c), torch.zeros_like(mu)
+        cs = 1 + s * (c - 1)
+        return cs, s * c * mu / cs
 
     # ---- the variant contract -----------------------------------------------------------------------
     @classmethod
@@ -231,8 +198,10 @@ class ANAct(Variant):
     @classmethod
     def propose(cls, infos: list[Any], config: VariantConfig) -> list[Site]:
         """Every supported activation module becomes a site. ``facts["compensation"]`` (``{"status",
-        "reason", "consumers"}``, from the finder's ``downstream`` facts) records whether the start can be
-        made exact; a site that is not exact is skipped unless ``allow_inexact``; without facts it converts."""
+        "reason", "consumers"}``, from the finder's ``downstream`` facts) records whether ``c`` and ``mu`` fold
+        into the consumers exactly; ``facts["exact_at"]`` says where the site is exact: ``"every strength"``
+        (folded), ``"strength 0"`` (unfolded: the reason names the consumer that prevents folding) or ``"no
+        strength"`` (folded approximately, ``allow_inexact``)."""
         by_name = {info.name: info for info in infos}
         sites = []
         for info in infos:
@@ -279,9 +248,10 @@ class ANAct(Variant):
 
     @classmethod
     def finalize_plan(cls, sites: list[Site], graph: Any) -> None:
-        """With ``allow_inexact``, an exact site downstream of an inexact one is still exact where it is, but
-        the probe (which compares with the original network) would see the upstream change: it is marked
-        ``facts["probe_check"] = False`` and not compared; the end-to-end output is not claimed anyway."""
+        """A site downstream of an inexact one (folded approximately, or unfolded at strength > 0) is still
+        exact where it is, but the probe (which compares with the original network) would see the upstream
+        change: it is marked ``facts["probe_check"] = False`` and not compared; the end-to-end output is not
+        claimed anyway."""
         mark_unchecked(sites, graph)
 
     @classmethod
@@ -302,35 +272,32 @@ class ANAct(Variant):
         config.validate(cls.name)
         p = next(iter(module.parameters()), None)
         return cls(module, per_channel=config.per_channel, channels=site.config.get("channels"),
-                   momentum=config.momentum, reject=config.reject, strength=config.strength,
+                   momentum=config.momentum, reject=config.reject, strength=config.strength, folded=folds(site),
                    device=p.device if p is not None else None)
 
     @classmethod
     def _consumers(cls, model: nn.Module, site: Site) -> list[nn.Module]:
-        comp = site.facts.get("compensation") or {}
-        if comp.get("status") == "exact" or (comp.get("status") == "approximate" and site.config.get("allow_inexact")):
-            return [model.get_submodule(name) for name in comp.get("consumers", [])]
-        return []
+        """The modules a folded site's ``c`` and ``mu`` are folded into (none for an unfolded site)."""
+        names = (site.facts.get("compensation") or {}).get("consumers", []) if folds(site) else []
+        return [model.get_submodule(name) for name in names]
 
     @classmethod
     def compare_points(cls, site: Site) -> list[tuple[str, str]]:
-        """A compensated ANAct changes its own output on purpose: exactness is at its consumers."""
-        comp = site.facts.get("compensation") or {}
+        """A folded ANAct changes its own output on purpose: exactness is at its consumers. An unfolded one
+        is compared with the source activation (at strength 0 it is that activation)."""
         if site.facts.get("probe_check") is False:
             return []  # an inexact site upstream changes what reaches it (see finalize_plan)
-        if comp.get("status") == "exact" and comp.get("consumers"):
-            return [(name, name) for name in comp["consumers"]]
+        if exact_at(site) == "every strength":
+            return [(name, name) for name in site.facts["compensation"]["consumers"]]
         if site.facts.get("graph_rewrite"):
             return []  # a functional call has no module in the original to compare with
         return super().compare_points(site)
 
     @classmethod
     def after_apply(cls, model: nn.Module, site: Site, module: "Variant") -> None:
-        """Fold the current ``(c, mu)`` into the consumers (docs/methods.md section 2.2): exact sites become
-        compensated.
-
-        A fresh ANAct has ``c = 1, mu = 0``, so this only gives bias-less consumers their ``bias`` key
-        (``load`` relies on that before its strict load); :meth:`after_calibration` refolds."""
+        """Fold the current ``(c, mu)`` into a folded site's consumers (docs/methods.md section 2.2): exact sites
+        become compensated. A fresh ANAct has ``c = 1, mu = 0``, so this only gives bias-less consumers their
+        ``bias`` key (``load`` relies on that before its strict load); :meth:`after_calibration` refolds."""
         ref = next(iter(model.parameters()), None)
         if ref is not None:
             module.to(device=ref.device)
@@ -338,7 +305,7 @@ class ANAct(Variant):
             c, mu = module.scale().detach(), module.shift().detach()
         for consumer in cls._consumers(model, site):
             fold_into_consumer(consumer, c, mu)
-        module.compensated = (site.facts.get("compensation") or {}).get("status") == "exact"
+        module.compensated = exact_at(site) == "every strength"
 
     @classmethod
     def after_calibration(cls, model: nn.Module, site: Site, module: "Variant") -> None:
@@ -351,48 +318,74 @@ class ANAct(Variant):
                 fold_into_consumer(consumer, old[0], old[1], inverse=True)
             fold_into_consumer(consumer, c, mu)
         module._folded = None
-        module.compensated = (site.facts.get("compensation") or {}).get("status") == "exact"
+        module.compensated = exact_at(site) == "every strength"
 
     @classmethod
     def fold_for_export(cls, model: nn.Module, sites: list[Site]) -> tuple[list[str], dict[str, str]]:
-        """Fold every exactly compensated site's frozen ``c`` and ``mu`` into its consumers and put the plain
-        activation back (:func:`export_fold`); sites whose consumers cannot absorb them exactly stay ANAct."""
+        """Inference export (:func:`export_fold`): an exactly folded site's frozen ``c`` and ``mu`` go into its
+        consumers and the plain activation comes back; an unfolded site at strength 0 computes its plain
+        activation, which simply comes back. Approximately folded sites and unfolded ones at strength > 0
+        stay ANAct (nothing can absorb their map exactly)."""
         consumers, kept = {}, {}
         for site in sites:
-            comp = site.facts.get("compensation") or {}
-            if not isinstance(model.get_submodule(site.name), ANAct):
+            module, where = model.get_submodule(site.name), exact_at(site)
+            status = (site.facts.get("compensation") or {}).get("status") or "not established"
+            if not isinstance(module, ANAct):
                 kept[site.name] = "not an ANAct module"
-            elif comp.get("status") == "exact" and comp.get("consumers"):
-                consumers[site.name] = list(comp["consumers"])
+            elif where == "every strength":
+                consumers[site.name] = list(site.facts["compensation"]["consumers"])
+            elif where == "strength 0" and module.current_strength() == 0.0:
+                consumers[site.name] = []
+            elif where == "strength 0":
+                kept[site.name] = (f"unfolded (compensation is {status}) at strength > 0: nothing can absorb its "
+                                   "blend of f and c (f - mu) exactly")
             else:
-                status = comp.get("status") or "not established"
                 kept[site.name] = f"compensation is {status}: its consumers cannot absorb c and mu exactly"
         export_fold(model, consumers, inplace=True)
         return list(consumers), kept
 
     @classmethod
     def apply_folded(cls, model: nn.Module, site: Site) -> None:
-        """An exported site holds the plain activation; its consumers keep the ``bias`` key the fold gave them."""
+        """An exported site holds the plain activation; a folded site's consumers keep the ``bias`` key the
+        fold gave them (an unfolded site's consumers were never changed)."""
         act = model.get_submodule(site.name)
         found = activation_kind(act)
         if found is None or found[0] != site.config.get("source_kind"):
             raise FileFormatError(f"the plan does not fit this model: folded site '{site.name}' is {describe(act)}, "
                                   f"the plan expects activation kind {site.config.get('source_kind')!r}")
-        for name in (site.facts.get("compensation") or {}).get("consumers", []):
-            consumer = model.get_submodule(name)
+        for consumer in cls._consumers(model, site):
             if getattr(consumer, "bias", True) is None:
                 fold_into_consumer(consumer, 1.0, 0.0)  # c = 1, mu = 0: only adds a zero bias
 
     def set_strength(self, strength: float) -> None:
-        """Recorded only: ANAct has no homotopy; it is exact at any strength once compensated."""
+        """Set ``s``: blends the layer in at an unfolded site; a folded site computes ``c (f - mu)`` at every
+        strength (its consumers compensate), so there it only records the value."""
         s = check_strength(strength)
-        self.strength = s
+        with torch.no_grad():
+            self.strength.fill_(s)
+        self._strength = float(strength_buffer(s))
 
     def current_strength(self) -> float:
-        return self.strength
+        return self._strength
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[override]
+                              unexpected_keys, error_msgs) -> None:
+        """A file from before the ``strength`` buffer has no such key: an unfolded site there computed
+        ``c (f - mu)``, which is strength 1; a folded site keeps its strength (the function does not depend on it)."""
+        key = prefix + "strength"
+        old_layout = key not in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if old_layout:
+            if key in missing_keys:
+                missing_keys.remove(key)
+            if not self.folded:
+                self.set_strength(1.0)
+        elif self.strength.device.type != "meta":
+            self._strength = float(self.strength)
 
     def claims_exact(self) -> bool:
-        if self.compensated:
+        if (self.compensated if self.folded else self._strength == 0.0):
             return True
         with torch.no_grad():
             return bool((self.scale() == 1).all()) and bool((self.running_mean == 0).all())
@@ -405,6 +398,7 @@ class ANAct(Variant):
                 (nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4)).eval(), torch.randn(8, 6)),
                 (nn.Sequential(nn.Conv2d(3, 8, 1), nn.GELU(), nn.Conv2d(8, 5, 1)).eval(), torch.randn(2, 3, 6, 6)),
                 (nn.Sequential(nn.Linear(6, 10), nn.SiLU(), nn.Linear(10, 3)).eval(), torch.randn(8, 6)),
+                (ResidualExample().eval(), torch.randn(8, 6)),  # an unfolded site (residual add) before a folded one
             ]
 
     def extra_repr(self) -> str:
