@@ -41,7 +41,7 @@ def recipe_cmd() -> None:
     """
 
 
-@recipe_cmd.command("validate")
+@recipe_cmd.command("validate", short_help="Check a recipe against the schema.")
 @click.argument("file", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help=_SET_HELP)
 @click.option("--json", "as_json", is_flag=True,
@@ -71,7 +71,7 @@ def validate_cmd(file: str, overrides: tuple[str, ...], as_json: bool) -> None:
         click.echo(f"{file}: ok ({summary(recipe)})")
 
 
-@recipe_cmd.command("show")
+@recipe_cmd.command("show", short_help="Print the fully resolved recipe.")
 @click.argument("file", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help=_SET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of YAML.")
@@ -93,7 +93,7 @@ def show_cmd(file: str, overrides: tuple[str, ...], as_json: bool) -> None:
         click.echo(dump_recipe(recipe), nl=False)
 
 
-@recipe_cmd.command("schema")
+@recipe_cmd.command("schema", short_help="Print the recipe JSON Schema.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write the schema to this file (atomically) instead of standard output.")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
