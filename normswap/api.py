@@ -13,8 +13,9 @@ from torch import nn
 
 from normswap import __version__
 from normswap.calibrate import calibrate
-from normswap.errors import FileFormatError, NormswapError, VerificationError
+from normswap.errors import FileFormatError, NormswapError, UsageError, VerificationError
 from normswap.io import check_output, read_file, state_tensors, write_file
+from normswap.metadata import plan_from_file, replay, source_from_file
 from normswap.sources import SourceSpec, load_model, rebuild
 from normswap.surgery.apply import apply_plan
 from normswap.surgery.find import find
@@ -158,24 +159,22 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trust_sourc
         path: a file written by :func:`save` / ``normswap convert -o``.
         model: the unconverted architecture to replay the plan on (required for models built by
             custom code; a copy is converted, the argument is left untouched).
-        trust_source: allow rebuilding from a ``pkg.mod:factory`` / ``file.py:factory`` named in the file.
+        trust_source: allow rebuilding from a ``pkg.mod:factory`` / ``file.py:factory`` named in the file, or
+            from an hf directory that ships its own code. Nothing else in a file runs code: its source and
+            Plan are validated first (``normswap.metadata``, docs/security.md), problems are FileFormatErrors.
     """
     tensors, meta = read_file(path)
-    the_plan = Plan.from_dict(meta.get("plan"))
-    source = SourceSpec.from_dict(meta["source"]) if meta.get("source") else None
+    the_plan = plan_from_file(meta.get("plan"), path)
+    source = source_from_file(meta.get("source"), path)
     if model is None:
         if source is None:
             raise NormswapError(f"{path} was made from a model object, not a named source: pass model= "
                                 "(the unconverted architecture) to load it")
-        model = rebuild(source, allow_code=trust_source)
-    converted = apply_plan(model, the_plan, inplace=False)
-    result = converted.load_state_dict(tensors, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        miss, extra = result.missing_keys, result.unexpected_keys
-        raise FileFormatError(
-            f"{path} does not fit the rebuilt model: {len(miss)} missing key(s) ({', '.join(miss[:3])}), "
-            f"{len(extra)} unexpected key(s) ({', '.join(extra[:3])})"
-        )
+        try:
+            model = rebuild(source, allow_code=trust_source)
+        except UsageError as exc:  # a bad name or builder kwarg read from the file: the file is at fault
+            raise FileFormatError(f"{path}: {exc}") from None
+    converted = replay(path, model, the_plan, tensors)
     converted.eval()
     setattr(converted, META_ATTR, {"plan": the_plan, "source": source})
     return converted

@@ -18,7 +18,6 @@ import importlib.util
 import inspect
 import json
 import os
-import pickle
 import re
 import sys
 import urllib.error
@@ -35,10 +34,11 @@ from normswap.compat import import_torchvision
 from normswap.errors import (FileFormatError, NormswapError, UnknownModelError, UsageError,
                              WeightsError)
 from normswap.surgery.probe import example_input  # noqa: F401  (re-exported: part of this module's API)
+from normswap.weights import first_line as _first_line
+from normswap.weights import load_weights_file, read_state_dict  # noqa: F401  (re-exported)
 
 KINDS = ("torchvision", "timm", "hf", "python", "file")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-_STATE_KEYS = ("state_dict", "model", "model_state_dict")
 _PY_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _OFFLINE_HINT = "this machine may be offline: pass --weights FILE (.safetensors/.pt)"
 
@@ -143,70 +143,6 @@ def _parse_tv(name: str) -> SourceSpec:
     return SourceSpec(f"torchvision:{name.lower()}", "torchvision", name.lower())
 
 
-# ----------------------------------------------------------------------------------------- weights files
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    line = (str(getattr(exc, "reason", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
-    line = line.split(". ", 1)[0] if len(line) > limit else line
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A state_dict from ``.safetensors`` or ``torch.load(weights_only=True)``: bare, or under ``state_dict`` /
-    ``model`` / ``model_state_dict``; a uniform ``module.`` / ``_orig_mod.`` prefix is stripped."""
-    if not os.path.isfile(path):
-        raise WeightsError(f"weights file {path} not found (pass an existing .safetensors/.pt file, "
-                           "a weights name, or --weights none)")
-    if path.lower().endswith(".safetensors"):
-        from safetensors.torch import load_file
-        try:
-            data: Any = load_file(path, device="cpu")
-        except Exception as exc:  # SafetensorError, OSError: the file is not a valid safetensors file
-            raise WeightsError(f"weights file {path} is not a readable safetensors file "
-                               f"({_first_line(exc)})") from None
-    else:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-            what = f" ({found.group(1)})" if found else ""
-            raise WeightsError(
-                f"weights file {path} was refused by torch.load(weights_only=True): it contains pickled objects "
-                f"beyond tensors{what}, and normswap never unpickles untrusted files; convert it to .safetensors "
-                "(safetensors.torch.save_file(state_dict, 'model.safetensors')) where you trust it") from None
-        except Exception as exc:
-            raise WeightsError(f"could not read weights file {path}: {_first_line(exc)}") from None
-    if isinstance(data, dict) and not all(torch.is_tensor(v) for v in data.values()):
-        data = next((data[k] for k in _STATE_KEYS if isinstance(data.get(k), dict)), data)
-    if not isinstance(data, dict) or not data or not all(isinstance(k, str) and torch.is_tensor(v)
-                                                         for k, v in data.items()):
-        keys = ", ".join(map(str, list(data)[:5])) if isinstance(data, dict) else type(data).__name__
-        raise WeightsError(f"weights file {path} holds no state_dict (a dict of tensors, or one under "
-                           f"'state_dict'/'model'/'model_state_dict'); found: {keys or 'an empty dict'}")
-    for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in data):
-            data = {k[len(prefix):]: v for k, v in data.items()}
-    return dict(data)
-
-
-def load_weights_file(model: nn.Module, path: str, label: str) -> None:
-    """Load ``path`` into ``model`` strictly; a misfit raises one :class:`WeightsError` with examples."""
-    state = read_state_dict(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    extra = [k for k in state if k not in own]
-    shapes = [f"{k}: file {'x'.join(map(str, state[k].shape))}, model {'x'.join(map(str, v.shape))}"
-              for k, v in own.items() if k in state and state[k].shape != v.shape]
-    problems = [f"{len(items)} {one if len(items) == 1 else many} ({sep.join(items[:3])})" for items, one, many, sep
-                in [(missing, "missing key", "missing keys", ", "), (extra, "unexpected key", "unexpected keys", ", "),
-                    (shapes, "shape mismatch", "shape mismatches", "; ")] if items]
-    if problems:
-        raise WeightsError(f"weights file {path} does not fit {label}: {', '.join(problems)}")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise WeightsError(f"weights file {path} does not fit {label}: {_first_line(exc)}") from None
-
-
 # ----------------------------------------------------------------------------------------- builders
 def _tv_build(name: str, weights: Any, kwargs: dict) -> nn.Module:
     """``get_model`` that never fetches backbone weights; ``_frozen_bn`` names BatchNorm2d to freeze (detection)."""
@@ -263,6 +199,16 @@ def _tv_weights(source: SourceSpec, weights: str) -> Any:
     return enum[match]
 
 
+def cached_weights(name: str) -> list[str]:
+    """Names of torchvision model ``name``'s weights that are in torch's hub cache (load with no download)."""
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        enum = _tv().models.get_model_weights(name)
+    except (ValueError, KeyError):
+        return []
+    return [n for n, v in enum.__members__.items() if (hub / os.path.basename(v.url)).is_file()]
+
+
 def _download_errors() -> tuple[type[BaseException], ...]:
     """URLError, socket/HTTP errors (all OSError) and the Hugging Face hub's offline / HTTP errors."""
     hub = sys.modules.get("huggingface_hub.errors")
@@ -313,20 +259,53 @@ def _call_factory(source: SourceSpec) -> nn.Module:
     return model
 
 
-def _hf_build(source: SourceSpec, pretrained: bool) -> nn.Module:
-    """The directory's ``config.architectures[0]`` class when transformers has it (keeps task heads), else AutoModel."""
+HF_CODE_KWARGS = ("trust_remote_code", "code_revision", "revision", "custom_pipelines")
+TRUST_HINT = "--trust-source on the command line, trust_source=True in Python"
+
+
+def hf_custom_code(path: str | os.PathLike) -> str | None:
+    """Why loading the hf directory ``path`` would run code that ships with it (``auto_map`` in its config,
+    a ``*.py`` file next to it), or ``None`` when transformers' own classes build it."""
+    folder = Path(path)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        config = None
+    if isinstance(config, dict) and config.get("auto_map"):
+        return "its config.json maps classes to custom code (auto_map)"
+    code = sorted(p.name for p in folder.glob("*.py")) if folder.is_dir() else []
+    return f"it holds Python code ({', '.join(code[:3])})" if code else None
+
+
+def _hf_build(source: SourceSpec, pretrained: bool, allow_code: bool = False) -> nn.Module:
+    """The directory's ``config.architectures[0]`` class when transformers has it (keeps task heads), else AutoModel.
+
+    A directory with custom code is built only with ``allow_code`` (then transformers runs it); code-enabling
+    kwargs are never taken from ``source.kwargs``."""
     tr = _optional("transformers", "hf")
     path = source.name
     if not (Path(path) / "config.json").is_file():
         raise UsageError(f"hf source directory {path} not found (or has no config.json): pass the model itself")
-    config = tr.AutoConfig.from_pretrained(path, local_files_only=True)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(tr, arch, None) if arch else None
-    cls = cls if isinstance(cls, type) and issubclass(cls, nn.Module) else tr.AutoModel
-    if not pretrained:
-        return (getattr(cls, "from_config", None) or cls._from_config)(config, **source.kwargs)
+    bad = [k for k in source.kwargs if k in HF_CODE_KWARGS]
+    if bad:
+        raise UsageError(f"builder kwarg '{bad[0]}' is not accepted for hf:{path}: custom code runs only when you "
+                         f"allow it ({TRUST_HINT})")
+    why = hf_custom_code(path)
+    if why and not allow_code:
+        raise NormswapError(f"hf directory {path} is custom code ({why}); normswap runs it only when you allow it "
+                            f"({TRUST_HINT})")
+    code = {"trust_remote_code": True} if why else {}
     try:
-        return cls.from_pretrained(path, local_files_only=True, **source.kwargs)
+        config = tr.AutoConfig.from_pretrained(path, local_files_only=True, **code)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(tr, arch, None) if isinstance(arch, str) and not why else None
+        cls = cls if isinstance(cls, type) and issubclass(cls, nn.Module) else tr.AutoModel
+        if not pretrained:
+            return (getattr(cls, "from_config", None) or cls._from_config)(config, **code, **source.kwargs)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+        raise UsageError(f"cannot build hf:{path}: {type(exc).__name__}: {_first_line(exc)}") from None
+    try:
+        return cls.from_pretrained(path, local_files_only=True, **code, **source.kwargs)
     except _download_errors() as exc:
         raise WeightsError(f"could not load the weights in hf directory {path}: {_first_line(exc)}; "
                            "pass --weights FILE (.safetensors/.pt) or --weights none for random init") from None
@@ -340,20 +319,23 @@ def _guard_build(label: str, build: Any, *args: Any, **kwargs: Any) -> nn.Module
         raise UsageError(f"cannot build {label}: {type(exc).__name__}: {_first_line(exc)}") from None
 
 
-def _arch(source: SourceSpec) -> nn.Module:
+def _arch(source: SourceSpec, allow_code: bool = False) -> nn.Module:
     """The architecture with no weights loaded and nothing downloaded (user code must be allowed first)."""
     if source.kind == "torchvision":
         return _tv_build(source.name, None, source.kwargs)
     if source.kind == "timm":
         return _optional("timm", "timm").create_model(source.name, pretrained=False, **source.kwargs)
     if source.kind == "hf":
-        return _hf_build(source, pretrained=False)
+        return _hf_build(source, pretrained=False, allow_code=allow_code)
     return _call_factory(source)
 
 
-def load_model(spec: str | SourceSpec, weights: str | None = None, *,
-               kwargs: dict | None = None) -> tuple[nn.Module, SourceSpec]:
+def load_model(spec: str | SourceSpec, weights: str | None = None, *, kwargs: dict | None = None,
+               allow_code: bool = False) -> tuple[nn.Module, SourceSpec]:
     """Build ``spec`` in eval mode with ``weights`` (module docstring) and ``kwargs`` for its builder.
+
+    ``allow_code`` lets an hf directory that ships its own code (:func:`hf_custom_code`) run it; a
+    ``pkg.mod:factory`` / ``file.py:factory`` spec is code the caller named, and runs regardless.
 
     Returns the model and the :class:`SourceSpec` to record (weights and architecture kwargs filled in)
     for :func:`rebuild`. ``"none"`` issues a :class:`RandomInitWarning`; failures are one-line NormswapErrors.
@@ -380,7 +362,7 @@ def load_model(spec: str | SourceSpec, weights: str | None = None, *,
         model = _call_factory(source)
         source.weights = source.weights if is_file else weights
     elif is_none or is_file:
-        model = _guard_build(label, _arch, source)
+        model = _guard_build(label, _arch, source, allow_code)
         source.weights = source.weights if is_file else "none"
         if is_none:
             warnings.warn(RandomInitWarning(f"{label} has random weights (--weights none): its outputs mean nothing "
@@ -392,8 +374,7 @@ def load_model(spec: str | SourceSpec, weights: str | None = None, *,
             model = _guard_build(label, _tv_build, source.name, w,
                                  {k: v for k, v in merged.items() if k not in derived or derived[k] != v})
         except _download_errors() as exc:
-            hub = Path(torch.hub.get_dir()) / "checkpoints"
-            cached = [n for n, v in type(w).__members__.items() if (hub / os.path.basename(v.url)).is_file()]
+            cached = cached_weights(source.name)
             also = f", a cached weights name ({', '.join(cached)})" if cached else ""
             raise WeightsError(f"could not download the {weights or 'DEFAULT'} weights for {label} ({w}): "
                                f"{_first_line(exc)}; {_OFFLINE_HINT}{also}, or --weights none for random init"
@@ -408,7 +389,7 @@ def load_model(spec: str | SourceSpec, weights: str | None = None, *,
         if isinstance(getattr(model, "num_classes", None), int):
             source.kwargs = {**merged, "num_classes": model.num_classes}
     else:
-        model = _hf_build(source, pretrained=True)
+        model = _hf_build(source, pretrained=True, allow_code=allow_code)
     if is_file:
         load_weights_file(model, weights, label)
     return model.eval(), source
@@ -423,7 +404,7 @@ def rebuild(source: SourceSpec, allow_code: bool = False) -> nn.Module:
         raise NormswapError(f"this file was made from custom code '{source.spec}'; normswap does not run code named "
                             "inside a file: pass the model (normswap.load(path, model=...)) or allow it explicitly "
                             "(--trust-source)")
-    return _arch(source).eval()
+    return _guard_build(source.spec, _arch, source, allow_code).eval()
 
 
 # ----------------------------------------------------------------------------------------- probes

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import normswap
-from normswap.errors import FileFormatError, NormswapError, OutputError, UnknownVariantError
+from normswap.errors import FileFormatError, NormswapError, OutputError
 from normswap.io import check_output, read_file, write_file
 
 
@@ -69,10 +69,11 @@ def test_unregistered_variant_and_newer_plan(saved):
     _, meta = read_file(path)
     plan = meta["plan"]
     evil = _rewrite_meta(path, plan={**plan, "sites": [{**s, "variant": "os.system"} for s in plan["sites"]]})
-    with pytest.raises(UnknownVariantError, match=r"^unknown variant 'os.system'; known variants: "):
+    with pytest.raises(FileFormatError, match=rf"^{evil}: bad plan in the file's metadata: site 'stem.1': unknown "
+                                              r"variant 'os.system'; known variants: "):  # exit 1: the file is at fault
         normswap.load(evil, model=model)
     newer = _rewrite_meta(path, "newer", plan={**plan, "version": 99})
-    with pytest.raises(FileFormatError, match=r"^the plan is format version 99, newer than this normswap supports"):
+    with pytest.raises(FileFormatError, match=rf"^{newer}: the plan is format version 99, newer than this normswap"):
         normswap.load(newer, model=model)
 
 

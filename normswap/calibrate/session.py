@@ -19,7 +19,7 @@ from normswap.calibrate import dist
 from normswap.calibrate.report import FidelityReport, SiteFidelity, measure
 from normswap.calibrate.runner import CalibrationLog, calibrate as run_calibration, set_strengths, strengths_of
 from normswap.errors import NormswapError, OptionError, UsageError, WeightsError
-from normswap.sources import SourceSpec, load_model
+from normswap.sources import SourceSpec, cached_weights, load_model
 from normswap.surgery.plan import Plan
 from normswap.variants.base import CalibrationSettings, check_strength
 
@@ -69,12 +69,15 @@ def _reference(model: nn.Module, source: SourceSpec | None, original: nn.Module 
     if original is not None:
         return original.eval(), "the original model"
     why = "no original weights recorded"
-    if source is not None and source.weights not in (None, "none") and \
+    if source is not None and source.kind == "torchvision" and not os.path.isabs(str(source.weights)) and \
+            source.weights not in (None, "none", *cached_weights(source.name)):  # a file never makes normswap download
+        why = f"the original's {source.weights} weights are not in torch's hub cache, and normswap does not download them"
+    elif source is not None and source.weights not in (None, "none") and \
             (source.kind not in ("python", "file") or trust_source):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ref, _ = load_model(source, source.weights)
+                ref, _ = load_model(source, source.weights, allow_code=trust_source)
             return ref, f"the original model ({source.spec}, weights {os.path.basename(str(source.weights))})"
         except (WeightsError, NormswapError) as exc:
             why = f"could not reload the original: {exc}"
