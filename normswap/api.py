@@ -62,9 +62,10 @@ def _probe(example_inputs: Any) -> ProbeInput | None:
     return ProbeInput((example_inputs,), {})
 
 
-def _resolve(model: nn.Module | str, weights: str | None) -> tuple[nn.Module, SourceSpec | None]:
+def _resolve(model: nn.Module | str, weights: str | None, trust_source: bool = False
+             ) -> tuple[nn.Module, SourceSpec | None]:
     if isinstance(model, str):
-        return load_model(model, weights)
+        return load_model(model, weights, allow_code=trust_source)
     if not isinstance(model, nn.Module):
         raise NormswapError(f"expected an nn.Module or a model name, got {type(model).__name__}")
     meta = getattr(model, META_ATTR, None)
@@ -74,9 +75,9 @@ def _resolve(model: nn.Module | str, weights: str | None) -> tuple[nn.Module, So
 def plan(model: nn.Module | str, to: str, targets: Iterable[str] | None = None,
          exclude: Iterable[str] | None = None, strength: float = 0.0,
          options: Mapping[str, Any] | None = None, *, weights: str | None = "none",
-         strict_trace: bool = False) -> Plan:
+         strict_trace: bool = False, trust_source: bool = False) -> Plan:
     """Plan a conversion without changing anything (see :func:`normswap.surgery.find.find`)."""
-    module, _ = _resolve(model, weights)
+    module, _ = _resolve(model, weights, trust_source)
     return find(module, to, targets, exclude, strength, options, strict_trace=strict_trace)
 
 
@@ -84,7 +85,7 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
             exclude: Iterable[str] | None = None, strength: float = 0.0,
             options: Mapping[str, Any] | None = None, *, weights: str | None = None,
             example_inputs: Any = None, inplace: bool = False, strict_trace: bool = False,
-            check: bool = True, rtol: float = DEFAULT_RTOL) -> ConvertResult:
+            check: bool = True, rtol: float = DEFAULT_RTOL, trust_source: bool = False) -> ConvertResult:
     """Convert ``model`` to variant ``to`` and verify every exact-start claim on a probe batch.
 
     Args:
@@ -98,13 +99,14 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
         example_inputs: a tensor, tuple of args, or dict of kwargs for the probe; inferred if omitted.
         inplace: convert the given module itself instead of a copy.
         check: verify exact claims; a broken claim raises :class:`VerificationError`.
+        trust_source: let an ``hf:DIR`` that ships its own code (``auto_map``, ``*.py``) run it.
 
     Example:
         >>> result = normswap.convert(torchvision.models.resnet18(), to="uan")
         >>> result.report.ok, len(result.plan.converted)
         (True, 20)
     """
-    module, source = _resolve(model, weights)
+    module, source = _resolve(model, weights, trust_source)
     the_plan = find(module, to, targets, exclude, strength, options, strict_trace=strict_trace)
     if not the_plan.converted:
         reasons = sorted({s.reason for s in the_plan.skipped if s.reason})

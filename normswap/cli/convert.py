@@ -45,6 +45,7 @@ def render_plan(plan: Plan) -> str:
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; convert and write nothing.")
 @click.option("--strict-trace", is_flag=True, help="Fail if torch.fx cannot trace the model (no module-walk fallback).")
+@click.option("--trust-source", is_flag=True, help="Let an hf:DIR that ships its own Python code run it.")
 @click.option("--calibrate", "calib_data", default=None, metavar="DATA",
               help="Calibrate on DATA after converting and print the fidelity report (photos, fashion-mnist, a "
                    "folder, a .safetensors file; see `normswap calibrate --help`). The data options below apply.")
@@ -52,7 +53,7 @@ def render_plan(plan: Plan) -> str:
 @calibration_options
 def convert_cmd(model: str, variant: str, targets: tuple[str, ...], exclude: tuple[str, ...], strength: float,
                 options: tuple[str, ...], weights: str | None, output: str | None, force: bool, dry_run: bool,
-                strict_trace: bool, as_json: bool, calib_data: str | None, **kw: Any) -> None:
+                strict_trace: bool, as_json: bool, calib_data: str | None, trust_source: bool, **kw: Any) -> None:
     """Convert MODEL's norm layers to a variant, verify the exact start, and save it.
 
     MODEL is a torchvision name (resnet50), torchvision:NAME, timm:NAME, hf:PATH,
@@ -74,13 +75,13 @@ def convert_cmd(model: str, variant: str, targets: tuple[str, ...], exclude: tup
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the plan is structural: weights are not needed
             plan = api.plan(model, variant, target_list, exclude_list, strength, opts,
-                            weights="none", strict_trace=strict_trace)
+                            weights="none", strict_trace=strict_trace, trust_source=trust_source)
         echo_json({"plan": plan.to_dict()}) if as_json else click.echo(render_plan(plan))
         return
     default = f"{model.replace(':', '-').replace('/', '_').strip('._-')}-{variant}.safetensors"
     out_path = check_output(output or default, force=force)  # fail before any work
     result = api.convert(model, variant, target_list, exclude_list, strength, opts, weights=weights,
-                         strict_trace=strict_trace)
+                         strict_trace=strict_trace, trust_source=trust_source)
     fidelity = run_calibration(result, calib_data, kw).report if calib_data else None
     if not is_main_process():
         return
