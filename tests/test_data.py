@@ -1,4 +1,5 @@
-"""normswap.data: real photos, Fashion-MNIST, image folders, safetensors files, synthetic noise, splits, shards."""
+"""normswap.data: real photos, Fashion-MNIST, image folders, safetensors files, synthetic noise, splits, shards,
+training parts and their distributed epochs (the stamps source: tests/test_stamps.py)."""
 
 from __future__ import annotations
 
@@ -63,10 +64,39 @@ def test_photos_deterministic_seeded_and_calibration_differs_from_evaluation(sma
     assert not torch.allclose(xa, xc)
     ev = _all(a, "evaluation")
     assert all(not torch.allclose(xa[i], ev[i]) for i in range(6))
-    assert a.split == "independent seeded crops: 6 calibration, 6 evaluation (seed 0)"
+    assert a.split == ("by photo (seed 0): calibration and training crop 10 photos, evaluation the 4 held out "
+                       "(hubble_deep_field, immunohistochemistry, coins, clock); independent seeded crops: "
+                       "6 calibration, 6 evaluation")
     assert json.loads(json.dumps(a.to_dict())) == {
         "description": a.description, "synthetic": False, "has_labels": False,
-        "sizes": {"calibration": 6, "evaluation": 6}, "seed": 0, "split": a.split}
+        "sizes": {"calibration": 6, "training": 0, "evaluation": 6}, "seed": 0, "split": a.split,
+        "images": {"calibration": ["astronaut", "chelsea", "coffee", "rocket", "retina", "camera"],
+                   "training": [], "evaluation": ["hubble_deep_field", "immunohistochemistry", "coins", "clock"]}}
+    assert c.images["evaluation"] != a.images["evaluation"]  # another seed holds out other photos
+
+
+def test_photos_split_by_photo_evaluation_never_sees_a_training_photo(monkeypatch, small_cnn):
+    """Each fake photo is one flat colour, so a crop's colour names the photo it was cut from."""
+    import normswap.data.photos as ph
+    colours = [(30 * k, 200, 10) for k in range(7)] + [(20 + 30 * k,) * 3 for k in range(7)]  # 7 colour, 7 gray
+    fake = tuple((f"p{k}", torch.tensor(c, dtype=torch.uint8).view(3, 1, 1).expand(3, 40, 50).contiguous())
+                 for k, c in enumerate(colours))
+    monkeypatch.setattr(ph, "load_photos", lambda: fake)
+    data = open_data("photos", small_cnn, calib_samples=20, eval_samples=12, train_samples=30, seed=5)
+    seen, held = ph.photo_split(5)
+    assert len(seen) == 10 and len(held) == 4 and not set(seen) & set(held)
+    assert sum(k < 7 for k in held) == 2  # two colour photos and two gray ones held out
+    assert data.images["evaluation"] == [f"p{k}" for k in held]
+    assert data.images["calibration"] == data.images["training"] == [f"p{k}" for k in seen]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+    def photo_of(x: torch.Tensor) -> int:
+        return colours.index(tuple(round(float(v)) for v in (x * std + mean).mul(255).mean((1, 2))))
+
+    for part, pool in (("calibration", seen), ("training", seen), ("evaluation", held)):
+        dataset = getattr(data, part)
+        assert [photo_of(dataset[i][0]) for i in range(len(dataset))] == [pool[i % len(pool)]
+                                                                          for i in range(len(dataset))]
 
 
 def test_photos_overrides_and_pretrained_cfg(small_cnn):
@@ -81,9 +111,17 @@ def test_photos_overrides_and_pretrained_cfg(small_cnn):
     assert "timm pretrained_cfg" in data.description
 
 
-def test_default_data_spec(mobilenet, small_cnn):
-    assert default_data_spec(mobilenet, MOBILENET) == "photos"
-    assert default_data_spec(small_cnn) == "photos"
+def test_default_data_spec(mobilenet, small_cnn, tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMSWAP_STAMPS", str(tmp_path / "stamps"))  # not installed: photos, with one warning line
+    with pytest.warns(UserWarning) as caught:
+        assert default_data_spec(mobilenet, MOBILENET) == "photos"
+    assert [str(w.message) for w in caught] == [
+        f"tuxpaint-stamps-default is not installed ({tmp_path / 'stamps'} not found): using the 14 built-in photos "
+        "instead of the stamps; install it with `bash scripts/setup.sh` or `apt-get install tuxpaint-stamps-default`"]
+    for k, cat in enumerate(("animals", "food", "vehicles")):  # installed: stamps
+        _png(tmp_path / "stamps" / cat / f"{k}.png", (9, 9, 9, 255), mode="RGBA")
+    assert default_data_spec(mobilenet, MOBILENET) == "stamps"
+    assert default_data_spec(small_cnn) == "stamps"
     det = SourceSpec("torchvision:fasterrcnn_resnet50_fpn", "torchvision", "fasterrcnn_resnet50_fpn", "none")
     assert default_data_spec(nn.Identity(), det) is None
     assert default_data_spec(nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))) is None
@@ -256,9 +294,9 @@ def test_synthetic_warns_and_is_marked(small_cnn):
 def test_spec_errors(tmp_path):
     with pytest.raises(UsageError) as err:
         open_data("imagenet")
-    assert str(err.value) == ("unknown data spec 'imagenet': expected photos, fashion-mnist, fashion-mnist:test "
-                              "(aliases fashionmnist, fmnist), synthetic, synthetic:CxHxW, a directory of images, "
-                              "or a .safetensors file")
+    assert str(err.value) == ("unknown data spec 'imagenet': expected stamps, stamps:CATEGORY,..., photos, "
+                              "fashion-mnist, fashion-mnist:test (aliases fashionmnist, fmnist), synthetic, "
+                              "synthetic:CxHxW, a directory of images, or a .safetensors file")
     missing = tmp_path / "nope"
     with pytest.raises(UsageError, match=f"data path {re.escape(str(missing))} not found"):
         open_data(str(missing))
@@ -267,8 +305,11 @@ def test_spec_errors(tmp_path):
     with pytest.raises(UsageError, match="eval_samples must be an integer >= 0, got -1"):
         open_data("photos", eval_samples=-1)
     lines = describe_specs().splitlines()
-    assert [line.split()[0] for line in lines] == ["photos", "fashion-mnist", "fashion-mnist:test", "DIR",
-                                                   "FILE.safetensors", "synthetic[:CxHxW]"]
+    assert [line.split()[0] for line in lines] == ["stamps[:CAT,...]", "photos", "fashion-mnist",
+                                                   "fashion-mnist:test", "DIR", "FILE.safetensors",
+                                                   "synthetic[:CxHxW]"]
+    with pytest.raises(UsageError, match="train_samples must be an integer >= 0, got -2"):
+        open_data("photos", train_samples=-2)
 
 
 # ----------------------------------------------------------------------------------------- batches, shards
@@ -289,3 +330,121 @@ def test_batches_shards_are_disjoint_and_cover(tmp_path):
     assert sorted(seen) == sorted(full) and len(set(seen)) == 23
     with pytest.raises(UsageError, match="rank 3 is not in 0..2"):
         next(data.batches("calibration", rank=3, world_size=3))
+
+
+# ----------------------------------------------------------------------------------------- training parts
+def _tensor_file(tmp_path, n: int = 40) -> str:
+    from safetensors.torch import save_file
+    path = str(tmp_path / "seq.safetensors")
+    save_file({"inputs": torch.arange(n, dtype=torch.float32).view(n, 1), "labels": torch.arange(n)}, path)
+    return path
+
+
+def test_training_part_is_empty_by_default_and_disjoint_in_tensor_files(tmp_path):
+    path = _tensor_file(tmp_path)
+    plain = open_data(path, calib_samples=10, eval_samples=8)
+    assert len(plain.training) == 0 and plain.to_dict()["sizes"] == {"calibration": 10, "training": 0,
+                                                                     "evaluation": 8}
+    with pytest.raises(UsageError) as err:
+        next(plain.train_batches(4, epoch=0))
+    assert str(err.value) == ("data 'seq.safetensors' has no training part: pass train_samples >= 4 "
+                              "(open_data(..., train_samples=N))")
+    data = open_data(path, calib_samples=10, eval_samples=8, train_samples=1000)
+    assert data.split == ("seeded permutation: 10 calibration, 8 evaluation, 22 training (seed 0; training: the "
+                          "22 items left of 1000 asked)")
+    c, e, t = (set(getattr(data, p).indices) for p in ("calibration", "evaluation", "training"))
+    assert len(t) == 22 and not (c & e or c & t or e & t) and c | e | t == set(range(40))
+    # the held-out items do not depend on how much is trained on
+    assert data.evaluation.indices == plain.evaluation.indices == open_data(path, calib_samples=10, eval_samples=8,
+                                                                            train_samples=5).evaluation.indices
+    x, y = next(data.batches("training", batch_size=30))
+    assert x.flatten().long().tolist() == y.tolist() == data.training.indices
+
+
+def test_train_batches_distributed_matches_single_process_and_is_seeded_by_epoch(tmp_path):
+    data = open_data(_tensor_file(tmp_path, 200), calib_samples=1, eval_samples=1, train_samples=198)
+    one = [y.tolist() for _, y in data.train_batches(12, epoch=3)]
+    assert len(one) == 198 // 12 == data.train_steps(12) and all(len(b) == 12 for b in one)
+    for world in (2, 3, 4):
+        ranks = [[y.tolist() for _, y in data.train_batches(12 // world, epoch=3, rank=r, world_size=world)]
+                 for r in range(world)]
+        assert all(len(r) == len(one) for r in ranks)
+        assert [sum((r[k] for r in ranks), []) for k in range(len(one))] == one  # step k: the same samples
+    again = [y.tolist() for _, y in data.train_batches(12, epoch=3)]
+    other = [y.tolist() for _, y in data.train_batches(12, epoch=4)]
+    assert again == one and other != one and sorted(sum(other, [])) != sorted(sum(one, []))  # reshuffled
+    assert set(sum(one, [])) <= set(data.training.indices) and len(set(sum(one, []))) == 16 * 12  # no repeats
+    resumed = [y.tolist() for _, y in data.train_batches(12, epoch=3, start=5)]
+    assert resumed == one[5:]
+    x, y = next(data.train_batches(5, epoch=0, rank=1, world_size=2))
+    assert x.shape == (5, 1) and torch.equal(x.flatten().long(), y)
+    with pytest.raises(UsageError) as err:
+        next(data.train_batches(100, epoch=0, world_size=2))
+    assert str(err.value) == ("the training part of 'seq.safetensors' has 198 items, fewer than one global batch of "
+                              "200 (100 per rank x 2 rank(s))")
+    with pytest.raises(UsageError, match="rank 2 is not in 0..1"):
+        next(data.train_batches(4, epoch=0, rank=2, world_size=2))
+    with pytest.raises(UsageError, match="epoch must be an integer >= 0, got -1"):
+        next(data.train_batches(4, epoch=-1))
+
+
+def test_generated_training_items_are_deterministic_and_their_own_stream(small_cnn):
+    data = open_data("photos", small_cnn, calib_samples=4, eval_samples=4, train_samples=24, seed=2)
+    assert len(data.training) == 24 and "4 calibration, 24 training, 4 evaluation" in data.split
+    again = open_data("photos", small_cnn, calib_samples=1, eval_samples=1, train_samples=24, seed=2)
+    assert torch.equal(data.training[17][0], again.training[17][0])
+    assert all(not torch.allclose(data.training[i][0], data.calibration[i][0]) for i in range(4))
+    first = [x for x, _ in data.train_batches(8, epoch=0)]
+    assert torch.equal(torch.cat(first), torch.cat([x for x, _ in again.train_batches(8, epoch=0)]))
+    with pytest.warns(RandomDataWarning):
+        noise = open_data("synthetic:4", calib_samples=3, eval_samples=3, train_samples=3)
+    assert noise.split == "independent seeded samples: 3 calibration, 3 training, 3 evaluation (seed 0)"
+    rows = [getattr(noise, p)[0][0] for p in ("calibration", "training", "evaluation")]
+    assert not torch.allclose(rows[0], rows[1]) and not torch.allclose(rows[1], rows[2])
+
+
+def test_fashion_mnist_training_from_the_train_split(tmp_path):
+    rng = np.random.default_rng(1)
+    for part, n in (("train", 50), ("t10k", 30)):
+        _write_idx(tmp_path / f"{part}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{part}-labels-idx1-ubyte", np.arange(n) % 10)
+    data = open_data("fmnist", root=tmp_path, calib_samples=20, eval_samples=10, train_samples=10**6)
+    assert data.split == ("train/test files: 20 calibration and 50 training from train, 10 evaluation from test "
+                          "(seeded permutations, seed 0)")
+    assert sorted(data.training.indices) == list(range(50))  # all of the train split
+    assert data.calibration.indices == open_data("fmnist", root=tmp_path, calib_samples=20,
+                                                 eval_samples=10).calibration.indices
+    test = open_data("fmnist:test", root=tmp_path, calib_samples=10, eval_samples=5, train_samples=12)
+    c, e, t = (set(getattr(test, p).indices) for p in ("calibration", "evaluation", "training"))
+    assert (len(c), len(e), len(t)) == (10, 5, 12) and not (c & e or c & t or e & t)
+    assert test.split == "test split only, seeded permutation: 10 calibration, 5 evaluation, 12 training (seed 0)"
+
+
+def test_image_folder_train_and_val_subfolders(tmp_path, small_cnn):
+    for sub, n in (("train", 6), ("val", 3)):
+        for k in range(n):
+            _png(tmp_path / sub / str(k % 2) / f"{sub}{k}.png", (40 * k, 0, 0))
+    data = open_data(str(tmp_path), small_cnn, calib_samples=4, eval_samples=8, train_samples=100)
+    assert data.has_labels and data.split == ("train/ and val/ folders: 4 calibration and 6 training from train/, "
+                                              "3 evaluation from val/ (seeded permutations, seed 0)")
+    assert "6 images in train/, 3 in val/" in data.description
+    assert sorted(data.images["evaluation"]) == ["val/0/val0.png", "val/0/val2.png", "val/1/val1.png"]
+    assert sorted(data.images["training"]) == sorted(f"train/{k % 2}/train{k}.png" for k in range(6))
+    assert set(data.images["calibration"]) <= set(data.images["training"])
+    assert sorted(y for _, y in (data.evaluation[i] for i in range(3))) == [0, 0, 1]
+    flat = open_data(str(tmp_path / "train"), small_cnn, calib_samples=2, eval_samples=2, train_samples=2)
+    parts = [set(flat.images[p]) for p in ("calibration", "training", "evaluation")]
+    assert [len(p) for p in parts] == [2, 2, 2] and not (parts[0] & parts[1] or parts[0] & parts[2]
+                                                         or parts[1] & parts[2])
+
+
+def test_to_dict_lists_images_and_cuts_long_lists():
+    from normswap.data import LazyDataset
+    names = [f"img{k}.png" for k in range(503)]
+    split = DataSplit("d: x", False, False, LazyDataset(0, None), LazyDataset(0, None), 0, "s",
+                      images={"calibration": names, "evaluation": ["a.png"]})
+    out = json.loads(json.dumps(split.to_dict()))
+    assert out["images"]["calibration"] == names[:500] + ["... and 3 more"]
+    assert out["images"]["evaluation"] == ["a.png"] and split.images["calibration"] == names
+    with pytest.raises(UsageError, match="unknown data part 'train': expected 'calibration', 'training' or"):
+        next(split.batches("train"))

@@ -15,6 +15,7 @@ from normswap.io import check_output
 
 DATA_HELP = "Data: " + "; ".join(line.split(None, 1)[0] for line in describe_specs().splitlines()) + \
     " (see `normswap calibrate --help`)."
+DATA_DEFAULT = " [default: stamps for image classifiers; photos when the stamps package is not installed]"
 
 
 def _floats(text: str | None, name: str, count: int | None = None) -> list[float] | None:
@@ -104,7 +105,7 @@ def _with_data_help(func: Callable) -> Callable:
 
 @click.command("calibrate")
 @click.argument("checkpoint", metavar="CKPT.safetensors", type=click.Path(dir_okay=False))
-@click.option("--data", default=None, metavar="DATA", help=DATA_HELP + " [default: photos for image classifiers]")
+@click.option("--data", default=None, metavar="DATA", help=DATA_HELP + DATA_DEFAULT)
 @data_options
 @calibration_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
@@ -137,7 +138,7 @@ def calibrate_cmd(checkpoint: str, data: str | None, output: str | None, force: 
 
 @click.command("eval")
 @click.argument("checkpoint", metavar="CKPT.safetensors", type=click.Path(dir_okay=False))
-@click.option("--data", default=None, metavar="DATA", help=DATA_HELP + " [default: photos for image classifiers]")
+@click.option("--data", default=None, metavar="DATA", help=DATA_HELP + DATA_DEFAULT)
 @data_options
 @click.option("--trust-source", is_flag=True, help="Allow rebuilding a model made by custom code named in the file.")
 @_with_data_help

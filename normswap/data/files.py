@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from normswap.compat import import_torchvision
-from normswap.data.base import DataSplit, LazyDataset, seeded_split
+from normswap.data.base import DataSplit, LazyDataset, split_indices, train_test_indices
 from normswap.data.preprocess import Preprocess, tv_weights
 from normswap.errors import NormswapError
 
@@ -86,37 +86,73 @@ def _load_image(path: str, pre: Preprocess) -> torch.Tensor:
     return pre.normalize(x, max_value=255.0)
 
 
-def open_folder(root: Path, pre: Preprocess, model: nn.Module | None, source: SourceSpec | None, calib: int,
-                evals: int, seed: int) -> DataSplit:
-    """A directory of images: ``DIR/CLASS/IMAGE`` (``ImageFolder``) or a flat ``DIR/IMAGE`` (no labels)."""
+def _scan_classes(root: Path) -> tuple[list[tuple[str, str | None]], bool]:
+    """Images under ``root`` as (path, class folder name or None), and whether there are class folders."""
     tv = import_torchvision()
-    has_classes = any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
-    mapping, note = None, "no labels: images directly in the folder, no class folders"
-    if has_classes:
-        kwargs = {"allow_empty": True} if "allow_empty" in inspect.signature(tv.datasets.ImageFolder).parameters else {}
-        try:
-            folder = tv.datasets.ImageFolder(str(root), **kwargs)
-        except FileNotFoundError as exc:
-            raise NormswapError(f"image folder {root}: {exc}") from None
-        samples = list(folder.samples)
-        used = sorted({folder.classes[t] for _, t in samples})
-        mapping, note = folder_labels(used, model, source)
-        samples = [(p, mapping[folder.classes[t]] if mapping else -1) for p, t in samples]
-    else:
-        samples = _scan_flat(root)
-    if not samples:
-        raise NormswapError(f"image folder {root} holds no images (expected DIR/CLASS/IMAGE or DIR/IMAGE files "
-                            "ending in .jpg, .jpeg, .png, .bmp, .webp, ...)")
-    c_idx, e_idx, how = seeded_split(len(samples), calib, evals, seed)
-    h, w = pre.size
-    desc = (f"{root}: {len(samples)} images, resize {pre.resize} + centre crop {h}x{w}, normalised with "
-            f"{pre.origin}; {note} (seed {seed})")
+    if not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+        return [(p, None) for p, _ in _scan_flat(root)], False
+    kwargs = {"allow_empty": True} if "allow_empty" in inspect.signature(tv.datasets.ImageFolder).parameters else {}
+    try:
+        folder = tv.datasets.ImageFolder(str(root), **kwargs)
+    except FileNotFoundError as exc:
+        raise NormswapError(f"image folder {root}: {exc}") from None
+    return [(p, folder.classes[t]) for p, t in folder.samples], True
 
-    def part(idx: torch.Tensor) -> LazyDataset:
-        chosen = [samples[i] for i in idx.tolist()]
+
+def _labelled(root: Path, model: nn.Module | None, source: SourceSpec | None
+              ) -> tuple[dict[str, list[tuple[str, int]]], dict[str, int] | None, str]:
+    """``{"train": samples, "val": samples}`` for ``DIR/train`` + ``DIR/val``, else ``{"all": samples}``; samples
+    are (path, label or -1); with the class mapping (None: no labels) and a note on the labels."""
+    subsets = {"train": root / "train", "val": root / "val"}
+    if not all(d.is_dir() for d in subsets.values()):
+        subsets = {"all": root}
+    scanned = {k: _scan_classes(d) for k, d in subsets.items()}
+    mapping, note = None, "no labels: images directly in the folder, no class folders"
+    if all(has for _, has in scanned.values()):
+        used = sorted({c for items, _ in scanned.values() for _, c in items if c is not None})
+        mapping, note = folder_labels(used, model, source)
+    samples = {k: [(p, mapping[c] if mapping and c is not None else -1) for p, c in items]
+               for k, (items, _) in scanned.items()}
+    return samples, mapping, note
+
+
+def open_folder(root: Path, pre: Preprocess, model: nn.Module | None, source: SourceSpec | None, calib: int,
+                evals: int, train: int, seed: int) -> DataSplit:
+    """A directory of images: ``DIR/CLASS/IMAGE`` (``ImageFolder``) or a flat ``DIR/IMAGE`` (no labels), split by
+    image (:func:`split_indices`); or ``DIR/train/`` + ``DIR/val/`` (each either layout): calibration and training
+    from ``train/``, evaluation from ``val/`` (:func:`train_test_indices`)."""
+    samples, mapping, note = _labelled(root, model, source)
+    for key, items in samples.items():
+        if not items:
+            where = root if key == "all" else root / key
+            raise NormswapError(f"image folder {where} holds no images (expected DIR/CLASS/IMAGE or DIR/IMAGE files "
+                                "ending in .jpg, .jpeg, .png, .bmp, .webp, ...)")
+    if "all" in samples:
+        c_src = t_src = e_src = samples["all"]
+        c_idx, e_idx, t_idx, how = split_indices(len(c_src), calib, evals, train, seed)
+        count = f"{len(c_src)} images"
+    else:
+        c_src = t_src = samples["train"]
+        e_src = samples["val"]
+        c_idx, t_idx, e_idx, how = train_test_indices(len(c_src), len(e_src), calib, train, evals, seed)
+        how = how.replace("train/test files", "train/ and val/ folders").replace("from train", "from train/")
+        how = how.replace("from test", "from val/")
+        count = f"{len(c_src)} images in train/, {len(e_src)} in val/"
+    h, w = pre.size
+    desc = (f"{root}: {count}, resize {pre.resize} + centre crop {h}x{w}, normalised with {pre.origin}; {note} "
+            f"(seed {seed})")
+
+    def part(src: list[tuple[str, int]], idx: torch.Tensor) -> LazyDataset:
+        chosen = [src[i] for i in idx.tolist()]
         return LazyDataset(len(chosen), lambda i: (_load_image(chosen[i][0], pre), chosen[i][1]), idx.tolist())
 
-    return DataSplit(desc, False, mapping is not None, part(c_idx), part(e_idx), seed, how)
+    def names(src: list[tuple[str, int]], idx: torch.Tensor) -> list[str]:
+        return [Path(src[i][0]).relative_to(root).as_posix() for i in idx.tolist()]
+
+    return DataSplit(desc, False, mapping is not None, part(c_src, c_idx), part(e_src, e_idx), seed, how,
+                     training=part(t_src, t_idx),
+                     images={"calibration": names(c_src, c_idx), "training": names(t_src, t_idx),
+                             "evaluation": names(e_src, e_idx)})
 
 
 # ----------------------------------------------------------------------------------------- tensor files
@@ -127,8 +163,9 @@ def refuse_pickle(path: Path) -> NormswapError:
                          "(safetensors.torch.save_file({'inputs': x, 'labels': y}, 'data.safetensors'))")
 
 
-def open_tensors(path: Path, calib: int, evals: int, seed: int) -> DataSplit:
-    """A ``.safetensors`` file with ``inputs`` (N, ...) and optional integer ``labels`` (N,), used as they are."""
+def open_tensors(path: Path, calib: int, evals: int, train: int, seed: int) -> DataSplit:
+    """A ``.safetensors`` file with ``inputs`` (N, ...) and optional integer ``labels`` (N,), used as they are;
+    calibration, evaluation and training are disjoint slices of one seeded permutation (:func:`split_indices`)."""
     from safetensors.torch import load_file
     try:
         data = load_file(str(path), device="cpu")
@@ -150,7 +187,7 @@ def open_tensors(path: Path, calib: int, evals: int, seed: int) -> DataSplit:
                             f"{str(labels.dtype).replace('torch.', '')} {tuple(labels.shape)}")
     if inputs.is_floating_point():
         inputs = inputs.float()
-    c_idx, e_idx, how = seeded_split(len(inputs), calib, evals, seed)
+    c_idx, e_idx, t_idx, how = split_indices(len(inputs), calib, evals, train, seed)
     shape = "x".join(map(str, inputs.shape[1:])) or "scalar"
     desc = (f"{path.name}: {len(inputs)} samples of {shape} {str(inputs.dtype).replace('torch.', '')} "
             f"(used as they are), {'labels' if labels is not None else 'no labels'} (seed {seed})")
@@ -160,4 +197,4 @@ def open_tensors(path: Path, calib: int, evals: int, seed: int) -> DataSplit:
         return LazyDataset(len(order), lambda i: (inputs[order[i]], -1 if labels is None else int(labels[order[i]])),
                            order)
 
-    return DataSplit(desc, False, labels is not None, part(c_idx), part(e_idx), seed, how)
+    return DataSplit(desc, False, labels is not None, part(c_idx), part(e_idx), seed, how, training=part(t_idx))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from normswap.compat import import_torchvision
-from normswap.data.base import DataSplit, LazyDataset, seeded_split
+from normswap.data.base import DataSplit, LazyDataset, split_indices, train_test_indices
 from normswap.data.preprocess import Preprocess, resize, to_channels
 from normswap.errors import NormswapError
 
@@ -109,21 +109,22 @@ def _item(images: torch.Tensor, labels: torch.Tensor, index: int, pre: Preproces
     return pre.normalize(to_channels(x, pre.channels), max_value=255.0), int(labels[index])
 
 
-def open_fmnist(pre: Preprocess, size: tuple[int, int] | None, test_only: bool, calib: int, evals: int, seed: int,
-                root: str | os.PathLike | None) -> DataSplit:
-    """The ``fashion-mnist[:test]`` :class:`DataSplit`: ``pre`` gives mean/std/channels, ``size`` a resize (or None)."""
+def open_fmnist(pre: Preprocess, size: tuple[int, int] | None, test_only: bool, calib: int, evals: int, train: int,
+                seed: int, root: str | os.PathLike | None) -> DataSplit:
+    """The ``fashion-mnist[:test]`` :class:`DataSplit`: ``pre`` gives mean/std/channels, ``size`` a resize (or None).
+
+    ``fashion-mnist``: calibration and training from the train split (seeded permutations; they may overlap,
+    both are seen data), evaluation from the test split. ``fashion-mnist:test``: all three from the test
+    split, disjoint (:func:`split_indices`). ``train`` caps the training part."""
     test_x, test_y, where = load_fmnist("test", root)
     if test_only:
-        c_idx, e_idx, how = seeded_split(len(test_x), calib, evals, seed)
-        c_src = (test_x, test_y)
+        c_idx, e_idx, t_idx, how = split_indices(len(test_x), calib, evals, train, seed)
+        c_src = t_src = (test_x, test_y)
         split = f"test split only, {how}"
     else:
         train_x, train_y, _ = load_fmnist("train", root)
-        c_src = (train_x, train_y)
-        c_idx = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:calib]
-        e_idx = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(seed + 1))[:evals]
-        split = (f"train/test files: {len(c_idx)} calibration from train, {len(e_idx)} evaluation from test "
-                 f"(seeded permutations, seed {seed})")
+        c_src = t_src = (train_x, train_y)
+        c_idx, t_idx, e_idx, split = train_test_indices(len(train_x), len(test_x), calib, train, evals, seed)
     h, w = size or (28, 28)
     shape = f"{pre.channels}x{h}x{w}" + (" (gray repeated)" if pre.channels == 3 else "")
     desc = (f"fashion-mnist{':test' if test_only else ''}: Fashion-MNIST from {where}, {shape}, "
@@ -133,4 +134,5 @@ def open_fmnist(pre: Preprocess, size: tuple[int, int] | None, test_only: bool, 
         order = idx.tolist()
         return LazyDataset(len(order), lambda i: _item(src[0], src[1], order[i], pre, size), order)
 
-    return DataSplit(desc, False, True, part(c_src, c_idx), part((test_x, test_y), e_idx), seed, split)
+    return DataSplit(desc, False, True, part(c_src, c_idx), part((test_x, test_y), e_idx), seed, split,
+                     training=part(t_src, t_idx))

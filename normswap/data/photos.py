@@ -1,9 +1,11 @@
 """``photos``: real photos that ship with scikit-image (offline), as seeded random resized crops.
 
-Item ``i`` of a part is a crop of photo ``i % n_photos``; its box (``RandomResizedCrop`` parameters,
-scale (0.25, 1), ratio (3/4, 4/3)) and a horizontal flip are drawn from a generator seeded by
-(seed, part, i), so every item is deterministic, computed only when asked for, and calibration and
-evaluation crops are independent draws.
+The split is **by photo** (:func:`photo_split`): 2 of every 7 photos (2 of the 7 colour ones, 2 of the 7
+gray ones, chosen by a permutation seeded by ``seed``) are held out for evaluation; calibration and
+training crop the other 10. Item ``i`` of a part is a crop of photo ``i % n`` of that part's photos; its box
+(``RandomResizedCrop`` parameters, scale (0.25, 1), ratio (3/4, 4/3)) and a horizontal flip are drawn from a
+generator seeded by (seed, part, i), so every item is deterministic, computed only when asked for, and the
+parts are independent draws.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from normswap.errors import NormswapError
 # Natural photographs only (no masks, drawings, phantoms or synthetic patterns); gray ones become RGB.
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
                "camera", "coins", "moon", "clock", "brick", "grass", "gravel")
+HELD_OUT = 2 / 7  # of each group (colour / gray photos), rounded
 SCALE = (0.25, 1.0)
 RATIO = (3 / 4, 4 / 3)
 
@@ -81,34 +84,74 @@ def crop_box(height: int, width: int, g: torch.Generator) -> tuple[int, int, int
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def photo_crop(index: int, part: str, seed: int, pre: Preprocess) -> torch.Tensor:
-    """Item ``index`` of ``part``: a normalised (C, H, W) float32 crop."""
+def photo_split(seed: int) -> tuple[list[int], list[int]]:
+    """(seen, held out): indices into :func:`load_photos`. Per group (colour photos, gray photos) a permutation
+    seeded by (seed, group) holds out its first ``round(2/7 * group size)``; the rest are seen (calibration
+    and training). With the 14 photos: 10 seen, 4 held out (2 colour, 2 gray).
+
+    >>> seen, held = photo_split(0)
+    >>> len(seen), len(held), sorted(set(seen) & set(held))
+    (10, 4, [])
+    """
     photos = load_photos()
-    _, img = photos[index % len(photos)]
-    g = item_generator(seed, part, index)
+    groups: dict[str, list[int]] = {"colour": [], "gray": []}
+    for k, (_, img) in enumerate(photos):
+        gray = torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
+        groups["gray" if gray else "colour"].append(k)
+    held: list[int] = []
+    for name, members in groups.items():
+        perm = torch.randperm(len(members), generator=item_generator(seed, f"photo-split/{name}", 0)).tolist()
+        held += [members[j] for j in perm[:round(HELD_OUT * len(members))]]
+    if not held and len(photos) >= 2:
+        held = [max(groups.values(), key=len)[0]]
+    return [k for k in range(len(photos)) if k not in held], sorted(held)
+
+
+def random_crop(img: torch.Tensor, g: torch.Generator, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """A random resized crop of uint8 (3, H, W) ``img`` (box and flip drawn from ``g``): float (3, *size) in 0-255."""
     top, left, h, w = crop_box(img.shape[1], img.shape[2], g)
     flip = torch.rand(1, generator=g).item() < 0.5
     x = img[None, :, top:top + h, left:left + w]
-    if (h, w) != tuple(pre.size):
+    if (h, w) != tuple(size):
         try:  # resizing the uint8 crop, as a PIL / torchvision pipeline would: about 4x faster than float
-            x = F.interpolate(x, size=pre.size, mode=pre.interpolation, antialias=True, align_corners=False)
+            x = F.interpolate(x, size=size, mode=interpolation, antialias=True, align_corners=False)
         except (RuntimeError, NotImplementedError):
-            x = resize(x[0].float(), pre.size, pre.interpolation).clamp(0.0, 255.0)[None]
+            x = resize(x[0].float(), size, interpolation).clamp(0.0, 255.0)[None]
     x = x[0].flip(-1) if flip else x[0]
-    return pre.normalize(to_channels(x.float(), pre.channels), max_value=255.0)
+    return x.float()
 
 
-def open_photos(pre: Preprocess, calib: int, evals: int, seed: int) -> DataSplit:
-    """The ``photos`` :class:`DataSplit` (no labels)."""
-    n = len(load_photos())
+def photo_crop(index: int, part: str, seed: int, pre: Preprocess, pool: list[int] | None = None) -> torch.Tensor:
+    """Item ``index`` of ``part``: a normalised (C, H, W) float32 crop of photo ``pool[index % len(pool)]``
+    (``pool``: indices into :func:`load_photos`, default all of them)."""
+    photos = load_photos()
+    pool = pool if pool is not None else list(range(len(photos)))
+    _, img = photos[pool[index % len(pool)]]
+    x = random_crop(img, item_generator(seed, part, index), pre.size, pre.interpolation)
+    return pre.normalize(to_channels(x, pre.channels), max_value=255.0)
+
+
+def open_photos(pre: Preprocess, calib: int, evals: int, train: int, seed: int) -> DataSplit:
+    """The ``photos`` :class:`DataSplit` (no labels), split by photo (:func:`photo_split`)."""
+    photos = load_photos()
+    seen, held = photo_split(seed)
+    if evals and not held:
+        raise NormswapError(f"only {len(photos)} scikit-image photo(s) load here: too few to hold any out for "
+                            "evaluation (reinstall scikit-image, or pass eval_samples=0 / another data spec)")
     h, w = pre.size
     px = f"{h}px" if h == w else f"{h}x{w}px"
     gray = ", grayscale" if pre.channels == 1 else ""
-    desc = (f"photos: {n} scikit-image photos, random resized crops {px}{gray}, normalised with "
+    desc = (f"photos: {len(photos)} scikit-image photos, random resized crops {px}{gray}, normalised with "
             f"{pre.origin} (seed {seed})")
 
-    def part(name: str, size: int) -> LazyDataset:
-        return LazyDataset(size, lambda i: (photo_crop(i, name, seed, pre), -1))
+    def part(name: str, size: int, pool: list[int]) -> LazyDataset:
+        return LazyDataset(size, lambda i: (photo_crop(i, name, seed, pre, pool), -1))
 
-    return DataSplit(desc, False, False, part("calibration", calib), part("evaluation", evals), seed,
-                     f"independent seeded crops: {calib} calibration, {evals} evaluation (seed {seed})")
+    names = {"seen": [photos[k][0] for k in seen], "held": [photos[k][0] for k in held]}
+    counts = f"{calib} calibration" + (f", {train} training" if train else "") + f", {evals} evaluation"
+    split = (f"by photo (seed {seed}): calibration and training crop {len(seen)} photos, evaluation the "
+             f"{len(held)} held out ({', '.join(names['held'])}); independent seeded crops: {counts}")
+    return DataSplit(desc, False, False, part("calibration", calib, seen), part("evaluation", evals, held), seed,
+                     split, training=part("training", train, seen),
+                     images={"calibration": names["seen"][:calib], "training": names["seen"][:train],
+                             "evaluation": names["held"][:evals]})
