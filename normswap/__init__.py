@@ -19,12 +19,13 @@ _import_torchvision()  # repairs the CPU-torch + CUDA-torchvision install before
 from normswap.api import ConvertResult, ExportResult, Inspection, convert, export, inspect, load, plan, save  # noqa: E402
 from normswap.calibrate.report import FidelityReport  # noqa: E402
 from normswap.calibrate.session import CalibrationResult, calibrate, evaluate  # noqa: E402
+from normswap.diagnose.session import diagnose  # noqa: E402
 from normswap.errors import NormswapError  # noqa: E402
 from normswap.surgery.plan import Plan, Site  # noqa: E402
 from normswap.variants import Variant, VariantConfig, register  # noqa: E402
 
 __all__ = [
     "CalibrationResult", "ConvertResult", "ExportResult", "FidelityReport", "Inspection", "NormswapError", "Plan",
-    "Site", "Variant", "VariantConfig", "__version__", "calibrate", "convert", "evaluate", "export", "inspect",
-    "load", "plan", "register", "save",
+    "Site", "Variant", "VariantConfig", "__version__", "calibrate", "convert", "diagnose", "evaluate", "export",
+    "inspect", "load", "plan", "register", "save",
 ]

@@ -8,6 +8,7 @@ from normswap import __version__
 from normswap.cli.calibrate import calibrate_cmd, eval_cmd
 from normswap.cli.common import NormswapGroup
 from normswap.cli.convert import convert_cmd
+from normswap.cli.diagnose import diagnose_cmd
 from normswap.cli.export import export_cmd
 from normswap.cli.inspect import inspect_cmd, variants_cmd
 from normswap.cli.recipe import recipe_cmd
@@ -38,6 +39,7 @@ cli.add_command(convert_cmd)
 cli.add_command(calibrate_cmd)
 cli.add_command(eval_cmd)
 cli.add_command(export_cmd)
+cli.add_command(diagnose_cmd)
 cli.add_command(recipe_cmd)
 
 
