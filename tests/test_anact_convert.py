@@ -12,9 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from safetensors.torch import save_file
 from torch import fx, nn
 
 import normswap
+from normswap.calibrate.runner import calibrate as run_calibration
 from normswap.cli.main import cli
 from normswap.errors import NormswapError
 from normswap.io import read_file, write_file
@@ -218,6 +220,30 @@ def test_resnet18_cli_converts_every_relu(tmp_path):
     data = json.loads(res.stdout)
     assert [s["action"] for s in data["plan"]["sites"]] == ["convert"] * 9
     assert data["report"]["ok"] and data["report"]["end_to_end_claimed"] and data["report"]["end_to_end"] < 1e-4
+
+
+def test_resnet18_calibrates_at_any_strength(resnet18, tmp_path):
+    """Statistics come from the data at strength 0 whatever the model's strength; it is restored afterwards,
+    the model at strength 0 is still the original, and the fidelity report says where each site is exact."""
+    model, x, result = resnet18
+    converted = copy.deepcopy(result.model)
+    acts = {n: converted.get_submodule(n) for n in _anacts(converted)}
+    for m in acts.values():
+        m.set_strength(0.5)
+    before = {n: m.running_mean.clone() for n, m in acts.items()}
+    data = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 for i in range(2)]
+    run_calibration(converted, result.plan, data)
+    assert {m.current_strength() for m in acts.values()} == {0.5}
+    assert all(not torch.equal(m.running_mean, before[n]) for n, m in acts.items())
+    for m in acts.values():
+        m.set_strength(0.0)
+    assert torch.equal(_out(converted, x), _out(model, x))
+    path = tmp_path / "img.safetensors"
+    save_file({"inputs": torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))}, str(path))
+    out = normswap.calibrate(result, str(path), calib_samples=8, eval_samples=4, batch_size=4)
+    assert ("anact sites exact at strength 0: 9 (folded into their consumers: every strength; unfolded: strength 0 "
+            "only)") in out.report.notes
+    assert out.report.row("after calibration", 0.0).rel_error == 0
 
 
 def _write_old_layout(path: Path, tmp_path: Path) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -185,8 +186,11 @@ def _report(reference: nn.Module, ref_label: str, models: dict[str, nn.Module], 
         info = dict(log.sites.get(s.name, {})) if log else {}
         info.pop("variant", None)
         sites.append(SiteFidelity(s.name, s.variant, first if len(labels) > 1 else None, last, info))
-    if any(s.variant == "anact" for s in plan.converted):
-        notes.append("anact has no homotopy: exactly compensated sites are exact at every strength")
+    where = Counter(s.facts.get("exact_at", "not recorded") for s in plan.converted if s.variant == "anact")
+    if where:
+        notes.append("anact sites exact " + ", ".join(f"at {k}: {n}" if k != "not recorded" else f"{k}: {n}"
+                                                     for k, n in sorted(where.items()))
+                     + " (folded into their consumers: every strength; unfolded: strength 0 only)")
     return FidelityReport(data, ref_label, n, site_strength, rows, sites, orig_acc,
                           log.to_dict() if log else None, notes)
 
