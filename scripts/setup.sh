@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup for a fresh machine: the project venv (.venv) with pinned packages, the offline
-# pretrained MobileNetV2 weights in torch's hub cache, and the Fashion-MNIST Debian data package
-# unpacked where torchvision reads it. Safe to run any number of times; a second run takes seconds.
+# pretrained MobileNetV2 weights in torch's hub cache, the Fashion-MNIST Debian data package
+# unpacked where torchvision reads it, and the Tux Paint stamps (Debian, read in place). Safe to run any number of times; a second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -53,4 +53,20 @@ if [ -s "$fm_src/t10k-labels-idx1-ubyte.gz" ] && [ ! -s "$fm_dst/t10k-labels-idx
     gunzip -c "$f" > "$fm_dst/.$b.tmp" && mv "$fm_dst/.$b.tmp" "$fm_dst/$b"
   done
   say "unpacked Fashion-MNIST into $fm_dst"
+fi
+
+# 4. Tux Paint's stamps (Debian tuxpaint-stamps-default, GPL-2 data): the `stamps` data source reads them in
+#    place from /usr/share/tuxpaint/stamps; nothing is copied into the repository.
+if [ ! -d /usr/share/tuxpaint/stamps/animals ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else SUDO=none; fi
+  if ! command -v apt-get >/dev/null; then
+    say "warning: no apt-get here: cannot install tuxpaint-stamps-default; the default image data falls back to the 14 built-in photos and the stamps tests are skipped"
+  elif [ "$SUDO" = none ]; then
+    say "warning: cannot install the Debian package tuxpaint-stamps-default (not root, no sudo); the default image data falls back to the 14 built-in photos and the stamps tests are skipped"
+  else
+    say "installing Debian package tuxpaint-stamps-default (about 160 MB)"
+    $SUDO apt-get update -qq >/dev/null || say "warning: apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends tuxpaint-stamps-default >/dev/null \
+      || say "warning: installing tuxpaint-stamps-default failed; the default image data falls back to the built-in photos"
+  fi
 fi
