@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -114,3 +121,151 @@ def test_failed_write_leaves_nothing(tmp_path):
 def test_save_of_an_unconverted_model_is_refused(small_cnn, tmp_path):
     with pytest.raises(NormswapError, match="^this model carries no normswap plan"):
         normswap.save(small_cnn, tmp_path / "x.safetensors")
+
+
+# ------------------------------------------------------------------------------------------ integrity
+def test_flipped_bytes_are_a_checksum_mismatch(saved, tmp_path):
+    path, model = saved
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    message = (f"{flipped}: checksum mismatch: its tensors or metadata changed after normswap wrote it (damaged on "
+               "disk or in transfer?); write or fetch it again")
+    with pytest.raises(FileFormatError) as err:
+        normswap.load(flipped, model=model)
+    assert str(err.value) == message
+    at = data.index(b'\\"k\\": 3')  # the plan's UAN k, inside the JSON header: same length, still valid JSON
+    data = bytearray(path.read_bytes())
+    data[at + 7] = ord("4")
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(FileFormatError) as err:
+        read_file(flipped)
+    assert str(err.value) == message
+
+
+def test_files_without_checksum_still_load(saved, tmp_path):
+    """Files written before the checksum existed (same metadata, no 'checksum' entry) load as before."""
+    from safetensors import safe_open
+
+    path, model = saved
+    with safe_open(str(path), framework="pt") as f:
+        raw = {k: v for k, v in f.metadata().items() if k != "checksum"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=raw)
+    loaded = normswap.load(old, model=model)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in tensors.items())
+    assert read_file(path)[1].keys() == read_file(old)[1].keys()  # the checksum is not part of the decoded metadata
+
+
+# ------------------------------------------------------------------------------------------ faults
+def test_disk_full_and_long_names_are_one_line(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(tensors, tmp, metadata=None):
+        with open(tmp, "wb") as f:
+            f.write(b"x" * 100)
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr("normswap.io.save_file", full)
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(OutputError) as err:
+        write_file(out, {"a": torch.zeros(2)}, {"plan": {}})
+    assert str(err.value) == f"cannot write {out}: no space left on device"
+    assert list(tmp_path.iterdir()) == []
+    name = "a" * 250 + ".safetensors"
+    with pytest.raises(OutputError) as err:
+        check_output(tmp_path / name)
+    assert str(err.value) == f"cannot write {'a' * 40}...: the file name is too long (262 bytes; at most 221 here)"
+
+
+def test_failed_force_overwrite_keeps_the_old_file(saved, monkeypatch):
+    """The writer fails after writing half its data; a non-atomic save would have truncated the old file."""
+    path, _ = saved
+    before = path.read_bytes()
+
+    def half(tensors, tmp, metadata=None):
+        with open(tmp, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("normswap.io.save_file", half)
+    with pytest.raises(OutputError, match=r"^cannot write .*cnn\.safetensors: Input/output error$"):
+        write_file(path, {"a": torch.zeros(2)}, {"plan": {}}, force=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_permissions_follow_umask_and_force_keeps_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        new = write_file(tmp_path / "new.safetensors", {"a": torch.zeros(2)}, {"plan": {}})
+        assert stat.S_IMODE(new.stat().st_mode) == 0o640
+        os.chmod(new, 0o604)
+        write_file(new, {"a": torch.ones(2)}, {"plan": {}}, force=True)
+        assert stat.S_IMODE(new.stat().st_mode) == 0o604 and torch.equal(read_file(new)[0]["a"], torch.ones(2))
+    finally:
+        os.umask(old)
+
+
+def test_data_is_fsynced_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
+    out = write_file(tmp_path / "x.safetensors", {"a": torch.zeros(2)}, {"plan": {}})
+    (_, synced), (_, renamed), (_, directory) = events
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert synced == renamed and renamed.startswith(f"{tmp_path}/.x.safetensors.normswap-")
+    assert directory == str(tmp_path) and out.is_file()
+
+
+SLOW_WRITER = """
+import sys, time, torch
+import normswap.io as io
+def slow(tensors, tmp, metadata=None):
+    with open(tmp, "wb") as f:
+        f.write(b"partial")
+    print("writing", flush=True)
+    time.sleep(120)
+io.save_file = slow
+io.write_file(sys.argv[1], {"a": torch.zeros(3)}, {"plan": {}}, force=True)
+"""
+
+
+def _kill_mid_write(target, sig):
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(target)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.stdout.readline() == "writing\n", proc.stderr.read()
+    temps = [p.name for p in target.parent.iterdir() if p.name != target.name]
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return proc, temps
+
+
+def test_sigkill_mid_write_is_cleaned_by_the_next_write(tmp_path):
+    target = tmp_path / "m.safetensors"
+    write_file(target, {"a": torch.zeros(1)}, {"plan": {}})
+    before = target.read_bytes()
+    proc, temps = _kill_mid_write(target, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(temps) == 1 and re.fullmatch(rf"\.m\.safetensors\.normswap-{proc.pid}-[0-9a-f]{{8}}\.tmp", temps[0])
+    assert target.read_bytes() == before and (tmp_path / temps[0]).is_file()  # left behind by the killed write
+    (tmp_path / ".other.safetensors.normswap-1-0123abcd.tmp").write_bytes(b"")  # another target's: not ours
+    write_file(target, {"a": torch.ones(1)}, {"plan": {}}, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.safetensors.normswap-1-0123abcd.tmp",
+                                                           "m.safetensors"]
+
+
+def test_sigterm_mid_write_leaves_nothing(tmp_path):
+    target = tmp_path / "m.safetensors"
+    write_file(target, {"a": torch.zeros(1)}, {"plan": {}})
+    before = target.read_bytes()
+    proc, temps = _kill_mid_write(target, signal.SIGTERM)
+    assert len(temps) == 1 and proc.returncode != 0
+    assert "terminated (SIGTERM)" in proc.stderr.read()
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
