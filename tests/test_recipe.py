@@ -349,3 +349,14 @@ def test_cli_schema(tmp_path):
     assert res.exit_code == 1 and res.stderr == f"Error: {out} exists; pass --force (force=True) to overwrite it\n"
     assert run("recipe", "schema", "-o", str(out), "--force").exit_code == 0
     assert [p.name for p in tmp_path.iterdir()] == ["recipe.schema.json"]  # no temporary file left
+
+
+def test_docs_schema_reference_is_current():
+    """docs/recipes.md carries the generated reference; regenerate with ``python -m normswap.recipe.reference docs/recipes.md``."""
+    from pathlib import Path
+
+    from normswap.recipe.reference import BEGIN, END, reference
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text(encoding="utf-8")
+    assert f"{BEGIN}\n{reference()}{END}" in doc
+    assert "| `from` | number in [0, 1] | `0.0` |" in doc and "| `path` | string | **required** |" in doc

@@ -107,7 +107,7 @@ class DataSection(_Section):
 class CalibrateSection(_Section):
     """Fitting the converted layers' statistics from data."""
 
-    enabled: bool = Field(True, description="Calibrate the converted layers before (and during) training.")
+    enabled: bool = Field(True, description="Fit the converted layers' statistics from data before training (and again where refit says).")
     samples: int = Field(256, ge=1, description="Calibration items.")
     batch_size: int = Field(32, ge=1, description="Calibration batch size.")
     refit: Literal["start", "stages", "never"] = Field(
@@ -230,7 +230,7 @@ class EvalSection(_Section):
 class OutputSection(_Section):
     """Where results go."""
 
-    path: str = Field(description="The final model (.safetensors); checkpoints, metrics and plots go next to it.")
+    path: str = Field(description="The final model (.safetensors).")
     checkpoint_every: int = Field(100, ge=0, description="Steps between resumable checkpoints (0 = only at the end).")
     plot: bool = Field(True, description="Write a PNG of loss, strength and agreement over steps.")
 
