@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from normswap.errors import RecipeError
 from normswap.recipe import messages
-from normswap.recipe.schema import SCHEMA_VERSION, Recipe, _show
+from normswap.recipe.schema import SCHEMA_VERSION, Recipe, show_value
 
 Loc = tuple[Any, ...]
 
@@ -100,7 +100,7 @@ def _compose(text: str, name: str) -> tuple[Any, dict[Loc, int], dict[Loc, int]]
     finally:
         loader.dispose()
     if not isinstance(data, dict):
-        raise RecipeError(f"{name}: expected a mapping of sections at the top level, got {_show(data)} (line {lines[()]})")
+        raise RecipeError(f"{name}: expected a mapping of sections at the top level, got {show_value(data)} (line {lines[()]})")
     return data, lines, ends
 
 
@@ -124,7 +124,7 @@ def _set_path(item: str, name: str) -> tuple[Loc, Any]:
         fields = messages.fields_by_key(model)
         by_name = {n: (f.alias or n) for n, f in model.model_fields.items()}
         if part not in fields and part not in by_name:
-            hint = messages._hint(part, fields)
+            hint = messages.did_you_mean(part, fields)
             raise RecipeError(f"{name}: --set {item}: unknown key '{part}'{hint}")
         key_name = part if part in fields else by_name[part]
         canonical.append(key_name)

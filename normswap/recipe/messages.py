@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from normswap.recipe.schema import SCHEMA_VERSION, Recipe, RuleError, _show
+from normswap.recipe.schema import SCHEMA_VERSION, Recipe, RuleError, show_value
 
 Loc = tuple[Any, ...]
 
@@ -45,7 +45,7 @@ def _rule_loc(field: str) -> Loc:
     return tuple(loc)
 
 
-def _strip(annotation: Any) -> tuple[Any, list[Any]]:
+def strip_annotation(annotation: Any) -> tuple[Any, list[Any]]:
     """Remove Optional[...] and Annotated[...]; return (bare annotation, constraint metadata)."""
     meta: list[Any] = []
     while True:
@@ -65,7 +65,7 @@ def _strip(annotation: Any) -> tuple[Any, list[Any]]:
 
 def model_class(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model behind an annotation (Optional and Annotated removed), else None."""
-    bare, _ = _strip(annotation)
+    bare, _ = strip_annotation(annotation)
     return bare if isinstance(bare, type) and issubclass(bare, BaseModel) else None
 
 
@@ -79,7 +79,7 @@ def resolve(loc: Sequence[Any]) -> tuple[Any, list[Any]]:
     annotation: Any = Recipe
     meta: list[Any] = []
     for part in loc:
-        bare, _ = _strip(annotation)
+        bare, _ = strip_annotation(annotation)
         cls = model_class(bare)
         if cls is not None:
             field = fields_by_key(cls).get(part) or cls.model_fields.get(part)
@@ -94,8 +94,8 @@ def resolve(loc: Sequence[Any]) -> tuple[Any, list[Any]]:
             item = args[1]
         else:
             return None, []
-        annotation, meta = _strip(item)
-    bare, more = _strip(annotation)
+        annotation, meta = strip_annotation(item)
+    bare, more = strip_annotation(annotation)
     return bare, meta + more
 
 
@@ -103,7 +103,7 @@ def _num(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _range(meta: list[Any], ctx: dict[str, Any]) -> str:
+def range_text(meta: list[Any], ctx: dict[str, Any]) -> str:
     """``must be in [0, 1)``, ``must be > 0``... from the schema's constraints (or the error's ctx)."""
     bounds = {k: getattr(m, k) for m in meta for k in ("ge", "gt", "le", "lt") if getattr(m, k, None) is not None}
     bounds = bounds or {k: ctx[k] for k in ("ge", "gt", "le", "lt") if k in ctx}
@@ -118,7 +118,8 @@ def _range(meta: list[Any], ctx: dict[str, Any]) -> str:
     return "is out of range"
 
 
-def _hint(word: Any, choices: Iterable[str]) -> str:
+def did_you_mean(word: Any, choices: Iterable[str]) -> str:
+    """`` (did you mean 'optimizer'?)`` for the closest choice, or ``''``."""
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -127,7 +128,7 @@ def describe(error: dict[str, Any]) -> tuple[Loc, str, str | None]:
     """One pydantic error -> (loc, message, suggested key for an unknown key)."""
     loc: Loc = tuple(error["loc"])
     kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
-    got = _show(value)
+    got = show_value(value)
     if "[key]" in loc:
         return loc[: loc.index("[key]")], f"keys must be strings, got {got}", None
     if kind == "value_error" and isinstance(ctx.get("error"), RuleError):
@@ -148,14 +149,14 @@ def describe(error: dict[str, Any]) -> tuple[Loc, str, str | None]:
             return loc, f"unsupported recipe version {got} (this normswap reads version {SCHEMA_VERSION})", None
         allowed = [str(a) for a in get_args(annotation)] if get_origin(annotation) is typing.Literal else []
         if allowed:
-            hint = _hint(value, allowed) if isinstance(value, str) else ""
+            hint = did_you_mean(value, allowed) if isinstance(value, str) else ""
             return loc, f"expected one of {', '.join(allowed)}, got {got}{hint}", None
     if kind in ("too_long", "too_short") and get_origin(annotation) is tuple:
         return loc, f"expected {len(get_args(annotation))} values, got {ctx.get('actual_length', '?')}", None
     if kind in ("too_long", "too_short"):
         return loc, f"expected at least {ctx.get('min_length', '?')} values, got {ctx.get('actual_length', '?')}", None
     if kind in _RANGE_TYPES:
-        return loc, f"{_range(meta, ctx)}, got {got}", None
+        return loc, f"{range_text(meta, ctx)}, got {got}", None
     if kind in _EXPECTED:
         return loc, f"expected {_EXPECTED[kind]}, got {got}", None
     if kind == "option_value":

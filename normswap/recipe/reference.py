@@ -25,18 +25,18 @@ _NAMES = {str: "string", int: "integer", float: "number", bool: "true/false"}
 def _type(annotation: Any, meta: list[Any]) -> str:
     """``number in (0, 1)``, ``integer >= 1 or null``, ``list of numbers``, ``one of a, b``..."""
     nullable = type(None) in get_args(annotation)
-    bare, more = messages._strip(annotation)
+    bare, more = messages.strip_annotation(annotation)
     meta = meta + more
     origin, args = get_origin(bare), get_args(bare)
     if origin is typing.Literal:
         text = "one of " + ", ".join(f"`{a}`" for a in args) if len(args) > 1 else f"`{args[0]}`"
     elif origin is list:
-        item, item_meta = messages._strip(args[0])
+        item, item_meta = messages.strip_annotation(args[0])
         text = f"list of {_NAMES.get(item, 'value')}s"
         if item_meta:
-            text += f" (each {messages._range(item_meta, {}).replace('must be ', '')})"
+            text += f" (each {messages.range_text(item_meta, {}).replace('must be ', '')})"
     elif origin is tuple:
-        text = f"[{', '.join(_type(*messages._strip(a)) for a in args)}]"
+        text = f"[{', '.join(_type(*messages.strip_annotation(a)) for a in args)}]"
     elif origin is dict:
         text = "mapping of name to string, number or true/false"
     elif isinstance(bare, type) and issubclass(bare, BaseModel):
@@ -44,7 +44,7 @@ def _type(annotation: Any, meta: list[Any]) -> str:
     else:
         text = _NAMES.get(bare, getattr(bare, "__name__", str(bare)))
     if any(getattr(m, k, None) is not None for m in meta for k in ("ge", "gt", "le", "lt")):
-        text += " " + messages._range(meta, {}).replace("must be ", "")
+        text += " " + messages.range_text(meta, {}).replace("must be ", "")
     return text + (" or null" if nullable else "")
 
 

@@ -33,7 +33,7 @@ class _Section(BaseModel):
                               validate_by_name=True, validate_by_alias=True)
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     """A value as the user wrote it in YAML: 'text', true, null, 3, a list, a mapping."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -53,7 +53,7 @@ def _option_value(value: Any, handler: Any) -> Any:
         return handler(value)
     except ValidationError:
         raise PydanticCustomError("option_value", "expected a string, number or true/false, got {got}",
-                                  {"got": _show(value)}) from None
+                                  {"got": show_value(value)}) from None
 
 
 def _list_to_tuple(value: Any) -> Any:
