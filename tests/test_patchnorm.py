@@ -462,7 +462,7 @@ def test_find_and_apply_fold_the_pairs():
 
 def test_strength_aware_scale_tracks_the_patch_norm_and_keeps_the_output_scale():
     """Training mode keeps a running mean of n2 per group (first batch as is, then EMA 0.1); eval freezes it; the
-    scale k = sqrt(lam m + 1) keeps a sample of typical patch norm unchanged at every lam (docs/methods.md 0.2)."""
+    scale k = sqrt(lam m + 1) keeps a sample of typical patch norm unchanged at every lam (docs/methods.md section 0.2)."""
     torch.manual_seed(0)
     conv = _conv(2, 4, 6, dict(kernel_size=3, padding=1, groups=2))
     m = PatchNormConv.from_conv(conv, strength=0.5).train()
