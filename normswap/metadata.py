@@ -303,6 +303,10 @@ def replay(path: str | os.PathLike, model: "nn.Module", plan: Plan, tensors: dic
     if shapes:
         more = f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""
         raise FileFormatError(f"{path} does not fit the rebuilt model: tensor {shapes[0]}{more}")
+    held = converted.state_dict(keep_vars=True)
+    for key, value in tensors.items():  # the file's floating dtypes win: a bfloat16 model loads as bfloat16
+        if value.is_floating_point() and held[key].is_floating_point() and held[key].dtype != value.dtype:
+            held[key].data = held[key].data.to(value.dtype)
     try:
         converted.load_state_dict(tensors, strict=True)
     except Exception as exc:  # noqa: BLE001

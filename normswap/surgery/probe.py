@@ -18,7 +18,7 @@ from normswap.surgery.verify import ProbeInput
 if TYPE_CHECKING:
     from normswap.sources import SourceSpec
 
-__all__ = ["example_input"]
+__all__ = ["example_input", "model_float"]
 
 
 def _image_size(model: nn.Module, source: SourceSpec | None) -> int | None:
@@ -38,7 +38,34 @@ def _image_size(model: nn.Module, source: SourceSpec | None) -> int | None:
     return None
 
 
+def model_float(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The floating dtype and the device of ``model``'s first floating parameter or buffer (float32 on the CPU
+    for a model with none): probes, statistics and tolerances follow them."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return torch.float32, torch.device("cpu")
+
+
+def _like(value: object, dtype: torch.dtype, device: torch.device) -> object:
+    if torch.is_tensor(value):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, list):
+        return [_like(v, dtype, device) for v in value]
+    return value
+
+
 def example_input(model: nn.Module, source: SourceSpec | None = None) -> ProbeInput | None:
+    """A probe batch in ``model``'s floating dtype and on its device (:func:`model_float`); see :func:`_probe`."""
+    probe = _probe(model, source)
+    if probe is None:
+        return None
+    dtype, device = model_float(model)
+    return ProbeInput(tuple(_like(a, dtype, device) for a in probe.args),
+                      {k: _like(v, dtype, device) for k, v in probe.kwargs.items()})
+
+
+def _probe(model: nn.Module, source: SourceSpec | None = None) -> ProbeInput | None:
     """A small, seeded probe batch (a :class:`ProbeInput`: ``args`` tuple, ``kwargs`` dict), or ``None``.
 
     Image models (torchvision, timm, ``model.image_size``): ``args=(x,)``, x (2, 3, S, S), S from the weights'

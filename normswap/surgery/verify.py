@@ -2,7 +2,9 @@
 
 Both models run in eval mode (their modes are restored afterwards) under ``torch.no_grad``. A site's
 output is compared with the output of the last original module it replaces (a folded Conv->BN pair
-is compared at the BN). A claim fails when ``max |diff| > rtol * max(1, max |reference|)``.
+is compared at the BN). A claim fails when ``max |diff| > rtol * max(1, max |reference|)``, where ``rtol`` is
+at least :data:`DTYPE_ULPS` machine epsilons of the compared tensors' dtype (float32 and float64 keep the
+given ``rtol``; bfloat16 and float16 models are checked to what their precision can hold).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from normswap.variants import registry
 from normswap.variants.base import Variant
 
 DEFAULT_RTOL = 1e-4
+DTYPE_ULPS = 8  # a rewrite reorders a handful of roundings: allow that many ulps of the reference's dtype
 
 
 @dataclass
@@ -95,6 +98,12 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def dtype_rtol(out: Any, rtol: float) -> float:
+    """``rtol``, raised to :data:`DTYPE_ULPS` epsilons of the coarsest floating dtype among ``out``'s tensors."""
+    eps = max((torch.finfo(t.dtype).eps for t in _tensors(out) if t.is_floating_point()), default=0.0)
+    return max(rtol, DTYPE_ULPS * eps)
+
+
 def _diff(a: Any, b: Any) -> tuple[float, float]:
     """(max |a - b|, max |a|) over matching tensor leaves."""
     ta, tb = _tensors(a), _tensors(b)
@@ -150,12 +159,12 @@ def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeIn
         if found:
             diffs = [_diff(x, y) for x, y in found]
             diff, ref = max(d for d, _ in diffs), max(r for _, r in diffs)
-            tol = rtol * max(1.0, ref)
+            tol = max(dtype_rtol(x, rtol) for x, _ in found) * max(1.0, ref)
             checks.append(SiteCheck(site.name, site.variant, claims, diff, tol, (diff <= tol) or not claims))
         else:
             checks.append(SiteCheck(site.name, site.variant, claims, None, None, True))
     diff, ref = _diff(out_a, out_b)
-    tol = rtol * max(1.0, ref)
+    tol = dtype_rtol(out_a, rtol) * max(1.0, ref)
     all_claim = bool(checks) and all(c.claims_exact for c in checks)
     ok = all(c.ok for c in checks) and (diff <= tol or not all_claim)
     return VerifyReport(probe.describe(), plan.strength, checks, diff, tol, all_claim, ok)
