@@ -70,3 +70,17 @@ if [ ! -d /usr/share/tuxpaint/stamps/animals ]; then
       || say "warning: installing tuxpaint-stamps-default failed; the default image data falls back to the built-in photos"
   fi
 fi
+
+# 4. Debian's chromium, the headless browser the HTML report test drives through Playwright (which cannot
+#    download its own browser here); without apt the browser test is skipped
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else SUDO=none; fi
+  if [ "$SUDO" = none ] || ! command -v apt-get >/dev/null; then
+    say "warning: cannot install the Debian package chromium (no apt-get, or not root and no sudo); the HTML report browser test will be skipped"
+  else
+    say "installing Debian package chromium (headless browser for the HTML report test)"
+    $SUDO apt-get update -qq >/dev/null || say "warning: apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null \
+      || say "warning: could not install chromium; the HTML report browser test will be skipped"
+  fi
+fi

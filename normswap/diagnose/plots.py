@@ -116,7 +116,7 @@ def _pyplot() -> Any:
 
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     _pyplot().close(fig)
     return buf.getvalue()
 
@@ -127,12 +127,12 @@ def measure_png(models: Sequence[dict[str, Any]], m: Measure) -> bytes | None:
     if not lines:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(min(max(6.0, 0.12 * len(names) + 3), 16), 4.2))
+    fig, ax = plt.subplots(figsize=(min(max(6.0, 0.1 * len(names) + 3), 12), 4.2))
     for label, xs, ys in lines:
         ax.plot(xs, ys, marker="o" if len(xs) <= 60 else None, markersize=3, linewidth=1.2, label=label)
     if m.log:
         ax.set_yscale("log")
-    step = max(1, math.ceil(len(names) / 40))
+    step = max(1, math.ceil(len(names) / 30))
     ticks = list(range(0, len(names), step))
     ax.set_xticks(ticks)
     ax.set_xticklabels([names[i] for i in ticks], rotation=90, fontsize=7)

@@ -20,7 +20,7 @@ from normswap.diagnose.run import ModelDiagnosis
 from normswap.errors import OutputError
 from normswap.io import atomic_write, check_output
 
-__all__ = ["DiagnoseReport"]
+__all__ = ["DiagnoseReport", "check_out_dir"]
 
 JSON_NAME, HTML_NAME = "diagnose.json", "diagnose.html"
 
@@ -38,6 +38,20 @@ def _num(v: Any) -> Any:
 
 def _fmt(v: float) -> str:
     return f"{v:.4g}"
+
+
+def check_out_dir(out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Fail early (before any work) when ``out_dir`` is a file, cannot be created, or already holds a report
+    (without ``force``)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write the report into {out}: it is a file")
+    if not out.exists() and not out.parent.is_dir():
+        raise OutputError(f"cannot create {out}: directory {out.parent} does not exist")
+    if out.is_dir():
+        for name in (JSON_NAME, HTML_NAME):
+            check_output(out / name, force=force)
+    return out
 
 
 @dataclass
@@ -110,10 +124,14 @@ class DiagnoseReport:
             table.append(row)
         widths = [max(len(r[i]) for r in table) for i in range(len(head))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
-        worst = self.worst(per_model=1)
+        worst: dict[str, tuple[str, str, float]] = {}
+        for m in (x for x in MEASURES if x.worse):
+            for t, label, site, v in self.worst(per_model=1):
+                if t == m.title and (t not in worst or (v > worst[t][2]) == (m.worse == "high")):
+                    worst[t] = (label, site, v)
         if worst:
-            lines.append("worst layers:")
-            lines += [f"  {t}: {label} {site} = {_fmt(v)}" for t, label, site, v in worst]
+            lines.append("worst layer per measure (all models):")
+            lines += [f"  {t}: {label} {site} = {_fmt(v)}" for t, (label, site, v) in worst.items()]
         lines += [f"note: {n}" for n in self.notes]
         if self.output is not None:
             lines.append(f"report written to {self.output / HTML_NAME}")
@@ -135,13 +153,8 @@ class DiagnoseReport:
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
         """Write the JSON, the PNGs and the HTML report into ``out_dir`` (created if its parent exists)."""
-        out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise OutputError(f"cannot write the report into {out}: it is a file")
-        if not out.exists():
-            if not out.parent.is_dir():
-                raise OutputError(f"cannot create {out}: directory {out.parent} does not exist")
-            out.mkdir()
+        out = check_out_dir(out_dir, force)
+        out.mkdir(exist_ok=True)
         figures = self.make_figures()
         paths = [out / JSON_NAME, out / HTML_NAME, *(out / f"{k}.png" for k in figures)]
         for p in paths:
@@ -167,12 +180,8 @@ class DiagnoseReport:
             f"<tr><td>{e(m.label)}</td><td>{len(m.sites)}</td><td>{m.samples}</td><td>{'yes' if m.batch_stats else 'no'}"
             "</td></tr>" for m in self.models) + "</table>")
         parts += [f"<p class='note'>{e(n)}</p>" for n in self.notes]
-        worst = self.worst()
-        if worst:
-            parts.append("<h2 id='worst'>Worst layers</h2><table><tr><th>measure</th><th>model</th><th>layer</th>"
-                         "<th>value</th></tr>" + "".join(f"<tr><td>{e(t)}</td><td>{e(lab)}</td><td><code>{e(s)}</code>"
-                                                         f"</td><td>{_fmt(v)}</td></tr>" for t, lab, s, v in worst)
-                         + "</table>")
+        parts.append("<p>Figures: one per measure against depth (execution order), every model on the same axes; "
+                     "<a href='#worst'>the worst layers</a> are listed at the end.</p>")
         for m in [*MEASURES, Measure("cosine", "geometry", "", "Cosine matrix of the batch", "", explain=(
                 "The batch's cosine matrix at the deepest geometry site (last batch): one tight block plus one "
                 "orthogonal row and column is the collapsed picture; a pale, mixed matrix is a well-spread batch."))]:
@@ -180,6 +189,14 @@ class DiagnoseReport:
                 uri = "data:image/png;base64," + base64.b64encode(figures[m.key]).decode("ascii")
                 parts.append(f"<section id='{e(m.key)}'><h2>{e(m.title)}</h2><p>{e(m.explain)}</p>"
                              f"<img src='{uri}' alt='{e(m.title)}'></section>")
+        worst = self.worst()
+        if worst:
+            worse = {m.title: m.worse for m in MEASURES}
+            parts.append("<h2 id='worst'>Worst layers</h2><p>The three worst layers of each model for each measure "
+                         "with a worse end.</p><table><tr><th>measure</th><th>worse when</th><th>model</th>"
+                         "<th>layer</th><th>value</th></tr>" + "".join(
+                             f"<tr><td>{e(t)}</td><td>{worse[t]}er</td><td>{e(lab)}</td><td><code>{e(s)}</code></td>"
+                             f"<td>{_fmt(v)}</td></tr>" for t, lab, s, v in worst) + "</table>")
         parts.append("</body></html>")
         return "\n".join(parts)
 

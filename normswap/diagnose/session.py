@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from normswap.diagnose.report import DiagnoseReport
+from normswap.diagnose.report import DiagnoseReport, check_out_dir
 from normswap.diagnose.run import run_model
 from normswap.errors import NormswapError, UsageError
 from normswap.variants.base import Variant, check_strength
@@ -152,6 +152,8 @@ def diagnose(model: ModelLike, data: Any = None, *, compare: Sequence[ModelLike]
     if samples < 1 or batch_size < 1:
         raise UsageError(f"samples and batch_size must be >= 1; got {samples} and {batch_size}")
     strength = check_strength(strength) if strength is not None else None
+    if out is not None:
+        check_out_dir(out, force)
     main, source, label, original = _resolve(model, weights, trust_source)
     batches, description, has_labels, notes = _batches(data, main, source, samples, batch_size, seed, data_options)
     entries = [(main, label, original)]
