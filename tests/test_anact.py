@@ -257,8 +257,8 @@ def test_fold_exact_for_linear_and_unpadded_convs(per_channel):
 
 
 def test_fold_through_flatten_per_channel():
-    act = _set_stats(ANAct(nn.ReLU(), per_channel=True, channels=3, folded=True).eval(), torch.tensor([0.3, 0.5, 0.7]), 0.5,
-                     torch.tensor([0.1, 0.2, 0.3]))
+    act = _set_stats(ANAct(nn.ReLU(), per_channel=True, channels=3, folded=True).eval(),
+                     torch.tensor([0.3, 0.5, 0.7]), 0.5, torch.tensor([0.1, 0.2, 0.3]))
     fc, x = nn.Linear(3 * 4, 5), torch.randn(2, 3, 2, 2)
     with torch.no_grad():
         ref = fc(F.relu(x).flatten(1))

@@ -19,7 +19,7 @@ from torch import nn
 from normswap.errors import NormswapError
 from normswap.surgery.graph import reached_modules
 from normswap.surgery.plan import CONVERT, SKIP
-from normswap.variants._activations import describe
+from normswap.variants._activations import activation_kind, describe, unsupported_message
 
 _RANK = {"exact": 0, "approximate": 1, "absent": 2}
 
@@ -100,6 +100,27 @@ def decide(kind: str, params: dict[str, Any], info: Any, facts: dict[str, Any], 
     extra = {**config.to_dict(), "source_kind": kind, **params, "channels": channels}
     if action == CONVERT:
         facts["exact_at"] = exact_at(SimpleNamespace(facts=facts, config=extra))
+    return action, reason, extra
+
+
+def decide_call(call: Any, name: str, facts: dict[str, Any], by_name: dict[str, Any],
+                config: Any) -> tuple[str, str, dict[str, Any]]:
+    """:func:`decide` for a functional activation call that would become module ``name`` (``ANAct.propose_functional``),
+    after the checks only a call needs: constant parameters, a free name, no in-place write on a shared tensor."""
+    found = activation_kind(call.target, call.args, call.kwargs)
+    what = f"functional {call.function} call (node {call.node})"
+    if found is None and activation_kind(call.target) is not None:
+        return SKIP, f"{what}: its parameters are not constants, so no module can replace it", {}
+    if found is None:
+        return SKIP, unsupported_message(call.function), {}
+    if name in by_name:
+        return SKIP, f"{what}: the model already has a module named '{name}'", {}
+    if call.inplace and not (call.input_users == 1 and call.input_fresh):
+        return SKIP, (f"{what} works in place on a tensor that other code may still read: replacing it by an "
+                      "out-of-place module could change the model"), {}
+    action, reason, extra = decide(found[0], found[1], call, facts, by_name, config)
+    if action == CONVERT and not reason:
+        reason = f"{what} becomes module {name}: the converted model is a torch.fx.GraphModule"
     return action, reason, extra
 
 

@@ -34,16 +34,14 @@ branches, so ``s == 0`` never reads a tensor value (torch.fx / torch.compile). T
 :meth:`claims_exact`: folded: ``compensated``; unfolded: ``s == 0``; either: ``c == 1 and mu == 0``.
 Export (:func:`export_fold`) folds an exact folded site's ``c`` and ``mu`` back into its consumers and
 puts the plain activation back; an unfolded site at strength 0 simply becomes its plain activation;
-an unfolded site at ``s > 0`` stays ANAct. State_dict: ``act.*`` (the activation's own keys, none for
-most), ``alpha``, ``running_rho``, ``running_rho_prime``, ``running_mean``, ``num_batches_tracked``,
-``strength``; folding adds a ``bias`` key to a consumer without one. A file from before the strength
+an unfolded site at ``s > 0`` stays ANAct. State_dict: ``act.*`` (none for most), ``alpha``, ``running_rho``,
+``running_rho_prime``, ``running_mean``, ``num_batches_tracked``, ``strength``; folding adds a ``bias`` key
+to a consumer without one. A file from before the strength
 buffer loads strictly: unfolded sites get strength 1 (that layer always computed ``c (f - mu)``),
 folded ones keep the plan's strength (their function does not depend on it).
 
-Sites (docs/anact.md): activation modules; the ``act`` of timm norm + activation layers (it takes the
-layer's consumers); functional calls, which become modules ``anact_fn_<fx node>`` (:meth:`propose_functional`;
-``apply`` then returns a ``torch.fx.GraphModule``). ``normswap.export`` uses :meth:`fold_for_export`, and
-``load`` rebuilds its ``folded`` sites with :meth:`apply_folded`.
+Sites (docs/anact.md): activation modules, the ``act`` of timm norm + activation layers, and functional
+calls, which become modules ``anact_fn_<fx node>`` in a ``torch.fx.GraphModule`` (:meth:`propose_functional`).
 """
 
 from __future__ import annotations
@@ -57,16 +55,18 @@ from torch import nn
 
 from normswap.errors import FileFormatError, NormswapError, OptionError
 from normswap.surgery.graph import ACTIVATION_TYPES
-from normswap.surgery.plan import CONVERT, SKIP, Site
+from normswap.surgery.plan import SKIP, Site
 from normswap.variants._activations import (
     DEFAULTS, KINDS, MODULE_CLASSES, UnsupportedActivationError, activation_kind, describe, make_activation,
     resolve_activation, unsupported_message,
 )
 from normswap.variants._anact_stats import ANActStatistics
 from normswap.variants._fold import (
-    compensation_status, decide, exact_at, export_fold, fold_into_consumer, folds, mark_unchecked,
+    compensation_status, decide, decide_call, exact_at, export_fold, fold_into_consumer, folds, mark_unchecked,
 )
-from normswap.variants.base import CalibrationSettings, Variant, VariantConfig, check_strength, qualname, strength_buffer
+from normswap.variants.base import (
+    CalibrationSettings, Variant, VariantConfig, check_strength, qualname, strength_buffer,
+)
 from normswap.variants.registry import register
 
 __all__ = ["ANAct", "ANActConfig", "KINDS", "UnsupportedActivationError", "activation_kind", "compensation_status",
@@ -95,13 +95,13 @@ class ANActConfig(VariantConfig):
 
 
 class ResidualExample(nn.Module):
-    """``head(gelu(h + fc2(h)))`` with ``h = relu(fc1(x))``: the ReLU feeds a residual add (unfolded, exact at
-    strength 0), the GELU feeds only ``head`` (folded, exact at every strength). Used by :meth:`ANAct.examples`."""
+    """``head(gelu(h + fc2(h)))``, ``h = relu(fc1(x))``: an unfolded ReLU (it feeds a residual add) before a
+    folded GELU (it feeds only ``head``). One of :meth:`ANAct.examples`."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc1, self.relu, self.fc2 = nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6)
-        self.gelu, self.head = nn.GELU(), nn.Linear(6, 4)
+        self.fc1, self.relu, self.fc2, self.gelu, self.head = (
+            nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.GELU(), nn.Linear(6, 4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.relu(self.fc1(x))
@@ -226,22 +226,7 @@ class ANAct(ANActStatistics, Variant):
             if call.kind != "activation":
                 continue
             name, facts = f"anact_fn_{call.node}", {**call.facts(), "graph_rewrite": True}
-            found, extra = activation_kind(call.target, call.args, call.kwargs), {}
-            what = f"functional {call.function} call (node {call.node})"
-            action = SKIP
-            if found is None and activation_kind(call.target) is not None:
-                reason = f"{what}: its parameters are not constants, so no module can replace it"
-            elif found is None:
-                reason = unsupported_message(call.function)
-            elif name in by_name:
-                reason = f"{what}: the model already has a module named '{name}'"
-            elif call.inplace and not (call.input_users == 1 and call.input_fresh):
-                reason = (f"{what} works in place on a tensor that other code may still read: replacing it by an "
-                          "out-of-place module could change the model")
-            else:
-                action, reason, extra = decide(found[0], found[1], call, facts, by_name, config)
-                if action == CONVERT and not reason:
-                    reason = f"{what} becomes module {name}: the converted model is a torch.fx.GraphModule"
+            action, reason, extra = decide_call(call, name, facts, by_name, config)
             sites.append(Site(name=name, source_type=call.function, variant=cls.name, action=action, reason=reason,
                               pattern="functional", path="fx", config=extra, facts=facts))
         return sites
