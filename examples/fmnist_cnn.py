@@ -3,6 +3,7 @@
     .venv/bin/python examples/fmnist_cnn.py            # train once (about a minute on 2 cores), cached
     normswap convert examples/fmnist_cnn.py:build --weights .cache/models/fmnist_cnn.safetensors \\
         --to uan --calibrate fashion-mnist -o fmnist-uan.safetensors
+    normswap finetune recipes/fmnist-uan.yaml           # model.source: examples/fmnist_cnn.py:pretrained
 
 The architecture has every pattern normswap converts: Conv->BN->ReLU blocks (folded pairs for PatchNorm,
 BatchNorm2d for UAN, ReLU for ANAct), a Linear->BatchNorm1d->ReLU head. Training is seeded; the cache
@@ -76,6 +77,16 @@ def train(epochs: int = 1, batch_size: int = 128, seed: int = 0, verbose: bool =
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(out)
     return out
+
+
+def pretrained() -> nn.Module:
+    """The trained model (eval mode): trains once and caches if needed. The fine-tuning recipes use this factory
+    (``model.source: examples/fmnist_cnn.py:pretrained``)."""
+    from safetensors.torch import load_file
+
+    model = build()
+    model.load_state_dict(load_file(str(train(verbose=False))))
+    return model.eval()
 
 
 if __name__ == "__main__":

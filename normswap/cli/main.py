@@ -10,6 +10,7 @@ from normswap.cli.common import NormswapGroup
 from normswap.cli.convert import convert_cmd
 from normswap.cli.diagnose import diagnose_cmd
 from normswap.cli.export import export_cmd
+from normswap.cli.finetune import finetune_cmd
 from normswap.cli.inspect import inspect_cmd, variants_cmd
 from normswap.cli.recipe import recipe_cmd
 
@@ -41,6 +42,7 @@ cli.add_command(eval_cmd)
 cli.add_command(export_cmd)
 cli.add_command(diagnose_cmd)
 cli.add_command(recipe_cmd)
+cli.add_command(finetune_cmd)
 
 
 def main() -> None:
