@@ -79,6 +79,10 @@ MEASURES: tuple[Measure, ...] = (
 )
 
 
+_STYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "x", "d")
+
+
 def _value(site: dict[str, Any], m: Measure) -> float | None:
     fam = site.get(m.family)
     if not isinstance(fam, dict):
@@ -128,15 +132,17 @@ def measure_png(models: Sequence[dict[str, Any]], m: Measure) -> bytes | None:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(min(max(6.0, 0.1 * len(names) + 3), 12), 4.2))
-    for label, xs, ys in lines:
-        ax.plot(xs, ys, marker="o" if len(xs) <= 60 else None, markersize=3, linewidth=1.2, label=label)
+    for i, (label, xs, ys) in enumerate(lines):  # styles differ, so that a model equal to another still shows
+        ax.plot(xs, ys, linestyle=_STYLES[i % len(_STYLES)], marker=_MARKERS[i % len(_MARKERS)] if len(xs) <= 60 else None,
+                markersize=4 + (len(lines) - i), markerfacecolor="none", linewidth=1.2 + 0.6 * (len(lines) - 1 - i),
+                label=label)
     if m.log:
         ax.set_yscale("log")
     step = max(1, math.ceil(len(names) / 30))
     ticks = list(range(0, len(names), step))
     ax.set_xticks(ticks)
     ax.set_xticklabels([names[i] for i in ticks], rotation=90, fontsize=7)
-    ax.set_xlabel(f"layer (execution order; {len(names)} sites" + (f", every {step}th named)" if step > 1 else ")"))
+    ax.set_xlabel(f"layer (execution order; {len(names)} sites" + (f", one in {step} named)" if step > 1 else ")"))
     ax.set_ylabel(m.ylabel)
     ax.set_title(m.title)
     ax.grid(True, alpha=0.3)
@@ -150,7 +156,7 @@ def cosine_png(models: Sequence[dict[str, Any]]) -> bytes | None:
     if not mats:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(mats), figsize=(3.6 * len(mats) + 0.8, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats) + 1.0, 3.8), squeeze=False)
     image = None
     for ax, (label, site, mat) in zip(axes[0], mats):
         image = ax.imshow(mat, vmin=-1, vmax=1, cmap="RdBu_r")
