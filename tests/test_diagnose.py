@@ -139,6 +139,29 @@ def test_patchnorm_divergence_cv_near_zero_at_converted_sites():
         assert report.values("Sequential", key) and report.values("Sequential -> patchnorm", key)
 
 
+def test_uan_mixture_measures_channel_and_sample_mode():
+    model = _cnn()
+    x = torch.randn(8, 3, 12, 12)
+    uan = normswap.convert(model, to="uan", example_inputs=x).model
+    layer = uan[1]
+    sd = (layer.running_var + layer.eps).sqrt()
+    with torch.no_grad():  # components at -1, 0, +1 standard deviations, priors 1/2, 1/4, 1/4
+        layer.mix_mean.copy_(layer.running_mean + sd * torch.tensor([-1.0, 0.0, 1.0])[:, None])
+        layer.mix_logit.copy_(torch.log(torch.tensor([0.5, 0.25, 0.25]))[:, None].expand(3, 8))
+    report = normswap.diagnose(uan, x)
+    sites = {s.name: s.measures["uan"] for s in report.model("Sequential").sites if "uan" in s.measures}
+    assert set(sites) == {"1", "4"}
+    assert sites["1"]["separation"] == pytest.approx(2.0, rel=1e-5)
+    assert sites["1"]["weights"] == pytest.approx([0.5, 0.25, 0.25])
+    assert sites["4"]["separation"] == 0 and sites["4"]["ll_gain"] <= 1e-9 and sites["4"]["values"] == 8 * 10 * 10
+    tokens = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4)).eval()
+    t = torch.randn(6, 5, 8)
+    r = normswap.diagnose(normswap.convert(tokens, to="uan", example_inputs=t).model, t)
+    (site,) = [s for s in r.model("Sequential").sites if "uan" in s.measures]
+    assert site.type == "UANSample" and site.measures["uan"]["values"] == 6 * 5 * 16
+    assert site.measures["uan"]["ll_gain"] <= 1e-9  # N(0, 1) on the z scale against the best Gaussian
+
+
 class _Boom(nn.Module):
     def __init__(self) -> None:
         super().__init__()
