@@ -129,7 +129,13 @@ def _cnn() -> nn.Sequential:
 def test_patchnorm_divergence_cv_near_zero_at_converted_sites():
     model = _cnn()
     x = torch.randn(8, 3, 12, 12)
-    report = normswap.diagnose(model, x, compare_to=["patchnorm"], strength=1.0)
+    report = normswap.diagnose(model, x, compare_to=["patchnorm"], strength=1.0, at_init=True)
+    assert [m.label for m in report.models] == ["Sequential", "Sequential -> patchnorm", "Sequential at init",
+                                                "Sequential -> patchnorm at init"]
+    fresh = report.model("Sequential -> patchnorm at init")
+    assert fresh.batch_stats and fresh.sites[0].type == "PatchNormConv" and set(fresh.sites[0].measures) == set()
+    assert report.values("Sequential -> patchnorm at init", "tightness")  # geometry only at init
+    assert not report.values("Sequential at init", "divergence_cv")
     orig, pn = report.values("Sequential", "divergence_cv"), report.values("Sequential -> patchnorm", "divergence_cv")
     assert set(orig) == {"0", "3", "8"} and set(pn) == set(orig)
     for site in ("0", "3"):  # the converted conv->bn pairs

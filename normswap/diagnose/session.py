@@ -58,7 +58,8 @@ def _batches(data: Any, model: nn.Module, source: Any, samples: int, batch_size:
     from normswap.data import DataSplit, RandomDataWarning, default_data_spec, open_data
 
     if torch.is_tensor(data):
-        return [(data[i:i + batch_size], None) for i in range(0, min(len(data), samples), batch_size)], \
+        data = data[:samples]
+        return [(data[i:i + batch_size], None) for i in range(0, len(data), batch_size)], \
             f"a tensor of {tuple(data.shape)}", False, []
     notes: list[str] = []
     if not isinstance(data, DataSplit):
@@ -92,20 +93,20 @@ def _fresh(model: nn.Module, original: nn.Module | None, seed: int, trust_source
                 if callable(getattr(m, "reset_parameters", None)):
                     m.reset_parameters()
             return fresh
+        plan = meta.get("plan")
+        if plan is None:
+            return None
         base = None
         if original is not None:
             base = _fresh(original, None, seed, trust_source)
-        elif meta.get("source") is not None and meta.get("plan") is not None:
+        elif meta.get("source") is not None:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    base = rebuild(meta["source"], allow_code=trust_source)
+                    base = rebuild(meta["source"], allow_code=trust_source)  # random weights, seeded above
             except NormswapError:
-                base = None
-        if base is None or meta.get("plan") is None and original is None:
-            return None
-        plan = meta.get("plan")
-        return apply_plan(base, plan, inplace=True) if plan is not None else None
+                return None
+        return apply_plan(base, plan, inplace=True) if base is not None else None
 
 
 def _unique(labels: list[str]) -> list[str]:
