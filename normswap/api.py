@@ -15,7 +15,7 @@ from normswap import __version__
 from normswap.calibrate import calibrate
 from normswap.errors import FileFormatError, NormswapError, UsageError, VerificationError
 from normswap.io import check_output, read_file, state_tensors, write_file
-from normswap.metadata import plan_from_file, replay, source_from_file
+from normswap.metadata import one_line, plan_from_file, replay, source_from_file
 from normswap.sources import SourceSpec, load_model, rebuild
 from normswap.surgery.apply import apply_plan
 from normswap.surgery.find import find
@@ -175,7 +175,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trust_sourc
         try:
             model = rebuild(source, allow_code=trust_source)
         except UsageError as exc:  # a bad name or builder kwarg read from the file: the file is at fault
-            raise FileFormatError(f"{path}: {exc}") from None
+            raise FileFormatError(one_line(f"{path}: {exc}")) from None
     converted = replay(path, model, the_plan, tensors)
     converted.eval()
     setattr(converted, META_ATTR, {"plan": the_plan, "source": source})

@@ -100,6 +100,11 @@ def _json_plain(value: Any, depth: int = 0) -> bool:
     return False
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped: a message stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -169,7 +174,7 @@ def source_from_file(data: Any, path: str | os.PathLike) -> SourceSpec | None:
         return None
 
     def fail(why: str) -> FileFormatError:
-        return FileFormatError(f"{path}: refused model source in the file's metadata: {why}")
+        return FileFormatError(one_line(f"{path}: refused model source in the file's metadata: {why}"))
 
     if not isinstance(data, dict):
         raise fail(f"expected a JSON object, got {type(data).__name__}")
@@ -248,7 +253,7 @@ def plan_from_file(data: Any, path: str | os.PathLike) -> Plan:
     validated by its variant; any problem is one FileFormatError naming the file."""
 
     def fail(why: str) -> FileFormatError:
-        return FileFormatError(f"{path}: bad plan in the file's metadata: {why}")
+        return FileFormatError(one_line(f"{path}: bad plan in the file's metadata: {why}"))
 
     if isinstance(data, dict):
         for key, check in _PLAN_TYPES.items():
@@ -264,7 +269,7 @@ def plan_from_file(data: Any, path: str | os.PathLike) -> Plan:
     try:
         plan = Plan.from_dict(data)
     except FileFormatError as exc:
-        raise FileFormatError(f"{path}: {exc}") from None
+        raise FileFormatError(one_line(f"{path}: {exc}")) from None
     for site in plan.sites:
         if site.action == "skip":
             continue
@@ -282,10 +287,10 @@ def replay(path: str | os.PathLike, model: "nn.Module", plan: Plan, tensors: dic
     try:
         converted = apply_plan(model, plan, inplace=False)
     except NormswapError as exc:  # FileFormatError, or an OptionError / UnknownVariantError from a site
-        raise FileFormatError(f"{path}: {exc}") from None
+        raise FileFormatError(one_line(f"{path}: {exc}")) from None
     except Exception as exc:  # noqa: BLE001  (the plan comes from a file: no input may escape as a traceback)
-        raise FileFormatError(f"{path}: the plan does not fit the rebuilt model "
-                              f"({type(exc).__name__}: {first_line(exc)})") from None
+        raise FileFormatError(one_line(f"{path}: the plan does not fit the rebuilt model "
+                                       f"({type(exc).__name__}: {first_line(exc)})")) from None
     own = converted.state_dict()
     miss = [k for k in own if k not in tensors]
     extra = [k for k in tensors if k not in own]
@@ -295,14 +300,14 @@ def replay(path: str | os.PathLike, model: "nn.Module", plan: Plan, tensors: dic
         except Exception:  # noqa: BLE001  (a bad tensor: the checks below name it)
             pass
     if miss or extra:
-        raise FileFormatError(
+        raise FileFormatError(one_line(
             f"{path} does not fit the rebuilt model: {len(miss)} missing key(s) ({', '.join(miss[:3])}), "
-            f"{len(extra)} unexpected key(s) ({', '.join(extra[:3])})")
+            f"{len(extra)} unexpected key(s) ({', '.join(extra[:3])})"))
     shapes = [f"'{k}' is {_shape(v)} in the file, {_shape(own[k])} in the model"
               for k, v in tensors.items() if tuple(v.shape) != tuple(own[k].shape)]
     if shapes:
         more = f" (and {len(shapes) - 1} more)" if len(shapes) > 1 else ""
-        raise FileFormatError(f"{path} does not fit the rebuilt model: tensor {shapes[0]}{more}")
+        raise FileFormatError(one_line(f"{path} does not fit the rebuilt model: tensor {shapes[0]}{more}"))
     held = converted.state_dict(keep_vars=True)
     for key, value in tensors.items():  # the file's floating dtypes win: a bfloat16 model loads as bfloat16
         if value.is_floating_point() and held[key].is_floating_point() and held[key].dtype != value.dtype:
@@ -310,8 +315,8 @@ def replay(path: str | os.PathLike, model: "nn.Module", plan: Plan, tensors: dic
     try:
         converted.load_state_dict(tensors, strict=True)
     except Exception as exc:  # noqa: BLE001
-        raise FileFormatError(f"{path}: its tensors do not load into the rebuilt model "
-                              f"({type(exc).__name__}: {first_line(exc)})") from None
+        raise FileFormatError(one_line(f"{path}: its tensors do not load into the rebuilt model "
+                                       f"({type(exc).__name__}: {first_line(exc)})")) from None
     return converted
 
 

@@ -129,7 +129,7 @@ class VariantConfig:
         for key, value in (options or {}).items():
             if key not in names:
                 known = ", ".join(names) if names else "none"
-                raise OptionError(f"unknown option '{key}' for variant '{variant}'; valid options: {known}")
+                raise OptionError(f"unknown option {key!r} for variant '{variant}'; valid options: {known}")
             values[key] = _parse(value, hints[key], key, variant)
         config = cls(strength=check_strength(_parse(strength, float, "strength", variant)), **values)
         config.validate(variant)
