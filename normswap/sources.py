@@ -406,5 +406,3 @@ def rebuild(source: SourceSpec, allow_code: bool = False) -> nn.Module:
                             "(--trust-source)")
     return _guard_build(source.spec, _arch, source, allow_code).eval()
 
-
-# ----------------------------------------------------------------------------------------- probes
