@@ -33,7 +33,7 @@ from normswap.variants._patch import ConvGeometry, patch_sq_norm
 from normswap.variants.base import Variant
 
 __all__ = ["GEOMETRY_KEYS", "GainStats", "Geometry", "GeometryStats", "MixtureStats", "Moments", "batch_geometry",
-           "cosine_matrix", "divergence_factor", "effective_factor", "effective_rank", "odd_index",
+           "cosine_matrix", "divergence_factor", "effective_factor", "effective_rank", "gram", "odd_index",
            "orthogonality_gap", "uan_summary"]
 
 _F64 = torch.float64
@@ -188,18 +188,36 @@ class Geometry:
         return {k: getattr(self, k) for k in GEOMETRY_KEYS}
 
 
-def _rows(h: torch.Tensor) -> torch.Tensor:
-    return h.detach().reshape(h.shape[0], -1).to(_F64)
+def gram(h: torch.Tensor) -> torch.Tensor:
+    """``H H^T`` (n x n, float64) of the rows of ``h`` (n, ...), multiplied in ``h``'s precision (at least
+    float32): one matmul, and no float64 copy of a large feature map. Every geometry measure derives from it."""
+    H = h.detach().reshape(h.shape[0], -1)
+    H = H.to(torch.promote_types(H.dtype, torch.float32))
+    return (H @ H.T).to(_F64)
+
+
+def _cosine(g: torch.Tensor) -> torch.Tensor:
+    norms = g.diagonal().clamp_min(0.0).sqrt()
+    inv = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    return (g * inv[:, None] * inv[None, :]).clamp(-1.0, 1.0).fill_diagonal_(1.0)
+
+
+def _effective_rank(g: torch.Tensor) -> float:
+    gc = g - g.mean(dim=0, keepdim=True) - g.mean(dim=1, keepdim=True) + g.mean()  # J G J
+    lam = torch.linalg.eigvalsh((gc + gc.T) / 2).clamp_min(0.0)
+    s2 = float(lam.square().sum())
+    return float(lam.sum()) ** 2 / s2 if s2 > 0 else 0.0
+
+
+def _orthogonality_gap(g: torch.Tensor) -> float:
+    total = float(g.trace())
+    return float((g / total - torch.eye(g.shape[0], dtype=_F64) / g.shape[0]).norm()) if total > 0 else math.nan
 
 
 def cosine_matrix(h: torch.Tensor) -> torch.Tensor:
     """``C_ij = <h_i, h_j> / (||h_i|| ||h_j||)`` of the rows of ``h`` (n, ...); a zero row has cosine 0 with
     everything (and 1 with itself)."""
-    H = _rows(h)
-    norms = H.norm(dim=1)
-    inv = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
-    c = (H @ H.T) * inv[:, None] * inv[None, :]
-    return c.fill_diagonal_(1.0)
+    return _cosine(gram(h))
 
 
 def odd_index(c: torch.Tensor) -> int:
@@ -212,22 +230,12 @@ def odd_index(c: torch.Tensor) -> int:
 def effective_rank(h: torch.Tensor) -> float:
     """``(sum l)^2 / sum l^2`` over the eigenvalues ``l`` of the centred Gram matrix ``J H H^T J``
     (``J = I - 11^T / n``); 0 when the rows coincide."""
-    H = _rows(h)
-    Hc = H - H.mean(dim=0, keepdim=True)
-    lam = torch.linalg.eigvalsh(Hc @ Hc.T).clamp_min(0.0)
-    s2 = float(lam.square().sum())
-    return float(lam.sum()) ** 2 / s2 if s2 > 0 else 0.0
+    return _effective_rank(gram(h))
 
 
 def orthogonality_gap(h: torch.Tensor) -> float:
-    """``|| H H^T / ||H||_F^2 - I / n ||_F``: 0 for mutually orthogonal rows of equal norm."""
-    H = _rows(h)
-    g = H @ H.T
-    total = float(g.trace())
-    n = H.shape[0]
-    if total <= 0:
-        return math.nan
-    return float((g / total - torch.eye(n, dtype=_F64) / n).norm())
+    """``|| H H^T / ||H||_F^2 - I / n ||_F``: 0 for mutually orthogonal rows of equal norm (NaN for H = 0)."""
+    return _orthogonality_gap(gram(h))
 
 
 def batch_geometry(h: torch.Tensor) -> Geometry:
@@ -236,23 +244,23 @@ def batch_geometry(h: torch.Tensor) -> Geometry:
     Tightness: mean and min of ``C_ij`` over pairs ``i < j`` without the odd sample ``o``; odd
     orthogonality ``max_{j != o} |C_oj|``; norm ratio ``||h_o|| / median_j ||h_j||`` (the median over all
     samples, the mean of the two middle values for even n; NaN when it is 0)."""
-    H = _rows(h)
-    n = H.shape[0]
+    n = h.shape[0]
     if n < 3:
         raise ValueError(f"batch geometry needs at least 3 samples, got {n}")
-    c = cosine_matrix(H)
+    g = gram(h)
+    c = _cosine(g)
     o = odd_index(c)
     keep = torch.tensor([i for i in range(n) if i != o])
     sub = c[keep][:, keep]
     iu = torch.triu_indices(n - 1, n - 1, offset=1)
     pairs = sub[iu[0], iu[1]]
-    norms = H.norm(dim=1)
+    norms = g.diagonal().clamp_min(0.0).sqrt()
     med = float(norms.median()) if n % 2 else float(norms.sort().values[n // 2 - 1: n // 2 + 1].mean())
     return Geometry(
         odd=o, tightness=float(pairs.mean()), tightness_min=float(pairs.min()),
         odd_orthogonality=float(c[o, keep].abs().max()),
         norm_ratio=float(norms[o]) / med if med > 0 else math.nan,
-        effective_rank=effective_rank(H), orthogonality_gap=orthogonality_gap(H), cosine=c.float())
+        effective_rank=_effective_rank(g), orthogonality_gap=_orthogonality_gap(g), cosine=c.float())
 
 
 @dataclass
