@@ -75,7 +75,10 @@ SOURCE_KWARGS: dict[str, dict[str, Callable[[Any], bool]]] = {
         "num_classes": _int(1, 1_000_000), "num_keypoints": _int(1, 10_000), "image_size": _int(1, 8192),
         "input_size": _pair, "transform_input": _bool, "aux_logits": _bool, "init_weights": _bool,
         "aux_loss": _bool, "quantize": _bool, "backend": _one_of("fbgemm", "qnnpack", "x86"),
-        "_frozen_bn": _module_paths, "dropout": _num(0.0, 1.0),
+        "_frozen_bn": _module_paths, "dropout": _num(0.0, 1.0), "attention_dropout": _num(0.0, 1.0),
+        "stochastic_depth_prob": _num(0.0, 1.0), "width_mult": _num(0.01, 16.0), "zero_init_residual": _bool,
+        "groups": _int(1, 1024), "width_per_group": _int(1, 4096),
+        "replace_stride_with_dilation": lambda v: isinstance(v, list) and len(v) == 3 and all(map(_bool, v)),
     },
     "timm": {
         "num_classes": _int(0, 1_000_000), "in_chans": _int(1, 1024), "drop_rate": _num(0.0, 1.0),

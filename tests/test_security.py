@@ -187,8 +187,9 @@ TV = {"spec": "torchvision:resnet18", "kind": "torchvision", "name": "resnet18"}
     ({**TV, "kwargs": {"weights_backbone": "DEFAULT"}},
      "builder kwarg 'weights_backbone' is never taken from a file (it can download weights)"),
     ({**TV, "kwargs": {"num_clases": 3}}, "builder kwarg 'num_clases' is not allowed for a torchvision source "
-     "(allowed: _frozen_bn, aux_logits, aux_loss, backend, dropout, image_size, init_weights, input_size, "
-     "num_classes, num_keypoints, quantize, transform_input)"),
+     "(allowed: _frozen_bn, attention_dropout, aux_logits, aux_loss, backend, dropout, groups, image_size, "
+     "init_weights, input_size, num_classes, num_keypoints, quantize, replace_stride_with_dilation, "
+     "stochastic_depth_prob, transform_input, width_mult, width_per_group, zero_init_residual)"),
     ({**TV, "kwargs": {"num_classes": "10"}}, "builder kwarg 'num_classes' has a bad value '10'"),
     ({**TV, "kwargs": {"num_classes": 10 ** 12}}, "builder kwarg 'num_classes' has a bad value 1000000000000"),
     ({**TV, "kwargs": {"_frozen_bn": ["bn1; rm -rf"]}}, "builder kwarg '_frozen_bn' has a bad value ['bn1; rm -rf']"),
