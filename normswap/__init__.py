@@ -8,6 +8,8 @@
     >>> model = normswap.load("mobilenet_v2-uan.safetensors")
     >>> calibrated = normswap.calibrate(result, "photos")   # EM on real photos + fidelity report
     >>> print(calibrated.report.render())
+    >>> tuned = normswap.finetune("recipes/fmnist-uan.yaml")     # anneal to strength 1, distilling
+    >>> print(tuned.render())
 """
 
 __version__ = "0.1.0"
@@ -21,11 +23,13 @@ from normswap.calibrate.report import FidelityReport  # noqa: E402
 from normswap.calibrate.session import CalibrationResult, calibrate, evaluate  # noqa: E402
 from normswap.diagnose.session import diagnose  # noqa: E402
 from normswap.errors import NormswapError  # noqa: E402
+from normswap.recipe import Recipe, load_recipe  # noqa: E402
 from normswap.surgery.plan import Plan, Site  # noqa: E402
+from normswap.train.run import FinetuneResult, finetune  # noqa: E402
 from normswap.variants import Variant, VariantConfig, register  # noqa: E402
 
 __all__ = [
-    "CalibrationResult", "ConvertResult", "ExportResult", "FidelityReport", "Inspection", "NormswapError", "Plan",
-    "Site", "Variant", "VariantConfig", "__version__", "calibrate", "convert", "diagnose", "evaluate", "export",
-    "inspect", "load", "plan", "register", "save",
+    "CalibrationResult", "ConvertResult", "ExportResult", "FidelityReport", "FinetuneResult", "Inspection",
+    "NormswapError", "Plan", "Recipe", "Site", "Variant", "VariantConfig", "__version__", "calibrate", "convert",
+    "diagnose", "evaluate", "export", "finetune", "inspect", "load", "load_recipe", "plan", "register", "save",
 ]

@@ -66,4 +66,5 @@ def fidelity(model: nn.Module, original: nn.Module, batches: Iterable[tuple[torc
     n = max(float(sums[0]), 1.0)
     acc = float(sums[4]) / n if labelled else None
     orig = float(sums[5]) / n if labelled else None
-    return Fidelity(int(sums[0]), float(sums[1]) / n, float(sums[2]) / n, float(sums[3]) / n, acc, orig)
+    kl = max(float(sums[3]) / n, 0.0)  # rounding can leave -0.0 for identical outputs
+    return Fidelity(int(sums[0]), float(sums[1]) / n, float(sums[2]) / n, kl, acc, orig)

@@ -102,7 +102,7 @@ class _Metrics:
         if write:
             keep = []
             if start and path.is_file():
-                keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < start]
+                keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def add(self, row: dict[str, Any]) -> None:

@@ -62,7 +62,8 @@ def _paths(recipe: Recipe, output: str | os.PathLike | None) -> tuple[Path, Path
 
 
 def _prepare_run_dir(run_dir: Path, recipe: Recipe, out: Path, force: bool, resume: bool, rank: int) -> bool:
-    """Check the outputs before any work; returns whether there is a checkpoint to resume from."""
+    """Check the outputs before any work (every rank checks, so all fail alike; rank 0 writes); returns whether
+    there is a checkpoint to resume from."""
     text = dump_recipe(recipe)
     saved = run_dir / "recipe.yaml"
     states = sorted(run_dir.glob("*-state.safetensors")) if run_dir.is_dir() else []
@@ -73,8 +74,7 @@ def _prepare_run_dir(run_dir: Path, recipe: Recipe, out: Path, force: bool, resu
             raise UsageError(f"--resume: the recipe differs from the one the checkpoint in {run_dir} was made with "
                              f"(compare with {saved}); resume with the same recipe, or start over with --force")
         return True
-    if rank == 0 and not out.parent.is_dir():
-        out.parent.mkdir(parents=True, exist_ok=True)  # a recipe's output folder (out/ ...) is made for it
+    out.parent.mkdir(parents=True, exist_ok=True)  # a recipe's output folder (out/ ...) is made for it
     check_output(out, force=force)
     if states and not force:
         raise OutputError(f"{run_dir} holds a previous run's checkpoint: pass --resume to continue it or --force "
