@@ -136,7 +136,9 @@ def test_composite_keeps_the_object_and_blends_its_edges():
         bg, _ = st.background(torch.Generator().manual_seed(seed), (50, 60), [], "nearest")
         assert out.shape == (3, 50, 60) and 0 <= out.min() and out.max() <= 255
         assert top + h <= 50 and left + w <= 60 and abs(h / 7 - w / 9) < 0.15  # aspect kept
-        assert 0.4 * 50 / 7 * 6 / 7 - 0.2 <= h / 7 <= st.MAX_UPSCALE  # 40-90 % of the image, at most 4x
+        fit = min(50 / 7, 60 / 9)  # the scale at which the object just fits
+        lo, hi = (min(f * fit, st.MAX_UPSCALE) for f in st.OBJECT_SCALE)
+        assert lo - 0.15 <= h / 7 <= hi + 0.15  # OBJECT_SCALE of the image, upscaled at most 4x
         inside = torch.zeros(50, 60, dtype=torch.bool)
         inside[top:top + h, left:left + w] = True
         assert torch.equal(out[:, ~inside], bg[:, ~inside])  # the background is untouched around the object

@@ -14,7 +14,7 @@ Item ``i`` of a part composites image ``i % n`` of that part's ``n`` images (in 
 part), so a few items already span the categories) onto a background drawn from a
 generator seeded by (seed, part, i): a plain colour, a linear gradient, or a random crop of a built-in
 photo (:mod:`normswap.data.photos`: the seen photos for calibration and training, the held-out photos for
-evaluation), with the object scaled to 40-90 % of the image (upscaled at most 4x), placed at random and
+evaluation), with the object scaled to 70-100 % of the image (upscaled at most 4x), placed at random and
 flipped with probability 1/2. Each PNG is decoded once per process, when first used.
 """
 
@@ -38,7 +38,7 @@ PACKAGE = "tuxpaint-stamps-default"
 INSTALL_HINT = f"install it with `bash scripts/setup.sh` or `apt-get install {PACKAGE}`"
 LEFT_OUT = "symbols/ and cartoon/ folders (drawings: letters, digits, money, shapes, cartoons)"
 DEAL = ("evaluation", "calibration", "training", "training")  # image j of a category's permutation -> DEAL[j % 4]
-OBJECT_SCALE = (0.4, 0.9)  # the object's box as a fraction of the image's
+OBJECT_SCALE = (0.7, 1.0)  # the object's box as a fraction of the image's (ImageNet objects fill the frame)
 MAX_UPSCALE = 4.0
 MAX_SIDE = 768  # stamps are decoded at most this large (a few are 2000+ px)
 
