@@ -266,3 +266,43 @@ def test_torchrun_two_processes_match_one_process(workdir):
     # Adam divides by sqrt(v): parameters whose gradients are ~0 (UAN's coinciding mixture priors) turn float
     # rounding differences of the two reductions into updates of up to ~lr * 1e-2, so weights get a looser bound
     assert all(torch.allclose(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-4) for k in a)
+
+
+def test_every_shipped_recipe_validates():
+    from pathlib import Path
+
+    from normswap.recipe import load_recipe
+
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert {"fmnist-uan.yaml", "fmnist-patchnorm.yaml", "fmnist-anact.yaml", "mobilenet_v2-uan.yaml",
+            "mobilenet_v2-patchnorm.yaml", "mobilenet_v2-anact.yaml", "imagefolder-template.yaml",
+            "resnet50-patchnorm.yaml", "resnet18-anact.yaml"} <= set(names)
+    for name in names:
+        recipe = load_recipe(root / name)
+        assert recipe.output.path == f"out/{recipe.output.path[4:]}" and recipe.strength.to == 1.0, name
+
+
+def test_resnet18_anact_recipe_anneals_every_relu(tmp_path, monkeypatch):
+    """Every ReLU of a ResNet feeds a residual add: ANAct converts them unfolded at strength 0 (exact) and the
+    recipe anneals them to 1 (a shortened run of recipes/resnet18-anact.yaml on synthetic 64 px input)."""
+    from pathlib import Path
+
+    import warnings
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "resnet18-anact.yaml"
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = normswap.finetune(recipe, overrides=["finetune.steps=4", "finetune.batch_size=2",
+                                                      "finetune.train_samples=8", "data.spec=synthetic:3x64x64",
+                                                      "data.image_size=null", "calibrate.samples=4",
+                                                      "eval.samples=4", "eval.every=0", "strength.span=3"])
+    sites = [s for s in normswap.load(result.output).modules() if isinstance(s, normswap.Variant)]
+    plan = normswap.plan("resnet18", "anact")
+    assert len(plan.converted) == len(sites) == 9
+    assert all(s.facts.get("exact_at") == "strength 0" for s in plan.converted)
+    assert all(m.current_strength() == 1.0 for m in sites)
+    strengths = [json.loads(ln)["strength"] for ln in (tmp_path / "out/resnet18-anact.run/converted-metrics.jsonl")
+                 .read_text().splitlines()]
+    assert strengths[0] == 0.0 and 0 < strengths[1] < strengths[2] < 1.0 and strengths[3] == 1.0

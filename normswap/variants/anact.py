@@ -165,6 +165,8 @@ class ANAct(ANActStatistics, Variant):
         if s == 0.0 and not self.folded:
             return f  # the source activation itself: no tensor value is read (torch.fx, torch.compile)
         c, mu = self.scale().to(f.dtype), self.running_mean.to(f.dtype)
+        if self.training:  # a module called twice updates running_mean in place between the calls: keep a copy
+            mu = mu.clone()  # for the backward of c * mu
         ft = f.transpose(1, -1) if self.per_channel else f  # channels last, where c and mu broadcast
         if self.folded or s == 1.0:
             out = (ft - mu) * c
