@@ -439,7 +439,7 @@ def test_from_site_builds_and_refuses():
 
 def test_examples_are_eval_models_with_pairs():
     examples = PatchNorm.examples()
-    assert len(examples) == 4
+    assert len(examples) == 5  # the last: timm norm + activation layers and a same-padding conv
     for model, x in examples:
         assert not model.training
         with torch.no_grad():

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,11 +55,23 @@ class ConvGeometry:
     dilation: tuple[int, ...]
     padding: tuple[int, ...] | str  # as the conv holds it: a tuple of ints, "same" or "valid"
     padding_mode: str
-    pads: tuple[tuple[int, int], ...]  # (before, after) per spatial dim, what the padding amounts to
+    pads: tuple[tuple[int, int], ...]  # (before, after) per spatial dim, what the conv's own padding amounts to
+    # zero padding applied to the raw input before the conv's own: ``"same"`` = TF-style "same" computed from
+    # each input's size (timm ``Conv2dSame``), a tuple = fixed pads (a static same-padding conv's ZeroPad2d)
+    pre_pads: tuple[tuple[int, int], ...] | str | None = None
 
     @classmethod
-    def from_conv(cls, conv: nn.modules.conv._ConvNd) -> "ConvGeometry":
+    def from_conv(cls, conv: nn.modules.conv._ConvNd, kind: str | None = None) -> "ConvGeometry":
+        """The geometry of ``conv`` as PatchNorm's adapter ``kind`` reads it (``None``: the registered kind of
+        its class, ``"conv"`` for an unregistered one): ``conv`` (its own padding only), ``conv_same`` (TF "same"
+        from the input size, then no padding of its own) or ``conv_static_same`` (its ``static_padding``
+        module, nn.ZeroPad or nn.Identity, then its own padding)."""
+        if kind is None:
+            from normswap.variants._patch_adapters import ADAPTERS
+
+            kind = ADAPTERS.get(qualname(conv), "conv")
         dims = len(conv.kernel_size)
+        pre = _pre_pads(conv, kind, dims)
         if isinstance(conv.padding, str):
             if conv.padding == "valid":
                 pads = tuple((0, 0) for _ in range(dims))
@@ -74,7 +85,7 @@ class ConvGeometry:
             groups=int(conv.groups), kernel_size=tuple(conv.kernel_size), stride=tuple(conv.stride),
             dilation=tuple(conv.dilation),
             padding=conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
-            padding_mode=str(conv.padding_mode), pads=pads,
+            padding_mode=str(conv.padding_mode), pads=pads, pre_pads=pre,
         )
 
     @property
@@ -87,8 +98,18 @@ class ConvGeometry:
         """The pads in ``F.pad`` order (last dim first)."""
         return _fpad(self.pads)
 
+    def pre_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the zero padding a same-padding conv applies before its own (``x`` itself for a plain conv)."""
+        if self.pre_pads is None:
+            return x
+        if self.pre_pads == "same":
+            return same_pad(x, self.kernel_size, self.stride, self.dilation)
+        return F.pad(x, _fpad(self.pre_pads))
+
     def prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | str]:
-        """``(input, padding)`` for the conv call: non-zeros padding modes pad ``x`` here, as nn.Conv does."""
+        """``(input, padding)`` for the conv call: a same-padding conv's zero padding and non-zeros padding
+        modes pad ``x`` here, as the source conv does."""
+        x = self.pre_pad(x)
         if self.padding_mode != "zeros":
             return F.pad(x, self.fpad, mode=self.padding_mode), (0,) * self.dims
         return x, self.padding
@@ -97,6 +118,44 @@ class ConvGeometry:
              padding: tuple[int, ...] | str) -> torch.Tensor:
         """The source conv's own call on a prepared input (bit-identical to ``nn.ConvNd.forward``)."""
         return _CONV[self.dims](x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+
+def _pre_pads(conv: nn.modules.conv._ConvNd, kind: str, dims: int) -> tuple[tuple[int, int], ...] | str | None:
+    """:attr:`ConvGeometry.pre_pads` of a conv of adapter ``kind`` (ValueError when it does not fit the kind)."""
+    if kind == "conv":
+        return None
+    if kind not in ("conv_same", "conv_static_same"):
+        raise ValueError(f"unknown convolution adapter kind {kind!r}")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"a {kind} convolution pads with zeros; {type(conv).__name__} has padding_mode={conv.padding_mode!r}")
+    if kind == "conv_same":
+        if isinstance(conv.padding, str) or any(conv.padding):
+            raise ValueError(f"a conv_same convolution has no padding of its own; {type(conv).__name__} has "
+                             f"padding={conv.padding!r}")
+        return "same"
+    pad = getattr(conv, "static_padding", None)
+    if isinstance(pad, nn.Identity):
+        return None
+    ok = isinstance(pad, (nn.modules.padding._ConstantPadNd)) and float(pad.value) == 0.0
+    if not ok or len(pad.padding) != 2 * dims:
+        raise ValueError(f"a conv_static_same convolution has a 'static_padding' nn.ZeroPad{dims}d or nn.Identity; "
+                         f"{type(conv).__name__} has {type(pad).__name__}")
+    flat = [int(p) for p in pad.padding]  # F.pad order: last dim first
+    return tuple((flat[2 * i], flat[2 * i + 1]) for i in reversed(range(dims)))
+
+
+@torch.fx.wrap
+def same_pad(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
+             dilation: tuple[int, ...]) -> torch.Tensor:
+    """TF-style "same" zero padding of ``x`` for its own spatial size, as timm's ``pad_same`` computes it: total
+    ``max((ceil(i / s) - 1) s + (k - 1) d + 1 - i, 0)`` per dim, the odd element after.
+
+    Wrapped for torch.fx (one call node): the sizes are Python ints here, never tracing proxies."""
+    pads = []
+    for i, k, s, d in zip(x.shape[-len(kernel):], kernel, stride, dilation):
+        total = max((-(-int(i) // s) - 1) * s + (k - 1) * d + 1 - int(i), 0)
+        pads.append((total // 2, total - total // 2))
+    return F.pad(x, _fpad(tuple(pads)))
 
 
 @torch.fx.wrap
@@ -184,7 +243,7 @@ def scale_by_group(v: torch.Tensor, m: torch.Tensor, groups: int, inplace: bool 
 # ---- the straightforward im2col references (tests and benchmark only) ---------------------------------
 def _reference_patches(x: torch.Tensor, geom: ConvGeometry) -> tuple[torch.Tensor, tuple[int, ...]]:
     """im2col: ``(N, G, C_in/G * prod(k), L)`` patches and the output spatial shape (padding explicit)."""
-    x = F.pad(x, geom.fpad, mode="constant" if geom.padding_mode == "zeros" else geom.padding_mode)
+    x = F.pad(geom.pre_pad(x), geom.fpad, mode="constant" if geom.padding_mode == "zeros" else geom.padding_mode)
     for i, (k, s, d) in enumerate(zip(geom.kernel_size, geom.stride, geom.dilation)):
         x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
     n, g, dims = x.shape[0], geom.groups, geom.dims
@@ -266,44 +325,24 @@ def examples() -> list[tuple[nn.Module, torch.Tensor]]:
                             nn.Conv1d(6, 3, 1))
         dw = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), nn.BatchNorm2d(6), nn.ReLU6(),
                            nn.Conv2d(6, 4, 1))
-        return [
+        out = [
             (stats(cnn, gen), torch.randn(4, 3, 12, 12)),
             (stats(mlp, gen), torch.randn(8, 10)),
             (stats(seq, gen), torch.randn(2, 4, 20)),
             (stats(dw, gen), torch.randn(2, 6, 10, 10)),
         ]
+        try:  # timm is optional: its adapters are then simply not exercised
+            from normswap.compat import import_torchvision
 
-
-# ---- which Conv/Linear -> BatchNorm pairs fold ----------------------------------------------------------
-_LINEAR = "torch.nn.modules.linear.Linear"
-_CONVS = {f"torch.nn.modules.conv.Conv{d}d": d for d in (1, 2, 3)}
-_BNS = {f"torch.nn.modules.batchnorm.BatchNorm{d}d": d for d in (1, 2, 3)}
-
-
-def pair_problem(info: Any, by_name: dict[str, Any]) -> str:
-    """Why the BatchNorm of ``info`` cannot be folded into its producer ("" if it can)."""
-    bn = info.module
-    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-        return "BatchNorm without running statistics (track_running_stats=False): nothing fixed to fold"
-    if info.calls is not None and info.calls > 1:
-        return f"BatchNorm is called {info.calls} times: folding it into one producer would change the other calls"
-    dims = _BNS[qualname(bn)]
-    allowed = [f"Conv{dims}d"] + (["Linear"] if dims == 1 else [])
-    what = " or ".join(allowed)
-    producer = by_name.get(info.producer) if info.producer is not None else None
-    if producer is None:
-        if info.path == "walk":
-            return f"found by the module walk: no preceding {what} could be proven to feed it"
-        return f"no preceding {what}: its input is not the output of a module"
-    src = qualname(producer.module)
-    if src not in (_LINEAR, *_CONVS) or (src == _LINEAR and dims != 1) or (src in _CONVS and _CONVS[src] != dims):
-        return f"its input comes from '{info.producer}' ({type(producer.module).__name__}), not a {what}"
-    if info.producer_exclusive is None:
-        return (f"found by the module walk and not provably exclusive: the output of '{info.producer}' "
-                "may have other users")
-    if not info.producer_exclusive:
-        return f"the output of '{info.producer}' has other users (a residual, say): folding would change them"
-    out = getattr(producer.module, "out_channels", getattr(producer.module, "out_features", None))
-    if out != bn.num_features:
-        return f"'{info.producer}' has {out} output channels, the BatchNorm {bn.num_features}"
-    return ""
+            import_torchvision()
+            from timm.layers import BatchNormAct2d, Conv2dSame
+        except ImportError:
+            return out
+        # a tiny tf_efficientnet stand-in: dynamic same-padding stem, norm + activation layers (one without act)
+        effnet = nn.Sequential(
+            Conv2dSame(3, 8, 3, stride=2, bias=False), BatchNormAct2d(8, act_layer=nn.SiLU),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), BatchNormAct2d(8),
+            nn.Conv2d(8, 4, 1, bias=False), BatchNormAct2d(4, apply_act=False),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        )
+        return out + [(stats(effnet, gen), torch.randn(2, 3, 11, 13))]

@@ -55,14 +55,18 @@ from torch import nn
 
 from normswap.errors import NormswapError, OptionError
 from normswap.surgery.plan import CONVERT, SKIP, Site
-from normswap.variants import _patch
-from normswap.variants._patch import _BNS, _CONVS, _LINEAR, fold_batchnorm, pair_problem as _pair_problem
+from normswap.variants import _patch, _patch_adapters
+from normswap.variants._patch import fold_batchnorm
+from normswap.variants._patch_adapters import ADAPTERS, NormActTail, register_adapter
 from normswap.variants._patch_calib import GainCalibration, fit_gain
 from normswap.variants._patch_scale import ScaleTracking
 from normswap.variants.base import Variant, VariantConfig, check_strength, qualname, strength_buffer
 from normswap.variants.registry import register
 
-__all__ = ["PatchNorm", "PatchNormConfig", "PatchNormConv", "PatchNormLinear", "fit_gain", "fold_batchnorm"]
+__all__ = [
+    "NormActTail", "PatchNorm", "PatchNormConfig", "PatchNormConv", "PatchNormLinear", "fit_gain", "fold_batchnorm",
+    "register_adapter",
+]
 
 FORMS = ("corrected", "l2", "rms")
 _CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -115,7 +119,7 @@ class PatchNorm(GainCalibration, ScaleTracking, Variant):
     name = "patchnorm"
     description = "divergence-corrected affine/conv layers (Bird 2512.22247), BN folded in, lam ramped from 0"
     config_class = PatchNormConfig
-    adapters = {_LINEAR: "linear", **{k: "conv" for k in _CONVS}, **{k: "bn" for k in _BNS}}
+    adapters = ADAPTERS  # the same dict: register_adapter adds to it (kinds: normswap.variants._patch_adapters)
     families = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
     needs_targets = True
 
@@ -128,73 +132,47 @@ class PatchNorm(GainCalibration, ScaleTracking, Variant):
     # ---- finding sites ---------------------------------------------------------------------------
     @classmethod
     def propose(cls, infos: list[Any], config: VariantConfig) -> list[Site]:
-        """Conv/Linear -> BN pairs (the BN absorbed), skip sites for other BNs and LayerNorms, and
-        opt-in sites for every other plain Linear/Conv."""
-        by_name = {i.name: i for i in infos}
-        pairs: dict[str, Any] = {}  # producer name -> BN info
-        bn_reasons: dict[str, str] = {}
-        for info in infos:
-            if cls.classify(info.module)[0] == "bn":
-                reason = _pair_problem(info, by_name)
-                if reason:
-                    bn_reasons[info.name] = reason
-                else:
-                    pairs[info.producer] = info
-        sites = []
-        for info in infos:
-            kind, reason = cls.classify(info.module)
-            common = dict(source_type=qualname(info.module), variant=cls.name, path=info.path)
-            if isinstance(info.module, nn.LayerNorm):
-                sites.append(Site(name=info.name, action=SKIP, reason=LN_REASON, pattern=info.pattern(),
-                                  facts=info.facts(), **common))
-            elif kind is None:
-                if reason:
-                    sites.append(Site(name=info.name, action=SKIP, reason=reason, pattern=info.pattern(),
-                                      facts=info.facts(), **common))
-            elif kind == "bn":
-                if info.name in bn_reasons:
-                    sites.append(Site(name=info.name, action=SKIP, reason=bn_reasons[info.name],
-                                      pattern=info.pattern(), facts=info.facts(), **common))
-            elif info.name in pairs:
-                bn = pairs[info.name]
-                sites.append(Site(
-                    name=info.name, action=CONVERT, pattern=f"{kind}->bn", absorbs=[bn.name],
-                    reason=f"BatchNorm '{bn.name}' folded in (eval statistics) and replaced by nn.Identity",
-                    config={**config.to_dict(), "source_kind": f"{kind}_bn"},
-                    facts={**info.facts(), "bn": bn.name, "bn_facts": bn.facts()}, **common,
-                ))
-            else:
-                sites.append(Site(
-                    name=info.name, action=CONVERT, opt_in=True, pattern=info.pattern(),
-                    reason=f"plain {type(info.module).__name__} wrapped (no BatchNorm to fold)",
-                    config={**config.to_dict(), "source_kind": kind}, facts=info.facts(), **common,
-                ))
-        return sites
+        """Conv/Linear -> BatchNorm pairs (the norm absorbed; timm's BatchNormAct2d leaves its activation), skip
+        sites for other norms (saying which class lacks an adapter and how to register one) and LayerNorms, and
+        opt-in sites for every other Linear/Conv (:func:`._patch_adapters.propose`)."""
+        return _patch_adapters.propose(cls, infos, config, LN_REASON)
 
     # ---- building --------------------------------------------------------------------------------
     @classmethod
     def from_site(cls, site: Site, module: nn.Module, absorbed: list[nn.Module]) -> "PatchNorm":
-        kind = site.config.get("source_kind")
         config = PatchNormConfig.from_dict(site.config)
         config.validate(cls.name)
-        want = {"linear": (_LINEAR,), "linear_bn": (_LINEAR,), "conv": tuple(_CONVS), "conv_bn": tuple(_CONVS)}
-        if kind not in want or qualname(module) not in want[kind]:
-            raise NormswapError(
-                f"site '{site.name}': the plan says source kind {kind!r} but the module is {qualname(module)}"
-            )
-        bn = None
-        if kind.endswith("_bn"):
-            dims = _CONVS.get(qualname(module), 1)
-            if len(absorbed) != 1 or _BNS.get(qualname(absorbed[0])) != dims:
-                got = ", ".join(qualname(m) for m in absorbed) or "nothing"
-                raise NormswapError(f"site '{site.name}': a {kind} site absorbs one BatchNorm{dims}d, got {got}")
-            bn = absorbed[0]
-        elif absorbed:
-            raise NormswapError(f"site '{site.name}': a {kind} site absorbs no modules, got {len(absorbed)}")
+        shape, src, bn, norm_kind = _patch_adapters.check_site(cls.classify, site, module, absorbed)
         opts = dict(form=config.form, eps=config.eps, offset=config.offset, strength=config.strength)
-        if kind.startswith("linear"):
+        if shape == "linear":
             return PatchNormLinear.from_linear(module, bn, **opts)
-        return PatchNormConv.from_conv(module, bn, **opts)
+        try:
+            new = PatchNormConv.from_conv(module, bn, kind=src, **opts)
+        except ValueError as exc:
+            raise NormswapError(f"site '{site.name}': {exc}") from None
+        if norm_kind == "bn_act":  # after_apply puts it in the norm's place
+            new.__dict__["_tail"] = NormActTail(bn)
+        return new
+
+    @classmethod
+    def compare_points(cls, site: Site) -> list[tuple[str, str]]:
+        """A folded norm + activation's ``drop`` output is the pre-activation value on both sides (the source's
+        norm output, the PatchNorm layer's output): exactness and calibration targets are taken there."""
+        if site.facts.get("norm_kind") == "bn_act" and site.absorbs:
+            return [(f"{site.absorbs[-1]}.drop", f"{site.absorbs[-1]}.drop")]
+        return super().compare_points(site)
+
+    @classmethod
+    def after_apply(cls, model: nn.Module, site: Site, module: "Variant") -> None:
+        """Put a folded norm + activation's :class:`NormActTail` where ``apply`` left ``nn.Identity`` (every alias)."""
+        tail = module.__dict__.pop("_tail", None)
+        if tail is None:
+            return
+        placeholder = model.get_submodule(site.absorbs[-1])
+        for name, sub in list(model.named_modules(remove_duplicate=False)):
+            if sub is placeholder and name:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, tail)
 
     def _init_common(self, weight: nn.Parameter, bias: nn.Parameter | None, out: int, form: str, eps: float,
                      offset: bool, strength: float, groups: int = 1) -> None:
@@ -354,17 +332,18 @@ class PatchNormConv(PatchNorm):
         self._setup(src, src.weight, src.bias, form, eps, offset, strength)
 
     @classmethod
-    def from_conv(cls, conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchNorm | None = None, *,
+    def from_conv(cls, conv: nn.modules.conv._ConvNd, bn: nn.Module | None = None, *, kind: str | None = None,
                   form: str = "corrected", eps: float = 1e-5, offset: bool = False,
                   strength: float = 0.0) -> "PatchNormConv":
-        """Wrap ``conv`` (a copy of its weights; ``bn``, a BatchNorm after it, folded in)."""
+        """Wrap ``conv`` (a copy of its weights; ``bn``, a BatchNorm after it, folded in). ``kind``: how its
+        padding is read (``conv``, ``conv_same``, ``conv_static_same``; None: its class's adapter)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(conv, *_source_params(conv, bn), form, eps, offset, strength)
+        self._setup(conv, *_source_params(conv, bn), form, eps, offset, strength, kind)
         return self.train(conv.training)
 
-    def _setup(self, conv, weight, bias, form, eps, offset, strength) -> None:
-        self.geom = _patch.ConvGeometry.from_conv(conv)
+    def _setup(self, conv, weight, bias, form, eps, offset, strength, kind=None) -> None:
+        self.geom = _patch.ConvGeometry.from_conv(conv, kind)
         g = self.geom
         self.dims, self.in_channels, self.out_channels, self.groups = g.dims, g.in_channels, g.out_channels, g.groups
         self.kernel_size, self.stride, self.padding = g.kernel_size, g.stride, g.padding
