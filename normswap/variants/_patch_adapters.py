@@ -54,7 +54,9 @@ ADAPTERS: dict[str, str] = {
     "efficientnet_pytorch.utils.Conv2dStaticSamePadding": "conv_static_same",
     "timm.layers.linear.Linear": "linear",  # F.linear outside TorchScript
     **{name: "bn" for name in _BN_DIMS},
+    "torch.nn.modules.batchnorm.SyncBatchNorm": "bn",  # eval: F.batch_norm with its running statistics
     "timm.layers.norm_act.BatchNormAct2d": "bn_act",
+    "timm.layers.norm_act.SyncBatchNormAct": "bn_act",  # timm's convert_sync_batchnorm of BatchNormAct2d
     _FROZEN: "frozen_bn",
 }
 # the base class a kind's classes must derive from (None: any nn.Module)
