@@ -13,8 +13,9 @@ from torch import nn
 
 import normswap
 from normswap.calibrate.runner import calibrate
-from normswap.errors import OptionError
+from normswap.errors import NormswapError, OptionError
 from normswap.surgery.find import find
+from normswap.surgery.plan import Site
 from normswap.surgery.graph import ACT_PARENTS
 from normswap.variants import _patch, _patch_adapters
 from normswap.variants.base import CalibrationSettings, qualname
@@ -218,6 +219,10 @@ def test_plans_say_which_class_lacks_an_adapter_and_how_to_register(adapters):
         "BatchNorm base's in eval mode, 'bn_act' if its drop and act follow; docs/patchnorm.md)")
     assert got["6"].reason == "its input comes from '5' (ConvTranspose2d), not a Conv2d"  # no hint: no geometry
     assert "register" not in got["5"].reason
+    cfg = {"strength": 0.0, "source_kind": "conv_bn"}
+    with pytest.raises(NormswapError, match=rf"^site '3': no PatchNorm adapter for {mine}; register it with {how} "
+                                            r"before building or loading \(docs/patchnorm.md\)$"):
+        PatchNorm.from_site(Site("3", qualname(nn.Conv2d), "patchnorm", config=cfg), model[3], [model[4]])
     register_adapter(MyBN, "bn")
     register_adapter(export, "conv_same")  # by name; the export conv's cached pad equals the dynamic one here
     plan = find(model, "patchnorm")

@@ -136,6 +136,10 @@ def check_site(classify: Any, site: Site, module: nn.Module, absorbed: list[nn.M
     or conv), or a NormswapError when the plan does not fit the modules (or an adapter is missing)."""
     kind = site.config.get("source_kind")
     src = classify(module)[0]
+    for m in (module, *absorbed):
+        if classify(m)[0] is None:
+            raise NormswapError(f"site '{site.name}': no PatchNorm adapter for {qualname(m)}; register it with {_HOW} "
+                                "before building or loading (docs/patchnorm.md)")
     shape = "linear" if src == "linear" else "conv" if src in CONV_KINDS else None
     if kind not in ("linear", "linear_bn", "conv", "conv_bn") or shape != kind.partition("_")[0]:
         raise NormswapError(f"site '{site.name}': the plan says source kind {kind!r} but the module is {qualname(module)}")
@@ -167,6 +171,11 @@ def _hint(module: nn.Module, role: str) -> str:
     return f"register one with {_HOW}('{name}', KIND) before planning ({kinds}; docs/patchnorm.md)"
 
 
+def _affine(module: nn.Module) -> bool:
+    """A Linear or a (not transposed) convolution: what a BatchNorm can fold into."""
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(module, _TRANSPOSED)
+
+
 def _unknown(module: nn.Module) -> str:
     base = next((c for c in type(module).__mro__[1:] if qualname(c) in ADAPTERS), type(module).__mro__[1])
     return f"unknown subclass {qualname(module)} of {base.__name__}: no PatchNorm adapter"
@@ -190,7 +199,7 @@ def pair_problem(info: Any, by_name: dict[str, Any], classify: Any) -> str:
         return f"no preceding {what}: its input is not the output of a module"
     src = producer.module
     src_kind, _ = classify(src)
-    if src_kind is None and isinstance(src, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(src, _TRANSPOSED):
+    if src_kind is None and _affine(src):
         return (f"its input comes from '{info.producer}', an {_unknown(src)}; if the pair should fold, "
                 + _hint(src, "conv"))
     fits = (src_kind == "linear" and dims in (1, None)) or (
@@ -209,9 +218,9 @@ def pair_problem(info: Any, by_name: dict[str, Any], classify: Any) -> str:
 
 
 def _pair_hint(info: Any, by_name: dict[str, Any], classify: Any) -> str:
-    """For a BatchNorm-family module without an adapter that a known Conv/Linear feeds: how to register it."""
+    """For a BatchNorm-family module without an adapter that a Conv/Linear feeds: how to register it."""
     producer = by_name.get(info.producer) if info.producer is not None else None
-    if producer is None or classify(producer.module)[0] not in ("linear", *CONV_KINDS):
+    if producer is None or not _affine(producer.module):
         return ""
     return f"; the fx graph shows '{info.producer}' feeding it: if the pair should fold, " + _hint(info.module, "norm")
 
@@ -233,7 +242,8 @@ def propose(cls: Any, infos: list[Any], config: VariantConfig, ln_reason: str) -
         elif reason and isinstance(info.module, nn.modules.batchnorm._BatchNorm):
             norm_reasons[info.name] = _unknown(info.module) + _pair_hint(info, by_name, cls.classify)
     # an unknown Conv/Linear subclass feeding a norm: say so on its own site too
-    feeds = {i.producer: i.name for i in infos if i.producer is not None and cls.classify(i.module)[0] in NORM_KINDS}
+    feeds = {i.producer: i.name for i in infos if i.producer is not None and (
+        cls.classify(i.module)[0] in NORM_KINDS or isinstance(i.module, nn.modules.batchnorm._BatchNorm))}
     sites = []
     for info in infos:
         kind, reason = cls.classify(info.module)
@@ -245,7 +255,7 @@ def propose(cls: Any, infos: list[Any], config: VariantConfig, ln_reason: str) -
             sites.append(Site(name=info.name, action=SKIP, reason=norm_reasons[info.name], pattern=info.pattern(),
                               facts=info.facts(), **common))
         elif kind is None:
-            if reason and info.name in feeds and not isinstance(info.module, _TRANSPOSED):
+            if reason and info.name in feeds and _affine(info.module):
                 reason = (f"{_unknown(info.module)}; it feeds '{feeds[info.name]}': if the pair should fold, "
                           + _hint(info.module, "conv"))
             if reason:
