@@ -179,6 +179,10 @@ def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
                               "found): install it with `bash scripts/setup.sh` or `apt-get install "
                               "tuxpaint-stamps-default`")
     assert not isinstance(err.value, UsageError)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("NORMSWAP_STAMPS", str(tmp_path / "empty"))
+    with pytest.raises(NormswapError, match="empty holds no stamp photographs"):
+        open_data("stamps")
 
 
 # ----------------------------------------------------------------------------------------- the real package

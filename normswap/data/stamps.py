@@ -182,13 +182,17 @@ def open_stamps(pre: Preprocess, arg: str, calib: int, evals: int, train: int, s
     if not root.is_dir():
         raise NormswapError(f"the 'stamps' data needs Debian's {PACKAGE} ({root} not found): {INSTALL_HINT}")
     categories = scan(str(root))
+    if not categories:
+        raise NormswapError(f"{root} holds no stamp photographs (expected CATEGORY/.../NAME.png, {LEFT_OUT} "
+                            f"left out): {INSTALL_HINT}")
     chosen = select(categories, arg)
     parts = {part: [f for f in files if chosen is None or f in chosen]
              for part, files in split_images(categories, seed).items()}
     for part, files in parts.items():  # items cycle through the images in a seeded order, across categories
         order = torch.randperm(len(files), generator=item_generator(seed, f"stamp-order/{part}", 0)).tolist()
         parts[part] = [files[k] for k in order]
-    for part, count in (("calibration", calib), ("training", train), ("evaluation", evals)):
+    counts = {"calibration": calib, "training": train, "evaluation": evals}
+    for part, count in counts.items():
         if count and not parts[part]:
             n = sum(len(v) for v in parts.values())
             raise UsageError(f"stamps{':' + arg if arg else ''} has only {n} image(s), none left for {part}: "
@@ -202,20 +206,19 @@ def open_stamps(pre: Preprocess, arg: str, calib: int, evals: int, train: int, s
             return pre.normalize(to_channels(x, pre.channels), max_value=255.0), -1
         return LazyDataset(size, get)
 
-    used = {p: sorted({c.split("/")[0] for c in files}) for p, files in parts.items()}
     n = sum(len(v) for v in parts.values())
     h, w = pre.size
     px = f"{h}px" if h == w else f"{h}x{w}px"
-    picked = f"categories {', '.join(sorted(set().union(*used.values())))}" if chosen is not None else \
+    picked = f"categories {', '.join(sorted({f.split('/')[0] for f in chosen}))}" if chosen is not None else \
         f"{len(categories)} categories"
     desc = (f"stamps: {n} object photographs from Tux Paint's stamps (Debian {PACKAGE}, GPL-2; {picked}; "
             f"{LEFT_OUT} left out), composited on seeded backgrounds, {px}"
             f"{', grayscale' if pre.channels == 1 else ''}, normalised with {pre.origin} (seed {seed})")
-    counts = f"{calib} calibration" + (f", {train} training" if train else "") + f", {evals} evaluation"
+    made = f"{calib} calibration" + (f", {train} training" if train else "") + f", {evals} evaluation"
     split = (f"by image, per category (seed {seed}): {len(parts['evaluation'])} images held out for evaluation, "
              f"{len(parts['calibration'])} for calibration, {len(parts['training'])} for training, none shared; "
-             f"backgrounds: {how_bg}; composites: {counts}")
+             f"backgrounds: {how_bg}; composites: {made}")
     return DataSplit(desc, False, False, part("calibration", calib, parts["calibration"], seen_photos),
                      part("evaluation", evals, parts["evaluation"], held_photos), seed, split,
                      training=part("training", train, parts["training"], seen_photos),
-                     images={p: files[:count] for (p, files), count in zip(parts.items(), (calib, train, evals))})
+                     images={p: parts[p][:count] for p, count in counts.items()})
