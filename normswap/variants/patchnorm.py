@@ -311,9 +311,10 @@ class PatchNormLinear(PatchNorm):
 
 class PatchNormConv(PatchNorm):
     """PatchNorm convolution, docs/methods.md section 1.3 **[reconstruction]**; replaces ``nn.Conv1d/2d/3d`` (or a
-    Conv -> BatchNorm pair, folded). Every conv option is honoured: stride, int/tuple/``"same"``/
-    ``"valid"`` padding, dilation, groups (each group's patch norm scales that group's outputs),
-    bias, padding_mode zeros/reflect/replicate/circular. ``n2`` comes from :mod:`._patch` (channel sum
+    Conv -> BatchNorm pair, folded). Every conv option is honoured: stride, int/tuple/``"same"``/``"valid"``
+    padding, dilation, groups (each group's patch norm scales that group's outputs), bias, padding_mode
+    zeros/reflect/replicate/circular, and the zero padding a same-padding conv (timm ``Conv2dSame``: TF "same"
+    from each input's size) applies before its own (:mod:`._patch_adapters`). ``n2`` comes from :mod:`._patch` (channel sum
     of ``x^2``, then a box filter), so the correction costs one broadcast multiply of the ordinary
     conv output. ``lam = 0`` calls the conv exactly. Keys: ``weight``, ``bias``, ``gain``, ``lam``
     (and ``offset``)."""
@@ -382,6 +383,8 @@ class PatchNormConv(PatchNorm):
     def extra_repr(self) -> str:
         g = self.geom
         s = f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, padding={g.padding}"
+        if g.pre_pads is not None:  # a same-padding conv's own zero padding first
+            s += f", pre_pad={g.pre_pads}"
         if any(d != 1 for d in g.dilation):
             s += f", dilation={g.dilation}"
         if g.groups != 1:
