@@ -12,7 +12,7 @@
     >>> print(tuned.render())
 """
 
-__version__ = "0.1.0"
+from normswap.version import __version__  # noqa: E402
 
 from normswap.compat import import_torchvision as _import_torchvision
 

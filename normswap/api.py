@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from normswap import __version__
+from normswap.version import __version__
 from normswap.calibrate import calibrate
 from normswap.errors import FileFormatError, NormswapError, UsageError, VerificationError
 from normswap.io import check_output, read_file, state_tensors, write_file

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap import __version__
+from normswap.version import __version__
 from normswap.cli.calibrate import calibrate_cmd, eval_cmd
 from normswap.cli.common import NormswapGroup
 from normswap.cli.convert import convert_cmd

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from normswap import api
 from normswap.calibrate import dist
+from normswap.calibrate.session import calibrate
 from normswap.errors import NormswapError, OutputError, UsageError
 from normswap.io import atomic_write, check_output
 from normswap.recipe import Recipe, dump_recipe, load_recipe
@@ -132,8 +134,6 @@ def finetune(recipe: Recipe | str | os.PathLike, *, overrides: Iterable[str] = (
         >>> r = normswap.finetune("recipes/fmnist-uan.yaml", output="fmnist-uan.safetensors", force=True)
         >>> print(r.render())            # original vs converted at strength 0 and 1, and the control
     """
-    import normswap
-
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     elif overrides:
@@ -146,7 +146,7 @@ def finetune(recipe: Recipe | str | os.PathLike, *, overrides: Iterable[str] = (
     _seed(recipe.seed)
     conv = recipe.convert
     source_model = model if model is not None else recipe.model.source
-    result = normswap.convert(source_model, to=conv.to, targets=conv.targets or None, exclude=conv.exclude or None,
+    result = api.convert(source_model, to=conv.to, targets=conv.targets or None, exclude=conv.exclude or None,
                               options=dict(conv.options), weights=recipe.model.weights, strength=0.0)
     original = result.original if result.original is not None else copy.deepcopy(model)
     split = _open_split(recipe, original, result.source, world.size)
@@ -161,7 +161,7 @@ def finetune(recipe: Recipe | str | os.PathLike, *, overrides: Iterable[str] = (
     student = result.model
     if recipe.calibrate.enabled and not has_state:
         cal = recipe.calibrate
-        normswap.calibrate(result, split, original=original, batch_size=cal.batch_size, seed=recipe.seed,
+        calibrate(result, split, original=original, batch_size=cal.batch_size, seed=recipe.seed,
                            strength=recipe.strength.to or 1.0, reestimate_bn=cal.reestimate_bn, em_init=cal.em_init,
                            em_samples=cal.em_samples, em_tol=cal.em_tol, evaluate=False, progress=progress)
     summary.add("original", None, final_fidelity(original, original, split, recipe, device))
@@ -174,14 +174,14 @@ def finetune(recipe: Recipe | str | os.PathLike, *, overrides: Iterable[str] = (
     best_path = run_dir / "best.safetensors"
 
     def keep_best(m: nn.Module, figures: dict[str, Any]) -> None:
-        normswap.save(m, best_path, plan=result.plan, source=result.source, force=True)
+        api.save(m, best_path, plan=result.plan, source=result.source, force=True)
 
     logs["converted"] = train(student, original, result.plan, split, recipe, run_dir=run_dir, tag="converted",
                               resume=has_state, device=device, progress=progress, on_best=keep_best)
     for s in (0.0, recipe.strength.to):
         summary.add("converted, fine-tuned", s, final_fidelity(student, original, split, recipe, device, strength=s))
     if world.rank == 0:
-        normswap.save(student.to("cpu"), out, plan=result.plan, source=result.source, force=True)
+        api.save(student.to("cpu"), out, plan=result.plan, source=result.source, force=True)
     student.to(device)
     if control_model is not None:
         resume_control = has_state and (run_dir / "control-state.safetensors").is_file()

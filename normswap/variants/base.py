@@ -305,3 +305,13 @@ def strength_buffer(value: float, like: torch.Tensor | None = None) -> torch.Ten
     """A float32 scalar buffer for a homotopy parameter, on ``like``'s device."""
     device = like.device if like is not None else None
     return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+
+def settle_batchnorms(model: nn.Module, x: torch.Tensor, steps: int = 4) -> nn.Module:
+    """Give an example model's BatchNorms non-trivial running statistics (a few training batches of scaled and
+    shifted ``x``), then eval mode: the variants' ``examples()`` use it so that exactness means something."""
+    model.train()
+    with torch.no_grad():
+        for i in range(steps):
+            model(x * (1.0 + 0.5 * i) + 0.3 * i)
+    return model.eval()

@@ -57,7 +57,8 @@ from torch import nn
 from normswap.errors import NormswapError, OptionError
 from normswap.surgery.plan import Site
 from normswap.variants._uan_calib import UANCalibration
-from normswap.variants.base import Variant, VariantConfig, check_strength, qualname, strength_buffer
+from normswap.variants.base import (Variant, VariantConfig, check_strength, qualname, settle_batchnorms,
+                                     strength_buffer)
 from normswap.variants.registry import register
 
 __all__ = ["UAN", "UANChannel", "UANConfig", "UANSample"]
@@ -355,13 +356,7 @@ class UANSample(UAN):
         )
 
 
-def _settle(model: nn.Module, x: torch.Tensor, steps: int = 4) -> nn.Module:
-    """Give BatchNorms non-trivial running statistics (a few training batches), then eval mode."""
-    model.train()
-    with torch.no_grad():
-        for i in range(steps):
-            model(x * (1.0 + 0.5 * i) + 0.3 * i)
-    return model.eval()
+_settle = settle_batchnorms
 
 
 def _examples() -> list[tuple[nn.Module, torch.Tensor]]:

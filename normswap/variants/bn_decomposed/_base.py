@@ -13,7 +13,8 @@ from torch import nn
 
 from normswap.errors import NormswapError
 from normswap.surgery.plan import Site
-from normswap.variants.base import Variant, VariantConfig, check_strength, qualname, strength_buffer
+from normswap.variants.base import (Variant, VariantConfig, check_strength, qualname, settle_batchnorms,
+                                     strength_buffer)
 
 __all__ = ["BNPart", "bn_examples"]
 
@@ -135,8 +136,6 @@ class BNPart(Variant):
 def bn_examples() -> list[tuple[nn.Module, torch.Tensor]]:
     """Eval-mode models holding BatchNorm1d (2-d and 3-d inputs), BatchNorm2d (with and without affine) and
     BatchNorm3d, with non-trivial running statistics, each with an example input."""
-    from normswap.variants.uan import _settle
-
     out: list[tuple[nn.Module, torch.Tensor]] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -144,14 +143,14 @@ def bn_examples() -> list[tuple[nn.Module, torch.Tensor]]:
                             nn.Conv2d(8, 6, 3), nn.BatchNorm2d(6, affine=False), nn.ReLU(),
                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
         x = torch.randn(4, 3, 12, 12)
-        out.append((_settle(cnn, x), x))
+        out.append((settle_batchnorms(cnn, x), x))
         mlp = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16, momentum=None), nn.ReLU(), nn.Linear(16, 4))
         x = torch.randn(8, 10)
-        out.append((_settle(mlp, x), x))
+        out.append((settle_batchnorms(mlp, x), x))
         seq = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.Tanh(), nn.Conv1d(4, 3, 1))
         x = torch.randn(3, 2, 9)
-        out.append((_settle(seq, x), x))
+        out.append((settle_batchnorms(seq, x), x))
         vol = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 3, 1))
         x = torch.randn(2, 2, 4, 6, 6)
-        out.append((_settle(vol, x), x))
+        out.append((settle_batchnorms(vol, x), x))
     return out
