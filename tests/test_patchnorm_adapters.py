@@ -257,8 +257,8 @@ def test_every_norm_act_class_uan_and_anact_handle_patchnorm_folds():
     assert uan <= set(PatchNorm.adapters) and {PatchNorm.adapters[n] for n in uan} <= set(_patch_adapters.NORM_KINDS)
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    for norm in (nn.BatchNorm2d(5), BatchNormAct2d(5, act_layer=nn.GELU), FrozenBatchNorm2d(5)):
-        assert qualname(norm) in uan
+    for norm in (nn.BatchNorm2d(5), BatchNormAct2d(5, act_layer=nn.GELU), FrozenBatchNorm2d(5), nn.SyncBatchNorm(5)):
+        assert qualname(norm) in uan or isinstance(norm, nn.SyncBatchNorm)
         model = _stats(nn.Sequential(nn.Conv2d(3, 5, 3), norm))
         if isinstance(norm, FrozenBatchNorm2d):
             with torch.no_grad():
