@@ -246,6 +246,9 @@ def test_register_adapter_checks_its_arguments(adapters):
                                           r"'conv', not 'conv_same'$"):
         register_adapter(nn.Conv2d, "conv_same")
     register_adapter(nn.Conv2d, "conv")  # the same again is fine
+    register_adapter("torch.nn.modules.normalization.GroupNorm", "bn")  # by name: checked on each instance
+    assert PatchNorm.classify(nn.GroupNorm(2, 4)) == (None, "torch.nn.modules.normalization.GroupNorm is registered "
+                                                            "as a PatchNorm bn adapter but does not fit that kind")
     register_adapter("my.pkg.MyBN", "bn")
     assert adapters["my.pkg.MyBN"] == "bn" and PatchNorm.adapters is adapters
 

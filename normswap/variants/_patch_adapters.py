@@ -44,6 +44,7 @@ NORM_KINDS = ("bn", "bn_act", "frozen_bn")
 KINDS = ("linear", *CONV_KINDS, *NORM_KINDS)
 _BN_DIMS = {f"torch.nn.modules.batchnorm.BatchNorm{d}d": d for d in (1, 2, 3)}
 _FROZEN = "torchvision.ops.misc.FrozenBatchNorm2d"
+_FROZEN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 # qualified class name -> kind; PatchNorm.adapters is this dict (register_adapter adds to it)
 ADAPTERS: dict[str, str] = {
@@ -105,6 +106,33 @@ class NormActTail(nn.Module):
         return self.act(self.drop(x))
 
 
+def classify(found: tuple[str | None, str], module: nn.Module) -> tuple[str | None, str]:
+    """``found`` (the adapter lookup of ``module``'s class), unless the instance does not fit its kind (a class
+    registered by name outside the kind's family, say)."""
+    kind = found[0]
+    if kind is None:
+        return found
+    family = _FAMILY[kind]
+    bad = (family is not None and not isinstance(module, family)) or isinstance(module, _TRANSPOSED) or (
+        kind == "frozen_bn" and not all(torch.is_tensor(getattr(module, a, None)) for a in _FROZEN_KEYS))
+    if bad:
+        return None, f"{qualname(module)} is registered as a PatchNorm {kind} adapter but does not fit that kind"
+    return found
+
+
+def place_tail(model: nn.Module, site: Site, module: nn.Module) -> None:
+    """Put the :class:`NormActTail` that ``module`` (a just-built site) holds where ``apply`` left the folded
+    norm's ``nn.Identity``, under every name of that placeholder."""
+    tail = module.__dict__.pop("_tail", None)
+    if tail is None:
+        return
+    placeholder = model.get_submodule(site.absorbs[-1])
+    for name, sub in list(model.named_modules(remove_duplicate=False)):
+        if sub is placeholder and name:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, tail)
+
+
 def norm_dims(module: nn.Module) -> int | None:
     """The conv dimensionality a norm pairs with (BatchNorm1d: 1, also Linear), None when its class says nothing."""
     for c in type(module).__mro__:
@@ -123,7 +151,7 @@ def norm_channels(module: nn.Module) -> int:
 def norm_problem(module: nn.Module, kind: str) -> str:
     """Why a norm of ``kind`` holds nothing to fold ("" if it does)."""
     if getattr(module, "running_mean", None) is None or getattr(module, "running_var", None) is None or (
-            kind != "frozen_bn" and not module.track_running_stats):
+            kind != "frozen_bn" and not getattr(module, "track_running_stats", True)):
         return "BatchNorm without running statistics (track_running_stats=False): nothing fixed to fold"
     if kind == "bn_act" and not all(isinstance(getattr(module, a, None), nn.Module) for a in ("drop", "act")):
         return f"{qualname(module)} is registered as bn_act but has no 'drop' and 'act' modules"

@@ -31,7 +31,8 @@ too. No batch statistics: train and eval behave the same. ``eps`` only enters th
 Sources: ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (opt-in: converted only when a target names them), and
 a Conv/Linear -> BatchNorm pair whose BatchNorm is folded in with its eval statistics
 (``W' = W gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) gamma / sqrt(var + eps)``) and replaced
-by ``nn.Identity``. State_dict keys: the source's ``weight`` and ``bias`` (a folded pair always has a
+by ``nn.Identity`` (a timm ``BatchNormAct2d`` by a :class:`NormActTail`: its activation stays). The classes
+read, same-padding convs among them, and :func:`register_adapter`: :mod:`._patch_adapters`. State_dict keys: the source's ``weight`` and ``bias`` (a folded pair always has a
 bias), plus ``gain``, ``lam``, ``n2_mean``, ``n2_batches`` and, with ``offset=True``, ``offset``. LayerNorm sites are left alone
 (docs/methods.md section 1.4).
 
@@ -54,13 +55,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from normswap.errors import NormswapError, OptionError
-from normswap.surgery.plan import CONVERT, SKIP, Site
+from normswap.surgery.plan import Site
 from normswap.variants import _patch, _patch_adapters
 from normswap.variants._patch import fold_batchnorm
 from normswap.variants._patch_adapters import ADAPTERS, NormActTail, register_adapter
 from normswap.variants._patch_calib import GainCalibration, fit_gain
 from normswap.variants._patch_scale import ScaleTracking
-from normswap.variants.base import Variant, VariantConfig, check_strength, qualname, strength_buffer
+from normswap.variants.base import Variant, VariantConfig, check_strength, strength_buffer
 from normswap.variants.registry import register
 
 __all__ = [
@@ -131,6 +132,11 @@ class PatchNorm(GainCalibration, ScaleTracking, Variant):
 
     # ---- finding sites ---------------------------------------------------------------------------
     @classmethod
+    def classify(cls, module: nn.Module) -> tuple[str | None, str]:
+        """The adapter kind of ``module``'s class, refused when the instance does not fit the kind."""
+        return _patch_adapters.classify(super().classify(module), module)
+
+    @classmethod
     def propose(cls, infos: list[Any], config: VariantConfig) -> list[Site]:
         """Conv/Linear -> BatchNorm pairs (the norm absorbed; timm's BatchNormAct2d leaves its activation), skip
         sites for other norms (saying which class lacks an adapter and how to register one) and LayerNorms, and
@@ -165,14 +171,7 @@ class PatchNorm(GainCalibration, ScaleTracking, Variant):
     @classmethod
     def after_apply(cls, model: nn.Module, site: Site, module: "Variant") -> None:
         """Put a folded norm + activation's :class:`NormActTail` where ``apply`` left ``nn.Identity`` (every alias)."""
-        tail = module.__dict__.pop("_tail", None)
-        if tail is None:
-            return
-        placeholder = model.get_submodule(site.absorbs[-1])
-        for name, sub in list(model.named_modules(remove_duplicate=False)):
-            if sub is placeholder and name:
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, tail)
+        _patch_adapters.place_tail(model, site, module)
 
     def _init_common(self, weight: nn.Parameter, bias: nn.Parameter | None, out: int, form: str, eps: float,
                      offset: bool, strength: float, groups: int = 1) -> None:
