@@ -210,8 +210,9 @@ class PatchNorm(GainCalibration, ScaleTracking, Variant):
 
     @classmethod
     def examples(cls) -> list[tuple[nn.Module, torch.Tensor]]:
-        """A Conv2d->BN2d->ReLU CNN (an affine=False BN too), a Linear->BN1d MLP, a Conv1d net with
-        reflect padding, a depthwise conv + BN: eval mode, non-trivial running statistics."""
+        """A Conv2d->BN2d->ReLU CNN (an affine=False BN too), a Linear->BN1d MLP, a Conv1d net with reflect
+        padding, a depthwise conv + BN and, with timm, Conv2dSame/Conv2d -> BatchNormAct2d pairs: eval mode,
+        non-trivial running statistics."""
         return _patch.examples()
 
     def _blend(self) -> tuple[torch.Tensor, torch.Tensor | None]:
