@@ -1,0 +1,222 @@
+"""UAN channel mode, computed near its memory-traffic floor (docs/methods.md section 3.1).
+
+The layer's output, with the affine folded into per-component coefficients of shape (K, C) and (C,)::
+
+    z_k = a_k x + c_k                    a_k = 1 / sqrt(v_k),  c_k = -mu_k a_k
+    l_k = b_k - z_k^2 / 2                b_k = log pi_k - log(v_k) / 2   (the 2 pi term cancels in tau)
+    tau = softmax_k l_k                  (the max over k subtracted: no 0/0 in the tails)
+    y   = sum_k tau_k g_k z_k + p x + q  g_k = rho gamma / sqrt(K pi_k), p = (1 - rho) gamma / sqrt(s2),
+                                         q = beta - p m
+
+which is ``gamma ((1 - rho) x_one + rho x_mix) + beta`` term for term. ``p`` is ``None`` when
+``rho == 1`` (a dead term skipped) and ``q`` is ``None`` when it is known to be zero.
+
+Eagerly the input is processed in blocks of about :data:`BLOCK` values per component (whole samples,
+or channel ranges of one sample), so the ``(K, block)`` temporaries stay in cache and the peak memory
+is the output plus a few blocks, whatever the batch. Without autograd the temporaries are reused in
+place. With autograd a :class:`torch.autograd.Function` saves only ``x`` and recomputes the block in
+its hand-written backward (checked against autograd of the plain formula in tests/test_uan_kernel.py).
+Under ``torch.fx`` tracing or ``torch.compile`` the same operations run once over the whole input,
+out of place, and autograd (or the compiler) takes over. All of it runs in ``x``'s dtype promoted to
+float32 at least, and casts back once per block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+__all__ = ["BLOCK", "channel_coefficients", "channel_mixture", "tracing"]
+
+BLOCK = 1 << 16  # values per component in one block (K * 256 KiB of float32 temporaries)
+
+
+def channel_coefficients(
+    mu: torch.Tensor, var: torch.Tensor, log_pi: torch.Tensor, k: int, rho: torch.Tensor,
+    weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor, s2: torch.Tensor,
+    *, one_dead: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(a, c, b, g, p, q)`` of the module docstring from the (floored) component parameters (K, C),
+    their number ``k``, ``rho``, the affine and the single-Gaussian statistics ``mean`` and
+    ``s2 = running_var + eps`` (C,).
+    ``one_dead`` (rho == 1, known from Python) drops ``p``; differentiable in every input."""
+    a = torch.rsqrt(var)
+    c = -mu * a
+    b = log_pi - 0.5 * torch.log(var)
+    g = rho * torch.exp(-0.5 * (log_pi + math.log(k)))
+    if weight is not None:
+        g = g * weight
+    p = q = None
+    if not one_dead:
+        p = (1.0 - rho) * torch.rsqrt(s2)
+        if weight is not None:
+            p = p * weight
+        q = -p * mean
+    if bias is not None:
+        q = bias if q is None else q + bias
+    return a, c, b, g, p, q
+
+
+def tracing() -> bool:
+    """True under ``torch.fx`` symbolic tracing or ``torch.compile``: one plain pass, no Python branches
+    on values (a compiled ramp keeps one graph for every ``rho > 0``)."""
+    return is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+
+
+def _view(t: torch.Tensor | None, lead: tuple[int, ...], ndim: int) -> torch.Tensor | None:
+    return None if t is None else t.reshape(lead + (-1,) + (1,) * (ndim - 2))
+
+
+class _Work:
+    """Flat buffers that every block of one call reuses: a fresh (K, block) temporary per operation
+    costs page faults (large allocations are fresh mappings), and reused ones stay in cache."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.like, self.bufs = like, {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[name] = torch.empty(n, dtype=self.like.dtype, device=self.like.device)
+        return buf[:n].view(shape)
+
+
+def _mix(x: torch.Tensor, a, c, b, g, p, q, work: _Work | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The module docstring's ``y`` of one block ``x`` (n, C', ...) with coefficients viewed to
+    broadcast: (K, 1, C', 1...) and (1, C', 1...). With ``work`` the temporaries are ``work``'s buffers
+    and ``y`` lands in ``out``; without, the same operations run out of place (autograd, tracing).
+    Each operation is a binary one or has one broadcast operand, so it runs vectorised."""
+    xs = x.unsqueeze(0)
+    if work is None:
+        z = xs * a + c  # (K, n, C', ...)
+        l = torch.addcmul(b, z, z, value=-0.5)
+        e = torch.exp(l - l.amax(dim=0, keepdim=True).detach())  # tau_k up to the sum over k
+        y = (e * z * g).sum(dim=0) / e.sum(dim=0)
+        if p is not None:
+            y = torch.addcmul(y, x, p)
+        return y + q if q is not None else y
+    shape = (a.shape[0],) + tuple(x.shape)
+    z = torch.mul(xs, a, out=work.get("z", shape)).add_(c)
+    l = torch.addcmul(b, z, z, value=-0.5, out=work.get("l", shape))
+    e = l.sub_(torch.amax(l, dim=0, keepdim=True, out=work.get("top", (1,) + tuple(x.shape)))).exp_()
+    total = torch.sum(e, dim=0, out=work.get("total", tuple(x.shape)))
+    y = torch.sum(e.mul_(z).mul_(g), dim=0, out=out if out is not None else work.get("y", tuple(x.shape)))
+    y.div_(total)
+    if p is not None:
+        y.addcmul_(x, p)
+    return y.add_(q) if q is not None else y
+
+
+def _blocks(shape: torch.Size):
+    """(sample slice, channel slice) pairs covering ``shape`` in blocks of about BLOCK values per component."""
+    n, c = shape[0], shape[1]
+    per_channel = math.prod(shape[2:])
+    per_sample = c * per_channel
+    if per_sample <= BLOCK:
+        step = max(1, BLOCK // max(1, per_sample))
+        for i in range(0, n, step):
+            yield slice(i, i + step), slice(None)
+        return
+    step_c = max(1, BLOCK // max(1, per_channel))
+    for i in range(n):
+        for j in range(0, c, step_c):
+            yield slice(i, i + 1), slice(j, j + step_c)
+
+
+def _block_coeffs(coeffs, cs: slice, ndim: int):
+    a, c, b, g, p, q = (None if t is None else t[..., cs] for t in coeffs)
+    return (*(_view(t, (t.shape[0], 1), ndim) for t in (a, c, b, g)), _view(p, (1,), ndim), _view(q, (1,), ndim))
+
+
+def _forward_blocks(x: torch.Tensor, coeffs, cdt: torch.dtype) -> torch.Tensor:
+    out = torch.empty_like(x)
+    work = _Work(coeffs[0])
+    for ns, cs in _blocks(x.shape):
+        target = out[ns, cs]
+        y = _mix(x[ns, cs].to(cdt), *_block_coeffs(coeffs, cs, x.dim()), work=work,
+                 out=target if x.dtype == cdt else None)
+        if y is not target:
+            target.copy_(y)
+    return out
+
+
+class _ChannelMixture(torch.autograd.Function):
+    """Blocked forward without a graph; backward recomputes each block from ``x`` (the only saved
+    activation) and applies the derivatives of the module docstring's formula::
+
+        t = tau, w_k = g_k z_k, m = sum_k t_k w_k, u = dL/dy
+        dl_k = u t_k (w_k - m)           -> db_k = sum dl_k
+        dz_k = u t_k g_k - dl_k z_k      -> dc_k = sum dz_k, da_k = sum dz_k x
+        dg_k = sum u t_k z_k,  dp = sum u x,  dq = sum u,  dx = u p + sum_k dz_k a_k
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, c, b, g, p, q):  # type: ignore[override]
+        cdt = a.dtype
+        coeffs = (a, c, b, g, p, q)
+        ctx.save_for_backward(x, *(t for t in coeffs if t is not None))
+        ctx.has = (p is not None, q is not None)
+        with torch.no_grad():
+            return _forward_blocks(x, coeffs, cdt)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        x, a, c, b, g, *rest = ctx.saved_tensors
+        p = rest.pop(0) if ctx.has[0] else None
+        q = rest.pop(0) if ctx.has[1] else None
+        cdt, k, nd = a.dtype, a.shape[0], x.dim()
+        acc = {name: torch.zeros_like(a) for name in ("a", "c", "b", "g")}
+        dp = torch.zeros_like(p) if p is not None else None
+        dq = torch.zeros_like(q) if q is not None else None
+        dx = torch.empty_like(x)
+        kdims = (1,) + tuple(range(3, nd + 1))  # (K, n, C', ...) -> (K, C')
+        cdims = (0,) + tuple(range(2, nd))  # (n, C', ...) -> (C',)
+        work = _Work(a)
+        for ns, cs in _blocks(x.shape):
+            xb, u = x[ns, cs].to(cdt), grad[ns, cs].to(cdt)
+            ab, cb, bb, gb, pb, _ = _block_coeffs((a, c, b, g, p, None), cs, nd)
+            shape, one = (k,) + tuple(xb.shape), (1,) + tuple(xb.shape)
+            tmp = work.get("tmp", shape)
+            z = torch.mul(xb.unsqueeze(0), ab, out=work.get("z", shape)).add_(cb)
+            t = torch.addcmul(bb, z, z, value=-0.5, out=work.get("t", shape))
+            t = t.sub_(torch.amax(t, dim=0, keepdim=True, out=work.get("top", one))).exp_()
+            t = t.div_(torch.sum(t, dim=0, keepdim=True, out=work.get("total", one)))  # tau
+            w = torch.mul(z, gb, out=work.get("w", shape))
+            m = torch.sum(torch.mul(t, w, out=tmp), dim=0, keepdim=True, out=work.get("m", one))
+            ut = t.mul_(u)
+            acc["g"][:, cs] += torch.mul(ut, z, out=tmp).sum(dim=kdims)
+            dl = w.sub_(m).mul_(ut)
+            acc["b"][:, cs] += dl.sum(dim=kdims)
+            dz = ut.mul_(gb).sub_(dl.mul_(z))
+            acc["c"][:, cs] += dz.sum(dim=kdims)
+            acc["a"][:, cs] += torch.mul(dz, xb, out=tmp).sum(dim=kdims)
+            target = dx[ns, cs]
+            dxb = torch.sum(dz.mul_(ab), dim=0, out=target if x.dtype == cdt else work.get("dx", tuple(xb.shape)))
+            if pb is not None:
+                dxb.addcmul_(u, pb)
+                dp[cs] += torch.mul(u, xb, out=work.get("ux", tuple(xb.shape))).sum(dim=cdims)
+            if dq is not None:
+                dq[cs] += u.sum(dim=cdims)
+            if dxb is not target:
+                target.copy_(dxb)
+        return dx, acc["a"], acc["c"], acc["b"], acc["g"], dp, dq
+
+
+def channel_mixture(x: torch.Tensor, a, c, b, g, p, q) -> torch.Tensor:
+    """``y`` of the module docstring for (N, C, ...) inputs and coefficients (K, C), (C,) of the compute
+    dtype; returned in ``x``'s dtype."""
+    cdt = a.dtype
+    if tracing():
+        nd = x.dim()
+        k = a.shape[0]
+        views = (*(_view(t, (k, 1), nd) for t in (a, c, b, g)), _view(p, (1,), nd), _view(q, (1,), nd))
+        return _mix(x.to(cdt), *views).to(x.dtype)
+    tensors = (x, a, c, b, g, p, q)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _ChannelMixture.apply(*tensors)
+    with torch.no_grad():
+        return _forward_blocks(x, (a, c, b, g, p, q), cdt)
