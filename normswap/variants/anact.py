@@ -167,13 +167,15 @@ class ANAct(ANActStatistics, Variant):
         c, mu = self.scale().to(f.dtype), self.running_mean.to(f.dtype)
         if self.training:  # a module called twice updates running_mean in place between the calls: keep a copy
             mu = mu.clone()  # for the backward of c * mu
-        ft = f.transpose(1, -1) if self.per_channel else f  # channels last, where c and mu broadcast
-        if self.folded or s == 1.0:
-            out = (ft - mu) * c
+        if self.folded or s == 1.0:  # c (f - mu) = c f - c mu
+            scale, shift = c, -c * mu
         else:  # (1 - s) f + s c (f - mu), affine in f
             cs = c * s
-            out = ft * (cs + (1.0 - s)) - cs * mu
-        return out.transpose(1, -1) if self.per_channel else out
+            scale, shift = cs + (1.0 - s), -cs * mu
+        if self.per_channel:  # (C,) along dim 1
+            view = (-1,) + (1,) * (f.dim() - 2)
+            scale, shift = scale.reshape(view), shift.reshape(view)
+        return torch.addcmul(shift, f, scale)  # one pass over f
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(c_s, mu_s)`` of the map ``c_s (f - mu_s)`` the layer applies to ``f`` now: ``(c, mu)`` at a
