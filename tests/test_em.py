@@ -312,3 +312,28 @@ def test_two_processes_fit_identically_and_like_one_process(tmp_path):
     torch.testing.assert_close(a["var"], single.var, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(a["loglik"], single.loglik, atol=1e-6, rtol=0)
     assert math.isfinite(float(a["loglik"].sum()))
+
+
+def test_uan_layers_fitted_together_get_exactly_their_own_fits():
+    """calibration_end_many: one EM call over the channels of several layers gives each layer the
+    parameters, figures and iteration counts it gets alone (quantile start, one process)."""
+    sources = [_bn(), nn.BatchNorm2d(6).eval(), _bn()]
+    with torch.no_grad():
+        sources[1].running_var.uniform_(0.5, 2.0)
+    alone, together = [build(s, "bn", k=3) for s in sources], [build(s, "bn", k=3) for s in sources]
+    settings = CalibrationSettings(seed=3, em_samples=300)
+    plain = [2 * torch.randn(8, 6, 6, 6, generator=torch.Generator().manual_seed(1))]
+    for modules in (alone, together):
+        for i, (module, source) in enumerate(zip(modules, sources)):
+            module.calibration_begin(settings)
+            with torch.no_grad():
+                for x in _bimodal_batches(source, 2, seed=i) if i != 1 else plain:
+                    module(x)
+    for module in alone:
+        module.calibration_end()
+    UAN.calibration_end_many(together)
+    for a, b in zip(alone, together):
+        assert b._calib is None and a.calibration_info() == b.calibration_info()
+        for key, value in a.state_dict().items():
+            assert torch.equal(value, b.state_dict()[key]), key
+    assert len({m.calibration_info()["iterations"] for m in together}) > 1  # per-layer counts, not the max

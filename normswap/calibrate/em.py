@@ -145,11 +145,26 @@ class GMMFit:
     converged: bool
     history: torch.Tensor
     n: int
+    channel_iterations: torch.Tensor | None = None  # (C,) EM steps per channel, warm start included
+    channel_warm: torch.Tensor | None = None  # (C,) of them on groups
+    channel_converged: torch.Tensor | None = None  # (C,) bool
 
     @property
     def gain(self) -> torch.Tensor:
         """Per-channel log-likelihood gain over K = 1 (nats per value)."""
         return self.loglik - self.loglik_k1
+
+    def select(self, rows: slice) -> "GMMFit":
+        """The fit of channels ``rows`` alone: what :func:`fit_gmm` returns for those rows by themselves
+        (every channel's EM is independent of the others'), so several layers can be fitted in one call."""
+        steps, warm, met = (t[rows] for t in (self.channel_iterations, self.channel_warm, self.channel_converged))
+        some = steps.numel() > 0
+        value_steps = int((steps - warm).max()) if some else 0
+        return GMMFit(mean=self.mean[:, rows], var=self.var[:, rows], log_pi=self.log_pi[:, rows],
+                      loglik=self.loglik[rows], loglik_k1=self.loglik_k1[rows],
+                      iterations=int(steps.max()) if some else 0, warm_iterations=int(warm.max()) if some else 0,
+                      converged=bool(met.all()), history=self.history[: value_steps + 1, rows], n=self.n,
+                      channel_iterations=steps, channel_warm=warm, channel_converged=met)
 
 
 _WORK = 1 << 17  # values per component that one E-step block holds (cache-sized)
@@ -420,4 +435,5 @@ def fit_gmm(
     mu, var, log_pi = mu.gather(0, order), var.gather(0, order), log_pi.gather(0, order)
     return GMMFit(mean=mu, var=var, log_pi=log_pi, loglik=loglik, loglik_k1=loglik_k1,
                   iterations=int((warm + steps).max()) if c else 0, warm_iterations=int(warm.max()) if c else 0,
-                  converged=bool(met.all()), history=torch.stack(history), n=n)
+                  converged=bool(met.all()), history=torch.stack(history), n=n,
+                  channel_iterations=warm + steps, channel_warm=warm, channel_converged=met)

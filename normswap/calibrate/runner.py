@@ -222,10 +222,13 @@ def calibrate(model: nn.Module, plan: Plan, batches: Iterable[Any], *, reference
                 for batch in data:
                     _run(model, batch)
                     bar.update(1)
-                for _, site, module in collect:
+                by_class: dict[type, list[Variant]] = {}
+                for cls, site, module in collect:  # one call per variant: UAN fits all its layers' EM at once
                     begun.remove(module)
-                    module.calibration_end()
+                    by_class.setdefault(cls, []).append(module)
                     log.sites[site.name] = {"variant": site.variant, "method": "data pass (original activations)"}
+                for cls, modules in by_class.items():
+                    cls.calibration_end_many(modules)
                 set_strengths(model, saved_strengths)
             if ordered:
                 _network_order(model, ordered, data, reference, settings, log, begun, bar, layerwise)

@@ -92,13 +92,25 @@ class GainCalibration:
 
 
 def lsq_accumulate(acc: dict, w: torch.Tensor, r: torch.Tensor, ch: int) -> None:
-    """Add one batch to the sums for fitting ``r ~ g * w + o`` per channel ``ch`` (float64 sums)."""
+    """Add one batch to the sums for fitting ``r ~ g * w + o`` per channel ``ch`` (float64 sums).
+
+    The batch is reduced per channel in the activations' precision (float32 at least), centred on its own
+    channel means so that nothing cancels, and only the per-channel results go to float64 (no float64 copy
+    of a whole activation): ``sum w^2 = sum (w - mean w)^2 + n mean(w)^2`` and alike, added in float64."""
     dims = [d for d in range(w.dim()) if d != ch]
-    w, r = w.double(), r.double()
-    stats = {"ww": (w * w).sum(dims), "wr": (w * r).sum(dims), "w": w.sum(dims), "r": r.sum(dims)}
+    cdt = torch.promote_types(w.dtype, torch.float32)
+    w, r = w.to(cdt), r.to(cdt)
+    n = w.numel() // w.shape[ch]
+    mw, mr = w.mean(dims, keepdim=True), r.mean(dims, keepdim=True)
+    dw, dr = w - mw, r - mr
+    sdw, sdr = dw.sum(dims).double(), dr.sum(dims).double()  # what the float32 means missed
+    cww = (dw * dw).sum(dims).double() - sdw * sdw / n  # centred on the exact mean
+    cwr = dw.mul_(dr).sum(dims).double() - sdw * sdr / n
+    mw, mr = mw.reshape(-1).double() + sdw / n, mr.reshape(-1).double() + sdr / n
+    stats = {"ww": cww + n * mw * mw, "wr": cwr + n * mw * mr, "w": n * mw, "r": n * mr}
     for k, v in stats.items():
         acc[k] = acc[k] + v if k in acc else v
-    acc["n"] = acc.get("n", 0) + w.numel() // w.shape[ch]
+    acc["n"] = acc.get("n", 0) + n
 
 
 def lsq_solve(acc: dict, with_offset: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

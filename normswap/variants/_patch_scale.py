@@ -50,13 +50,14 @@ class ScaleTracking:
 
     @staticmethod
     def _group_means(n2: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, int]:
-        """Per-group sum of ``n2`` (float64) and the count per group: ``(N, G, *S)`` or ``(..., 1)``."""
-        n2 = n2.detach().double()
-        if channels_last:
-            flat = n2.reshape(-1, n2.shape[-1])
-        else:
-            flat = n2.transpose(0, 1).reshape(n2.shape[1], -1).T
-        return flat.sum(0), flat.shape[0]
+        """Per-group sum of ``n2`` (float64; reduced in ``n2``'s precision, float32 at least: the values are
+        positive, nothing cancels, and no float64 copy of ``n2`` is made) and the count per group:
+        ``(N, G, *S)`` or ``(..., 1)``."""
+        n2 = n2.detach()
+        group = n2.dim() - 1 if channels_last else 1
+        dims = [d for d in range(n2.dim()) if d != group]
+        total = n2.to(torch.promote_types(n2.dtype, torch.float32)).sum(dims).double()
+        return total, n2.numel() // max(1, n2.shape[group])
 
     @torch.no_grad()
     def _track(self, n2: torch.Tensor, channels_last: bool) -> None:

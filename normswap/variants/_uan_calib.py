@@ -38,6 +38,14 @@ __all__ = ["UANCalibration"]
 
 
 @dataclass
+class _FitRequest:
+    values: torch.Tensor  # (C, n)
+    var_init: torch.Tensor | None
+    options: dict
+    batchable: bool
+
+
+@dataclass
 class _Collection:
     settings: CalibrationSettings
     reservoir: Reservoir
@@ -78,28 +86,62 @@ class UANCalibration:
         self._calib = None
 
     def calibration_end(self) -> None:
+        request = self._fit_request()
+        if request is not None:
+            self._write_fit(fit_gmm(request.values, self.k, var_init=request.var_init, **request.options))
+
+    @classmethod
+    def calibration_end_many(cls, modules: list) -> None:
+        """End several layers' calibration with one EM call per group of channel-mode layers that share
+        ``k``, the options and the number of values (one process, quantile start: each channel's fit is
+        then exactly the one it gets alone, :meth:`GMMFit.select`); the rest one at a time. One call
+        over all channels instead of one per layer spends EM's per-step overhead once."""
+        groups: dict[tuple, list] = {}
+        for module in modules:
+            request = module._fit_request()
+            if request is None:
+                continue
+            key = (module.k, request.batchable, request.values.shape[1], request.values.dtype,
+                   request.values.device, tuple(sorted(request.options.items())))
+            groups.setdefault(key if request.batchable else (id(module),), []).append((module, request))
+        for members in groups.values():
+            values = torch.cat([r.values for _, r in members])
+            var_init = None if members[0][1].var_init is None else torch.cat([r.var_init for _, r in members])
+            fit = fit_gmm(values, members[0][0].k, var_init=var_init, **members[0][1].options)
+            start = 0
+            for module, request in members:
+                rows = slice(start, start + request.values.shape[0])
+                module._write_fit(fit.select(rows) if len(members) > 1 else fit)
+                start = rows.stop
+
+    def _fit_request(self) -> "_FitRequest | None":
+        """Stop collecting; what EM needs (None: nothing seen on any rank, the layer keeps its parameters)."""
         col, self._calib = self._calib, None
         if col is None:
-            return
+            return None
         s = col.settings
         channel = self._channel_mode()
         c = self.mix_mean.shape[1] if channel else 1
-        device = self.mix_mean.device
         values = col.reservoir.values()
         if values.numel() == 0:
-            values = torch.empty(c, 0, device=device)
+            values = torch.empty(c, 0, device=self.mix_mean.device)
         if float(s.sum(torch.tensor([float(values.shape[1])], dtype=torch.float64, device=values.device))) == 0:
-            return  # nothing seen anywhere: the layer keeps its parameters
-        scale = (self.running_var.detach().double() + self.eps).sqrt() if channel else None
-        var_init = scale.square() if channel else torch.ones(1, dtype=torch.float64)
-        fit = fit_gmm(values, self.k, init=s.em_init, var_init=var_init, var_floor=self.var_floor, tol=s.em_tol,
-                      max_iter=s.em_max_iter, seed=s.seed, reduce=s.reduce, broadcast=s.broadcast)
+            return None
+        var_init = (self.running_var.detach().double() + self.eps).sqrt().square() if channel else \
+            torch.ones(1, dtype=torch.float64)
+        options = {"init": s.em_init, "var_floor": self.var_floor, "tol": s.em_tol, "max_iter": s.em_max_iter,
+                   "seed": s.seed, "reduce": s.reduce, "broadcast": s.broadcast}
+        batchable = channel and s.reduce is None and s.broadcast is None and s.em_init == "quantile"
+        return _FitRequest(values, var_init, options, batchable)
+
+    def _write_fit(self, fit) -> None:
+        """Write a fit's parameters and the figures of :meth:`calibration_info`."""
         with torch.no_grad():
             for param, value in ((self.mix_mean, fit.mean), (self.mix_var, fit.var), (self.mix_logit, fit.log_pi)):
                 param.copy_(value.reshape(param.shape).to(device=param.device, dtype=param.dtype))
         spread = fit.mean.max(dim=0).values - fit.mean.min(dim=0).values
-        if channel:
-            spread = spread / scale.to(spread.device)
+        if self._channel_mode():
+            spread = spread / (self.running_var.detach().double() + self.eps).sqrt().to(spread.device)
         gain = fit.gain
         self._calib_info = {
             "ll_gain": float(gain.mean()),
