@@ -163,11 +163,18 @@ def _has(model: nn.Module, name: str) -> bool:
         return False
 
 
+RECORD_BUDGET = 256 << 20  # bytes of reference activations that one recorded slice of a batch may hold
+
+
 @torch.no_grad()
 def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
             batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], strengths: list[float],
             site_strength: float | None, progress: bool = False) -> tuple[list[EndToEnd], dict[str, dict[str, float]], float | None, int]:
     """Run the reference and every model on ``batches`` at every strength (strengths restored afterwards).
+
+    Per-site errors need the reference's activations at every compare point: a batch then runs in slices
+    whose recorded activations fit :data:`RECORD_BUDGET` (sized on a first slice of one sample), so memory
+    is bounded whatever the batch size and the number of sites; every forward still runs once per sample.
 
     Returns the end-to-end rows, per model label the relative error of each site at ``site_strength``
     (``None``: no per-site figures), the reference's accuracy (``None`` without labels) and the sample count."""
@@ -183,32 +190,45 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
         reference.eval()
         for m in models.values():
             m.eval()
+        at_site = None
+        if site_strength is not None and ref_names:
+            at_site = next((s for s in strengths if abs(s - site_strength) < 1e-12), None)
+        per_sample = None  # bytes of recorded reference activations per sample, from the first slice
         for x, labels in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False):
-            record = site_strength is not None
-            store, handles = _record(reference, ref_names if record else [])
-            try:
-                ref = _first_tensor(reference(x))
-            finally:
-                for h in handles:
-                    h.remove()
-            if ref is None:
-                raise ValueError("the model returned no tensor to compare")
-            seen += ref.shape[0]
-            if labels is not None and ref.dim() == 2:
-                ref_correct += float((ref.argmax(1) == labels).sum())
-                ref_labelled += labels.numel()
-            for label, model in models.items():
-                for s in strengths:
-                    set_strengths(model, s)
-                    handles = []
-                    if record and abs(s - site_strength) < 1e-12:
-                        handles = _site_hooks(model, points, store, site_sums[label])
-                    try:
-                        out = _first_tensor(model(x))
-                    finally:
-                        for h in handles:
-                            h.remove()
-                    accs[(label, s)].add(ref, out, labels)
+            n = x.shape[0] if torch.is_tensor(x) and x.dim() > 0 else 1
+            start = 0
+            while start < n:  # slices of the batch whose recorded activations fit RECORD_BUDGET
+                size = n if at_site is None or n == 1 else (1 if per_sample is None else
+                                                            max(1, RECORD_BUDGET // max(1, per_sample)))
+                xs = x if size >= n and start == 0 else x[start:start + size]
+                ys = labels if labels is None or xs is x else labels[start:start + size]
+                store, handles = _record(reference, ref_names if at_site is not None else [])
+                try:
+                    ref = _first_tensor(reference(xs))
+                finally:
+                    for h in handles:
+                        h.remove()
+                if ref is None:
+                    raise ValueError("the model returned no tensor to compare")
+                if at_site is not None and per_sample is None:
+                    held = sum(t.numel() * t.element_size() for t in store.values() if torch.is_tensor(t))
+                    per_sample = max(1, held // max(1, ref.shape[0]))
+                seen += ref.shape[0]
+                if ys is not None and ref.dim() == 2:
+                    ref_correct += float((ref.argmax(1) == ys).sum())
+                    ref_labelled += ys.numel()
+                for label, model in models.items():
+                    for s in strengths:
+                        set_strengths(model, s)
+                        handles = _site_hooks(model, points, store, site_sums[label]) if s is at_site else []
+                        try:
+                            out = _first_tensor(model(xs))
+                        finally:
+                            for h in handles:
+                                h.remove()
+                        accs[(label, s)].add(ref, out, ys)
+                store.clear()
+                start += xs.shape[0] if xs is not x else n
     finally:
         for label, m in models.items():
             set_strengths(m, saved[label])
