@@ -306,3 +306,21 @@ def test_resnet18_anact_recipe_anneals_every_relu(tmp_path, monkeypatch):
     strengths = [json.loads(ln)["strength"] for ln in (tmp_path / "out/resnet18-anact.run/converted-metrics.jsonl")
                  .read_text().splitlines()]
     assert strengths[0] == 0.0 and 0 < strengths[1] < strengths[2] < 1.0 and strengths[3] == 1.0
+
+
+def test_parameter_selection_and_budget_errors(workdir):
+    from normswap.train.loop import select_parameters
+
+    model = normswap.convert(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval(),
+                             to="uan").model
+    assert len(select_parameters(model, "all")) == 4 + len(list(model[1].parameters()))
+    assert {id(p) for p in select_parameters(model, "new")} == {id(p) for p in model[1].parameters()}
+    with pytest.raises(normswap.NormswapError) as err:
+        select_parameters(nn.Sequential(nn.Linear(2, 2)), "new")
+    assert str(err.value) == ("finetune.trainable: 'new' selects no trainable parameter in this model "
+                              "(set finetune.trainable: all)")
+    r = CliRunner().invoke(cli, ["finetune", _write(workdir), "--set", "finetune.batch_size=80"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == ("Error: the training part has 64 items, fewer than one global batch "
+                                                 "of 80: raise finetune.train_samples or lower finetune.batch_size")
+    assert not (workdir / "out" / "m.run" / "converted-state.safetensors").exists()

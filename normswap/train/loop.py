@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from normswap.calibrate import dist
 from normswap.calibrate.runner import calibrate as run_calibration, set_strengths
-from normswap.errors import NormswapError
+from normswap.errors import NormswapError, UsageError
 from normswap.surgery.plan import Plan
 from normswap.train.checkpoint import load_state, save_state
 from normswap.train.distill import FeatureTap, distill_loss, feature_points, logits_of
@@ -35,7 +35,7 @@ from normswap.train.schedule import lr_at, stage_starts, strength_at
 from normswap.variants import registry
 from normswap.variants.base import CalibrationSettings, Variant
 
-__all__ = ["TrainLog", "select_parameters", "train"]
+__all__ = ["TrainLog", "final_fidelity", "select_parameters", "steps_per_epoch", "train"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 _NORMS = (_BN, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
@@ -70,8 +70,18 @@ def select_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
                         seen.add(id(p))
                         params.append(p)
     if not params:
-        raise NormswapError(f"finetune.trainable: {which} selects no trainable parameter in this model")
+        raise NormswapError(f"finetune.trainable: '{which}' selects no trainable parameter in this model "
+                            "(set finetune.trainable: all)")
     return params
+
+
+def steps_per_epoch(split: Any, batch: int, world: int) -> int:
+    """Global batches per epoch of ``split``'s training part; a UsageError when there is not even one."""
+    per_epoch = len(split.training) // (batch * world)
+    if per_epoch < 1:
+        raise UsageError(f"the training part has {len(split.training)} items, fewer than one global batch of "
+                         f"{batch * world}: raise finetune.train_samples or lower finetune.batch_size")
+    return per_epoch
 
 
 def _optimizer(params: list[nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
@@ -135,16 +145,15 @@ def train(model: nn.Module, teacher: nn.Module, plan: Plan | None, split: Any, r
     agreement so far. Returns the :class:`TrainLog`; ``model`` is trained in place."""
     ft, w = recipe.finetune, dist.world()
     batch = ft.batch_size
-    per_epoch = len(split.training) // (batch * w.size)
-    if per_epoch < 1:
-        raise NormswapError(f"the training part has {len(split.training)} items, fewer than one global batch of "
-                            f"{batch * w.size}: raise finetune.train_samples or lower finetune.batch_size")
+    per_epoch = steps_per_epoch(split, batch, w.size)
     total = ft.total_steps(per_epoch)
     model.to(device)
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    optimizer = _optimizer(select_parameters(model, ft.trainable), ft.optimizer)
+    # the control has no new layers: with trainable new/norms it trains its norm layers (what was replaced)
+    which = ft.trainable if plan is not None or ft.trainable == "all" else "norms"
+    optimizer = _optimizer(select_parameters(model, which), ft.optimizer)
     scaler = torch.amp.GradScaler("cuda") if ft.precision == "fp16" and device.type == "cuda" else None
     state = run_dir / f"{tag}-state.safetensors"
     log = TrainLog(tag, total_steps=total)

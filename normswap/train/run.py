@@ -28,7 +28,7 @@ from normswap.calibrate.session import calibrate
 from normswap.errors import NormswapError, OutputError, UsageError
 from normswap.io import atomic_write, check_output
 from normswap.recipe import Recipe, dump_recipe, load_recipe
-from normswap.train.loop import TrainLog, final_fidelity, train
+from normswap.train.loop import TrainLog, final_fidelity, steps_per_epoch, train
 from normswap.train.summary import Summary, plot_metrics
 
 __all__ = ["FinetuneResult", "finetune"]
@@ -150,6 +150,7 @@ def finetune(recipe: Recipe | str | os.PathLike, *, overrides: Iterable[str] = (
                               options=dict(conv.options), weights=recipe.model.weights, strength=0.0)
     original = result.original if result.original is not None else copy.deepcopy(model)
     split = _open_split(recipe, original, result.source, world.size)
+    steps_per_epoch(split, recipe.finetune.batch_size, world.size)  # enough training data: fail before any work
     device = _device()
     summary = Summary(recipe=recipe.to_dict(), data=split.to_dict(), sites=len(result.plan.converted),
                       variant=conv.to, device=str(device), world_size=world.size)
