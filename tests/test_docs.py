@@ -111,7 +111,7 @@ def test_citation_pattern(text, ok):
     assert nums and all(n in _headings() for n in nums) is ok
 
 
-@pytest.mark.parametrize("text", [_BRIEF + ".md section 0", _BRIEF + " 3.3", _BRIEF + "' layer", "../shared/x"],
+@pytest.mark.parametrize("text", [_BRIEF + ".md section 0", _BRIEF + " 3.3", _BRIEF + "' layer", "../" + "shared/x"],
                          ids=["file", "number", "possessive", "outside"])
 def test_forbidden_pattern(text):
     assert FORBIDDEN.search(text)
