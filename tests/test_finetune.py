@@ -324,3 +324,29 @@ def test_parameter_selection_and_budget_errors(workdir):
     assert r.output.strip().splitlines()[-1] == ("Error: the training part has 64 items, fewer than one global batch "
                                                  "of 80: raise finetune.train_samples or lower finetune.batch_size")
     assert not (workdir / "out" / "m.run" / "converted-state.safetensors").exists()
+
+
+def test_feature_matching_and_staged_refits(workdir):
+    """distill.feature_weight adds the normalised feature term at the sites' compare points; calibrate.refit:
+    stages refits PatchNorm's gains at each stair of a step schedule (the gains then differ from the start's)."""
+    recipe = _write(workdir, variant="patchnorm")
+    result = normswap.finetune(recipe, overrides=[
+        "finetune.steps=6", "eval.every=0", "distill.feature_weight=1.0", "strength.shape=step",
+        "strength.levels=[0.25, 1.0]", "strength.span=4", "calibrate.refit=stages", "finetune.optimizer.lr=1e-9"])
+    rows = [json.loads(ln) for ln in (workdir / "out/m.run/converted-metrics.jsonl").read_text().splitlines()]
+    assert [r["strength"] for r in rows] == [0.25, 0.25, 1.0, 1.0, 1.0, 1.0]
+    assert all(r["feature"] > 0 and r["loss"] == pytest.approx(r["kl"] + 0.5 * r["ce"] + r["feature"], rel=1e-5)
+               for r in rows[1:])
+    # a refit for another strength (0.25, the first stair) solves other gains against the original's activations
+    from normswap.api import META_ATTR
+    from normswap.data import open_data
+    from normswap.train.loop import _refit
+    from normswap.variants.patchnorm import PatchNorm
+
+    model = result.model.cpu()
+    layers = [m for m in model.modules() if isinstance(m, PatchNorm)]
+    before = [m.gain.detach().clone() for m in layers]
+    original = normswap.convert("tiny.py:net", to="patchnorm", weights="none").original
+    split = open_data("data.safetensors", original, calib_samples=16, eval_samples=16, train_samples=64, seed=3)
+    _refit(model, getattr(model, META_ATTR)["plan"], original, split, result.recipe, 0.25, 0, 1)
+    assert any(not torch.allclose(a, m.gain) for a, m in zip(before, layers))
