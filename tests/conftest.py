@@ -142,3 +142,17 @@ def fmnist_weights() -> str:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return str(module.train(verbose=False))
+
+
+@pytest.fixture(scope="module")
+def r18_file(tmp_path_factory):
+    """resnet18 (random init) with one BatchNorm converted to UAN, saved: a file with a torchvision source."""
+    import warnings
+
+    from normswap.sources import RandomInitWarning
+
+    path = tmp_path_factory.mktemp("r18") / "r18.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomInitWarning)
+        normswap.convert("resnet18", to="uan", weights="none", targets=["layer4.1.bn2"]).save(path)
+    return path

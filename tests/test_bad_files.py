@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ import normswap
 from normswap.cli.main import cli
 from normswap.errors import FileFormatError
 from normswap.io import read_file, write_file
-from normswap.sources import RandomInitWarning
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +90,9 @@ def test_wrong_shape_tensor(saved, tmp_path):
                               "the model (and 1 more)")
 
 
-@pytest.fixture(scope="module")
-def r18(tmp_path_factory):
-    path = tmp_path_factory.mktemp("r18") / "r18.safetensors"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomInitWarning)
-        normswap.convert("resnet18", to="uan", weights="none", targets=["layer4.1.bn2"]).save(path)
-    return path
-
-
 @pytest.mark.parametrize("command", ["eval", "calibrate", "export"])
-def test_commands_name_the_file_and_exit_1(r18, tmp_path, command):
-    tensors, meta = read_file(r18)
+def test_commands_name_the_file_and_exit_1(r18_file, tmp_path, command):
+    tensors, meta = read_file(r18_file)
     tensors["layer4.1.bn2.mix_mean"] = torch.zeros(2, 2)
     bad = write_file(tmp_path / "shape.safetensors", tensors, meta)
     res = CliRunner().invoke(cli, [command, str(bad), "--data", "photos"][: 2 if command == "export" else 4],
@@ -113,6 +102,6 @@ def test_commands_name_the_file_and_exit_1(r18, tmp_path, command):
                                  "in the file, ")
     plan = copy.deepcopy(meta["plan"])
     next(s for s in plan["sites"] if s["action"] == "convert")["config"]["k"] = 0
-    bad = write_file(tmp_path / "k0.safetensors", read_file(r18)[0], {**meta, "plan": plan}, force=True)
+    bad = write_file(tmp_path / "k0.safetensors", read_file(r18_file)[0], {**meta, "plan": plan}, force=True)
     res = CliRunner().invoke(cli, [command, str(bad)], catch_exceptions=False)
     assert res.exit_code == 1 and res.stderr.startswith(f"Error: {bad}: bad plan in the file's metadata: ")

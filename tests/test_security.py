@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from normswap.cli.main import cli
 from normswap.errors import FileFormatError, NormswapError
 from normswap.io import read_file, write_file
 from normswap.metadata import source_from_file
-from normswap.sources import RandomInitWarning, SourceSpec, cached_weights, load_model, rebuild
+from normswap.sources import SourceSpec, cached_weights, load_model, rebuild
 
 EVIL = '''
 import pathlib
@@ -43,16 +42,6 @@ def run(*args: str, cwd=None):
         return CliRunner().invoke(cli, list(args), catch_exceptions=False)
     finally:
         os.chdir(old)
-
-
-@pytest.fixture(scope="module")
-def r18_file(tmp_path_factory):
-    """resnet18 (random init) converted to UAN and saved: a file with a torchvision source."""
-    path = tmp_path_factory.mktemp("r18") / "r18.safetensors"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomInitWarning)
-        normswap.convert("resnet18", to="uan", weights="none", targets=["layer4.1.bn2"]).save(path)
-    return path
 
 
 def _with_meta(src, dst, **changes):
