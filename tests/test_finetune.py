@@ -18,7 +18,6 @@ from torch import nn
 
 import normswap
 from normswap.cli.main import cli
-from normswap.recipe import parse_recipe
 from normswap.recipe.schema import LrScheduleSection, StrengthSection
 from normswap.train.checkpoint import load_state, save_state
 from normswap.train.schedule import lr_at, stage_starts, strength_at

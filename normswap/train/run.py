@@ -25,7 +25,7 @@ from torch import nn
 from normswap import api
 from normswap.calibrate import dist
 from normswap.calibrate.session import calibrate
-from normswap.errors import NormswapError, OutputError, UsageError
+from normswap.errors import OutputError, UsageError
 from normswap.io import atomic_write, check_output
 from normswap.recipe import Recipe, dump_recipe, load_recipe
 from normswap.train.loop import TrainLog, final_fidelity, steps_per_epoch, train
