@@ -156,3 +156,13 @@ def r18_file(tmp_path_factory):
         warnings.simplefilter("ignore", RandomInitWarning)
         normswap.convert("resnet18", to="uan", weights="none", targets=["layer4.1.bn2"]).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def small_cnn_uan_file(tmp_path_factory):
+    """``(path, model)``: SmallCNN with random BatchNorm statistics, converted to UAN and saved."""
+    torch.manual_seed(0)
+    model = randomize_bn(SmallCNN())
+    path = tmp_path_factory.mktemp("cnn") / "cnn.safetensors"
+    normswap.convert(model, to="uan", example_inputs=torch.randn(2, 3, 16, 16)).save(path)
+    return path, model

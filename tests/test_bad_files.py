@@ -15,14 +15,8 @@ from normswap.io import read_file, write_file
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    from conftest import SmallCNN, randomize_bn
-
-    torch.manual_seed(0)
-    model = randomize_bn(SmallCNN())
-    path = tmp_path_factory.mktemp("bad") / "cnn.safetensors"
-    normswap.convert(model, to="uan", example_inputs=torch.randn(2, 3, 16, 16)).save(path)
-    return path, model
+def saved(small_cnn_uan_file):
+    return small_cnn_uan_file
 
 
 def _edit_site(plan: dict, **changes) -> dict:

@@ -20,7 +20,6 @@ from normswap.metadata import NEVER, SOURCE_KWARGS, plan_from_file, replay, sour
 from normswap.sources import KINDS, SourceSpec
 from normswap.variants import registry
 
-from conftest import SmallCNN, randomize_bn
 
 FAST, SLOW = 200, 3000
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 70), 2 ** 70),
@@ -62,11 +61,8 @@ def _check_sources(n: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomize_bn(SmallCNN())
-    path = tmp_path_factory.mktemp("fuzz") / "cnn.safetensors"
-    normswap.convert(model, to="uan", example_inputs=torch.randn(2, 3, 16, 16)).save(path)
+def saved(small_cnn_uan_file):
+    path, model = small_cnn_uan_file
     tensors, meta = read_file(path)
     return path, model, tensors, meta
 
