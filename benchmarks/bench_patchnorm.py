@@ -33,7 +33,7 @@ try:  # run from a checkout without installing: the repository root on the path
 except ModuleNotFoundError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from normswap.variants import _patch  # noqa: E402
+from normswap.variants.patchnorm import layer as _patch  # noqa: E402
 from normswap.variants.patchnorm import PatchNormConv  # noqa: E402
 
 # name, C_in, C_out, kernel, stride, padding, H (= W)

@@ -150,7 +150,7 @@ def row_anact_mnv2(args) -> dict:
 def _calibration(variant: str, args) -> dict:
     """The calibration runner (every site of ``variant`` in MobileNetV2) against plain forwards over the same
     batches: ``ratio`` = calibration time / forward time (throughput = 1 / ratio)."""
-    from normswap.calibrate.runner import calibrate
+    from normswap.calibration.runner import run_calibration
 
     n, h = SIZES["calib"]
     torch.manual_seed(0)
@@ -168,7 +168,7 @@ def _calibration(variant: str, args) -> dict:
             for b in data:
                 base(b)
 
-    out = interleaved(forwards, lambda: calibrate(result.model, result.plan, data), max(2, args.repeats // 2), 1)
+    out = interleaved(forwards, lambda: run_calibration(result.model, result.plan, data), max(2, args.repeats // 2), 1)
     out["throughput"] = 1.0 / out["ratio"]
     return out
 
@@ -186,10 +186,10 @@ def row_calib_anact(args) -> dict:
 
 
 def row_eval(args) -> dict:
-    """What ``normswap eval`` runs (:func:`normswap.calibrate.report.measure`: the original, the UAN model at
+    """What ``normswap eval`` runs (:func:`normswap.calibration.report.measure`: the original, the UAN model at
     strengths 0, 0.5 and 1, per-site errors at 0.5) against plain forwards of the original over the same
     samples, plus the peak resident-set rise of one measure call (child process)."""
-    from normswap.calibrate.report import measure
+    from normswap.calibration.report import measure
 
     n, h = SIZES["eval"]
     base = models("mobilenet_v2")
@@ -205,7 +205,7 @@ def row_eval(args) -> dict:
                                                 [0.0, 0.5, 1.0], 0.5), max(2, args.repeats // 2), 1)
     if args.memory:
         code = ("import sys, torch; sys.path.insert(0, %r); import benchmarks.bench_speed as b;"
-                "from normswap.calibrate.report import measure; import normswap;"
+                "from normswap.calibration.report import measure; import normswap;"
                 "base = b.models('mobilenet_v2'); r = normswap.convert(b.models('mobilenet_v2'), to='uan',"
                 " strength=0.5, options={'k': 3}); data = [(x, None) for x in torch.randn(%d, 3, %d, %d).split(32)];"
                 "r0 = b.rss_kib(reset=True); measure(base, {'c': r.model}, r.plan, data, [0.0, 0.5, 1.0], 0.5);"

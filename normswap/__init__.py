@@ -18,13 +18,13 @@ from normswap.compat import import_torchvision as _import_torchvision
 
 _import_torchvision()  # repairs the CPU-torch + CUDA-torchvision install before anyone imports it
 
-from normswap.api import ConvertResult, ExportResult, Inspection, convert, export, inspect, load, plan, save  # noqa: E402
-from normswap.calibrate.report import FidelityReport  # noqa: E402
-from normswap.calibrate.session import CalibrationResult, calibrate, evaluate  # noqa: E402
-from normswap.diagnose.session import diagnose  # noqa: E402
+from normswap.api.conversion import ConvertResult, ExportResult, Inspection, convert, export, inspect, load, plan, save  # noqa: E402
+from normswap.calibration.report import FidelityReport  # noqa: E402
+from normswap.api.calibration import CalibrationResult, calibrate, evaluate  # noqa: E402
+from normswap.diagnostics.session import diagnose  # noqa: E402
 from normswap.errors import NormswapError  # noqa: E402
 from normswap.recipe import Recipe, load_recipe  # noqa: E402
-from normswap.surgery.plan import Plan, Site  # noqa: E402
+from normswap.core.plan import Plan, Site  # noqa: E402
 from normswap.train.run import FinetuneResult, finetune  # noqa: E402
 from normswap.variants import Variant, VariantConfig, register  # noqa: E402
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from normswap.errors import NormswapError, OptionError
-from normswap.surgery.graph import build_graph
-from normswap.variants import _activations as A
-from normswap.variants._fold import folds
+from normswap.core.graph import build_graph
+from normswap.variants.anact import activations as A
+from normswap.variants.anact.fold import folds
 from normswap.variants.anact import (
     ANAct, ANActConfig, UnsupportedActivationError, activation_kind, compensation_status, export_fold,
     fold_into_consumer,

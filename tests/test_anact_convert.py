@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import fx, nn
 
 import normswap
-from normswap.calibrate.runner import calibrate as run_calibration
+from normswap.calibration.runner import run_calibration
 from normswap.cli.main import cli
 from normswap.errors import NormswapError
 from normswap.io import read_file, write_file

@@ -11,12 +11,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 import normswap
-from normswap.calibrate.report import measure
-from normswap.calibrate.runner import calibrate as run_calibration
-from normswap.calibrate.runner import execution_order, strengths_of
+from normswap.calibration.report import measure
+from normswap.calibration.runner import run_calibration
+from normswap.calibration.runner import execution_order
+from normswap.variants import strengths_of
 from normswap.data import open_data
 from normswap.errors import NormswapError, OptionError, UsageError
-from normswap.surgery.verify import ProbeInput
+from normswap.core.probe import ProbeInput
 from normswap.variants.patchnorm import fit_gain
 
 from conftest import randomize_bn

@@ -8,7 +8,8 @@ from torch import fx, nn
 
 import normswap
 from normswap.errors import NormswapError, VerificationError
-from normswap.surgery.verify import ProbeInput
+from normswap.core.probe import ProbeInput
+from normswap.surgery.verify import verify
 from normswap.variants.base import Variant
 
 from conftest import needs_mobilenet, randomize_bn, tv
@@ -50,7 +51,7 @@ def test_strength_one_moves_separated_model_and_verify_catches_broken_claims(sma
             return True
 
     uan.__class__ = Liar
-    report = normswap.api.verify(small_cnn, result.model, result.plan, ProbeInput((x,)))
+    report = verify(small_cnn, result.model, result.plan, ProbeInput((x,)))
     assert not report.ok and report.failures[0].name == "stem.1"
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 import normswap
 from normswap.cli.main import cli
-from normswap.diagnose.measures import GainStats, Moments, batch_geometry, cosine_matrix, divergence_factor, \
+from normswap.diagnostics.measures import GainStats, Moments, batch_geometry, cosine_matrix, divergence_factor, \
     effective_factor, effective_rank, odd_index, orthogonality_gap
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import normswap
-from normswap.surgery.probe import example_input, model_float
+from normswap.sources.inputs import example_input, model_float
 from normswap.surgery.verify import DEFAULT_RTOL, DTYPE_ULPS
 
 from conftest import SmallCNN, randomize_bn

@@ -1,4 +1,4 @@
-"""EM for UAN calibration (normswap/calibrate/em.py) and UAN's calibration hooks (variants/_uan_calib.py)."""
+"""EM for UAN calibration (normswap/variants/uan/em.py) and UAN's calibration hooks (variants/uan/calib.py)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ import_torchvision()
 from timm.layers import BatchNormAct2d  # noqa: E402
 from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
-from normswap.calibrate.em import Reservoir, fit_gmm, mixture_loglik, single_gaussian  # noqa: E402
-from normswap.surgery.plan import Site  # noqa: E402
-from normswap.variants.base import CalibrationSettings, qualname  # noqa: E402
+from normswap.variants.uan.em import Reservoir, fit_gmm, mixture_loglik, single_gaussian  # noqa: E402
+from normswap.core.plan import Site  # noqa: E402
+from normswap.core.kinds import qualname  # noqa: E402
+from normswap.variants import CalibrationSettings  # noqa: E402
 from normswap.variants.uan import UAN, UANChannel, UANConfig, UANSample  # noqa: E402
 
 # three channels, two components each: (means, standard deviations, prior of component 0)

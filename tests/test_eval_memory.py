@@ -1,4 +1,4 @@
-"""normswap eval's measure (normswap/calibrate/report.py): per-site figures in batch slices of bounded memory."""
+"""normswap eval's measure (normswap/calibration/report.py): per-site figures in batch slices of bounded memory."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import normswap
-from normswap.calibrate import report
-from normswap.calibrate.runner import calibrate as run_calibration
+from normswap.calibration import report
+from normswap.calibration.runner import run_calibration
 
 from test_calibrate import batches, cnn
 

@@ -8,8 +8,8 @@ from torch import nn
 
 from normswap.errors import FileFormatError, TargetError, TraceError, UnknownVariantError, UsageError
 from normswap.surgery.find import find
-from normswap.surgery.graph import build_graph
-from normswap.surgery.plan import PLAN_VERSION, Plan
+from normswap.core.graph import build_graph
+from normswap.core.plan import PLAN_VERSION, Plan
 
 from conftest import tv
 

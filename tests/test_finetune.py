@@ -337,7 +337,7 @@ def test_feature_matching_and_staged_refits(workdir):
     assert all(r["feature"] > 0 and r["loss"] == pytest.approx(r["kl"] + 0.5 * r["ce"] + r["feature"], rel=1e-5)
                for r in rows[1:])
     # a refit for another strength (0.25, the first stair) solves other gains against the original's activations
-    from normswap.api import META_ATTR
+    from normswap.api.conversion import META_ATTR
     from normswap.data import open_data
     from normswap.train.loop import _refit
     from normswap.variants.patchnorm import PatchNorm

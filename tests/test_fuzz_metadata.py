@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import normswap
 from normswap.errors import NormswapError
 from normswap.io import read_file, write_file
-from normswap.metadata import NEVER, SOURCE_KWARGS, plan_from_file, replay, source_from_file
+from normswap.api.metadata import NEVER, SOURCE_KWARGS, plan_from_file, replay, source_from_file
 from normswap.sources import KINDS, SourceSpec
 from normswap.variants import registry
 

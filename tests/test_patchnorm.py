@@ -13,9 +13,10 @@ from torch import fx, nn
 from torch.func import functional_call
 
 from normswap.errors import NormswapError, OptionError
-from normswap.surgery.plan import Site
-from normswap.variants import _patch, registry
-from normswap.variants.patchnorm import (
+from normswap.core.plan import Site
+from normswap.variants import registry
+from normswap.variants.patchnorm import layer as _patch
+from normswap.variants.patchnorm.variant import (
     LN_REASON, PatchNorm, PatchNormConfig, PatchNormConv, PatchNormLinear, fit_gain, fold_batchnorm,
 )
 
@@ -330,10 +331,10 @@ def test_state_dict_keys_and_strength_resync():
     assert conv_bn.lam.dtype == torch.float32 and conv_bn.lam.dim() == 0
     src = _perturb(PatchNormConv.from_conv(nn.Conv2d(3, 4, 3), strength=0.5))
     dst = PatchNormConv.from_conv(nn.Conv2d(3, 4, 3))
-    assert dst._lam == 0.0
+    assert dst.current_strength() == 0.0
     dst.load_state_dict(src.state_dict())
     x = torch.randn(2, 3, 7, 7)
-    assert dst._lam == 0.5 and torch.equal(dst(x), src(x))
+    assert dst.current_strength() == 0.5 and torch.equal(dst(x), src(x))
 
 
 def test_fx_trace_and_compile_and_half_precision():
@@ -426,7 +427,7 @@ def test_from_site_builds_and_refuses():
                                  config={**cfg, "source_kind": "conv_bn"}), conv, [bn])
     assert isinstance(m, PatchNormConv) and m.weight.dtype == D and m.gain.dtype == D
     assert not m.weight.requires_grad and not m.gain.requires_grad
-    assert (m.form, m.eps, m._lam, m.offset is not None) == ("l2", 1e-4, 0.25, True)
+    assert (m.form, m.eps, m.current_strength(), m.offset is not None) == ("l2", 1e-4, 0.25, True)
     lin = PatchNorm.from_site(Site("l", "torch.nn.modules.linear.Linear", "patchnorm",
                                    config={**cfg, "source_kind": "linear"}), nn.Linear(3, 2), [])
     assert isinstance(lin, PatchNormLinear)

@@ -1,4 +1,4 @@
-"""PatchNorm's adapters (normswap/variants/_patch_adapters.py): timm norm + activation layers folded with their
+"""PatchNorm's adapters (normswap/variants/patchnorm/adapters.py): timm norm + activation layers folded with their
 activation kept, same-padding convolutions (dynamic and static), plans that say how to register a missing
 adapter, register_adapter, parity with UAN's and ANAct's norm-act classes, and a table of timm models."""
 
@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import normswap
-from normswap.calibrate.runner import calibrate
+from normswap.calibration.runner import run_calibration
 from normswap.errors import NormswapError, OptionError
 from normswap.surgery.find import find
-from normswap.surgery.plan import Site
-from normswap.surgery.graph import ACT_PARENTS
-from normswap.variants import _patch, _patch_adapters
-from normswap.variants.base import CalibrationSettings, qualname
+from normswap.core.plan import Site
+from normswap.core.kinds import ACT_PARENTS
+from normswap.variants.patchnorm import adapters as _patch_adapters, layer as _patch
+from normswap.core.kinds import qualname
+from normswap.variants import CalibrationSettings
 from normswap.variants.patchnorm import NormActTail, PatchNorm, PatchNormConv, fit_gain, register_adapter
 from normswap.variants.uan import UAN
 
@@ -184,7 +185,7 @@ def test_normact_pairs_keep_their_activation_and_round_trip(tmp_path):
 def test_calibration_fits_normact_sites_to_the_pre_activation():
     model, x = _normact_net(), torch.randn(8, 3, 11, 9)
     result = normswap.convert(model, to="patchnorm", example_inputs=x)
-    calibrate(result.model, result.plan, [x], reference=model, layerwise=True,
+    run_calibration(result.model, result.plan, [x], reference=model, layerwise=True,
               settings=CalibrationSettings(strength=1.0))
     first = result.model[0]
     with torch.no_grad():

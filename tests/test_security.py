@@ -16,11 +16,11 @@ import torch
 from click.testing import CliRunner
 
 import normswap
-from normswap.calibrate.session import _reference
+from normswap.api.calibration import _reference
 from normswap.cli.main import cli
 from normswap.errors import FileFormatError, NormswapError
 from normswap.io import read_file, write_file
-from normswap.metadata import source_from_file
+from normswap.api.metadata import source_from_file
 from normswap.sources import SourceSpec, cached_weights, load_model, rebuild
 
 EVIL = '''

@@ -13,7 +13,7 @@ from torch import nn
 
 from normswap.compat import import_torchvision
 from normswap.errors import NormswapError, UnknownModelError, UsageError, WeightsError
-from normswap.metadata import source_from_file
+from normswap.api.metadata import source_from_file
 from normswap.sources import (RandomInitWarning, SourceSpec, example_input, load_model, parse_spec,
                               rebuild)
 
@@ -137,7 +137,7 @@ def test_bad_builder_kwargs_are_one_line():
 
 
 def test_pretrained_architecture_changes_are_recorded():
-    from normswap.sources import _tv_arch_kwargs
+    from normswap.sources.models import _tv_arch_kwargs
     w = tv.models.Inception_V3_Weights.IMAGENET1K_V1
     assert _tv_arch_kwargs("inception_v3", w, {}) == {"num_classes": 1000, "transform_input": True,
                                                       "aux_logits": True, "init_weights": False}

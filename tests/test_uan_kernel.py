@@ -1,4 +1,4 @@
-"""UAN channel mode's fast path (normswap/variants/_uan_kernel.py): blocked forward and the hand-written
+"""UAN channel mode's fast path (normswap/variants/uan/kernel.py): blocked forward and the hand-written
 backward against autograd of the plain formula (docs/methods.md section 3.1), in float64."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import normswap  # noqa: F401  (import guard before torchvision)
-from normswap.variants import _uan_kernel as kernel
+from normswap.variants.uan import kernel
 from normswap.variants.uan import UANChannel, UANConfig
 
 

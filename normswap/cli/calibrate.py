@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import click
 
-from normswap.calibrate import dist
-from normswap.calibrate.session import EM_INITS, calibrate, evaluate
+from normswap.core import dist
+from normswap.api.calibration import EM_INITS, calibrate, evaluate
 from normswap.cli.common import echo_json, existing_file, sibling_output
 from normswap.data import describe_specs
 from normswap.io import check_output

@@ -7,11 +7,11 @@ from typing import Any
 
 import click
 
-from normswap import api
+from normswap.api import conversion as api
 from normswap.cli.calibrate import calibration_options, data_options, emit, is_main_process, run_calibration
 from normswap.cli.common import echo_json, parse_options, split_patterns
 from normswap.io import check_output
-from normswap.surgery.plan import Plan
+from normswap.core.plan import Plan
 
 
 def render_plan(plan: Plan) -> str:

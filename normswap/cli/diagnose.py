@@ -50,7 +50,7 @@ def diagnose_cmd(model: str, weights: str | None, data: str | None, compare: tup
           --strength 1 --samples 16 --image-size 112 --out diag-mnv2
       normswap diagnose mnv2-pn.safetensors --compare mobilenet_v2 --weights IMAGENET1K_V1 --json
     """
-    from normswap.diagnose import diagnose
+    from normswap.diagnostics.session import diagnose
 
     options = {"image_size": image_size} if image_size is not None else {}
     report = diagnose(model, data, compare=list(compare), compare_to=list(compare_to), weights=weights,

@@ -34,7 +34,7 @@ def finetune_cmd(recipe: str, overrides: tuple[str, ...], output: str | None, fo
       normswap finetune recipes/fmnist-uan.yaml --resume
       torchrun --nproc_per_node 2 -m normswap finetune recipes/fmnist-uan.yaml --force
     """
-    from normswap.calibrate import dist
+    from normswap.core import dist
     from normswap.train.run import finetune
 
     result = finetune(recipe, overrides=overrides, output=output, force=force, resume=resume, dry_run=dry_run,

@@ -6,7 +6,7 @@ import warnings
 
 import click
 
-from normswap import api
+from normswap.api import conversion as api
 from normswap.cli.common import echo_json
 from normswap.variants import registry
 

@@ -35,7 +35,7 @@ from normswap.data.base import (PARTS, DataSplit, LazyDataset, RandomDataWarning
                                  split_indices)
 from normswap.data.preprocess import (Preprocess, fit_channels, in_channels, is_imagenet_style, model_preprocess)
 from normswap.errors import UsageError
-from normswap.surgery.probe import example_input
+from normswap.sources.inputs import example_input
 
 if TYPE_CHECKING:
     from normswap.sources import SourceSpec

@@ -19,7 +19,7 @@ from torch import nn
 
 from normswap.compat import import_torchvision
 from normswap.errors import UsageError
-from normswap.surgery.probe import _image_size, example_input
+from normswap.sources.inputs import example_input, image_size as model_image_size
 
 if TYPE_CHECKING:
     from normswap.sources import SourceSpec
@@ -142,7 +142,7 @@ def model_preprocess(model: nn.Module | None, source: SourceSpec | None, *, imag
             if conf.get("image_mean") and conf.get("image_std"):
                 m, s, origin = tuple(conf["image_mean"]), tuple(conf["image_std"]), "hf preprocessor_config.json"
     if size is None and model is not None:
-        side = _image_size(model, source)
+        side = model_image_size(model, source)
         size = (side, side) if side else _probe_size(model, source)
     if image_size is not None:
         if int(image_size) < 1:

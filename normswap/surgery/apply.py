@@ -22,10 +22,10 @@ import copy
 from torch import fx, nn
 
 from normswap.errors import FileFormatError, NormswapError
-from normswap.surgery.graph import call_name, trace
-from normswap.surgery.plan import CONVERT, Plan, Site
+from normswap.core.graph import call_name, trace
+from normswap.core.plan import CONVERT, FOLDED, Plan, Site
 from normswap.variants import registry
-from normswap.variants.base import FOLDED, qualname
+from normswap.core.kinds import qualname
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Mapping
 from torch import nn
 
 from normswap.errors import TargetError, UsageError
-from normswap.surgery.graph import ModelGraph, build_graph
-from normswap.surgery.plan import CONVERT, SKIP, Plan, Site
+from normswap.core.graph import ModelGraph, build_graph
+from normswap.core.plan import CONVERT, SKIP, Plan, Site
 from normswap.variants import registry
 
 

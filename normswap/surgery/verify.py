@@ -10,31 +10,19 @@ given ``rtol``; bfloat16 and float16 models are checked to what their precision 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from normswap.surgery.plan import Plan
+from normswap.core.plan import Plan
+from normswap.core.probe import ProbeInput
 from normswap.variants import registry
 from normswap.variants.base import Variant
 
 DEFAULT_RTOL = 1e-4
 DTYPE_ULPS = 8  # a rewrite reorders a handful of roundings: allow that many ulps of the reference's dtype
-
-
-@dataclass
-class ProbeInput:
-    """Positional and keyword arguments of one probe forward pass."""
-
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-
-    def describe(self) -> str:
-        parts = [f"{tuple(a.shape)} {str(a.dtype).replace('torch.', '')}" for a in self.args if torch.is_tensor(a)]
-        parts += [f"{k}={tuple(v.shape)}" for k, v in self.kwargs.items() if torch.is_tensor(v)]
-        return ", ".join(parts) or "no tensors"
 
 
 @dataclass
@@ -88,25 +76,26 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors in a model output (a tensor, or dicts, lists and tuples of them), in order."""
     if torch.is_tensor(out):
         return [out]
     if isinstance(out, dict) or hasattr(out, "items"):
-        return [t for v in out.values() for t in _tensors(v)]
+        return [t for v in out.values() for t in output_tensors(v)]
     if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _tensors(v)]
+        return [t for v in out for t in output_tensors(v)]
     return []
 
 
 def dtype_rtol(out: Any, rtol: float) -> float:
     """``rtol``, raised to :data:`DTYPE_ULPS` epsilons of the coarsest floating dtype among ``out``'s tensors."""
-    eps = max((torch.finfo(t.dtype).eps for t in _tensors(out) if t.is_floating_point()), default=0.0)
+    eps = max((torch.finfo(t.dtype).eps for t in output_tensors(out) if t.is_floating_point()), default=0.0)
     return max(rtol, DTYPE_ULPS * eps)
 
 
 def _diff(a: Any, b: Any) -> tuple[float, float]:
     """(max |a - b|, max |a|) over matching tensor leaves."""
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = output_tensors(a), output_tensors(b)
     if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
         return math.inf, 0.0
     diff = max((float((x.double() - y.double()).abs().max()) for x, y in zip(ta, tb) if x.numel()), default=0.0)
@@ -114,7 +103,9 @@ def _diff(a: Any, b: Any) -> tuple[float, float]:
     return diff, ref
 
 
-def _record(model: nn.Module, names: list[str]) -> tuple[dict[str, Any], list[Any]]:
+def record_outputs(model: nn.Module, names: list[str]) -> tuple[dict[str, Any], list[Any]]:
+    """Forward hooks that keep each named module's output (a clone: an in-place op may follow) in a dict;
+    returns ``(dict, handles)``: remove the handles when done."""
     store: dict[str, Any] = {}
     handles = []
     for name in names:
@@ -128,7 +119,7 @@ def run_recording(model: nn.Module, probe: ProbeInput, names: list[str]) -> tupl
     """Run ``model`` on ``probe`` in eval mode under no_grad (modes restored after); return its output
     and the output of each named module (its last call)."""
     modes = {m: m.training for m in model.modules()}
-    store, handles = _record(model, names)
+    store, handles = record_outputs(model, names)
     try:
         model.eval()
         with torch.no_grad():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normswap.calibrate import dist
+from normswap.core import dist
 from normswap.train.distill import logits_of
 
 __all__ = ["Fidelity", "fidelity"]

@@ -24,16 +24,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from normswap.calibrate import dist
-from normswap.calibrate.runner import calibrate as run_calibration, set_strengths
+from normswap.core import dist
+from normswap.calibration.runner import run_calibration
 from normswap.errors import NormswapError, UsageError
-from normswap.surgery.plan import Plan
+from normswap.core.plan import Plan
 from normswap.train.checkpoint import load_state, save_state
 from normswap.train.distill import FeatureTap, distill_loss, feature_points, logits_of
 from normswap.train.evaluate import Fidelity, fidelity
 from normswap.train.schedule import lr_at, stage_starts, strength_at
 from normswap.variants import registry
-from normswap.variants.base import CalibrationSettings, Variant
+from normswap.variants import CalibrationSettings, Variant, set_strengths
 
 __all__ = ["TrainLog", "final_fidelity", "select_parameters", "steps_per_epoch", "train"]
 

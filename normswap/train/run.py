@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from normswap import api
-from normswap.calibrate import dist
-from normswap.calibrate.session import calibrate
+from normswap.api import conversion as api
+from normswap.core import dist
+from normswap.api.calibration import CalibrationConfig, calibrate
 from normswap.errors import OutputError, UsageError
 from normswap.io import atomic_write, check_output
 from normswap.recipe import Recipe, dump_recipe, load_recipe
@@ -162,9 +162,10 @@ def finetune(recipe: Recipe | str | os.PathLike, *, overrides: Iterable[str] = (
     student = result.model
     if recipe.calibrate.enabled and not has_state:
         cal = recipe.calibrate
-        calibrate(result, split, original=original, batch_size=cal.batch_size, seed=recipe.seed,
-                           strength=recipe.strength.to or 1.0, reestimate_bn=cal.reestimate_bn, em_init=cal.em_init,
-                           em_samples=cal.em_samples, em_tol=cal.em_tol, evaluate=False, progress=progress)
+        config = CalibrationConfig(batch_size=cal.batch_size, seed=recipe.seed, strength=recipe.strength.to or 1.0,
+                                   reestimate_bn=cal.reestimate_bn, em_init=cal.em_init, em_samples=cal.em_samples,
+                                   em_tol=cal.em_tol)
+        calibrate(result, split, config, original=original, evaluate=False, progress=progress)
     summary.add("original", None, final_fidelity(original, original, split, recipe, device))
     if not has_state or not (run_dir / "before.json").is_file():
         before = final_fidelity(student, original, split, recipe, device, strength=recipe.strength.to)

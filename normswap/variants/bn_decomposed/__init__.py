@@ -7,7 +7,7 @@ as every normswap variant (strength 0 = the source BatchNorm exactly, 1 = the pa
 - ``rescale`` (:mod:`.rescale`): BatchNorm's rescaling only, ``gamma x / sqrt(E[x^2] + eps) + beta``.
 
 Both use batch statistics in training mode (and update the running statistics as BatchNorm does) and
-the running statistics in eval mode. Their shared plumbing is :mod:`._base`. The batch-geometry
+the running statistics in eval mode. Their shared plumbing is :mod:`.base`, the contract-suite models :mod:`.examples`. The batch-geometry
 diagnostic that motivates them is ``normswap diagnose`` (docs/diagnose.md, docs/methods.md section 4).
 """
 

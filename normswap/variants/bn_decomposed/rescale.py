@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normswap.variants.bn_decomposed._base import BNPart, bn_examples
+from normswap.variants.bn_decomposed.base import BNPart
 from normswap.variants.registry import register
 
 __all__ = ["Rescale"]
@@ -34,4 +34,6 @@ class Rescale(BNPart):
 
     @classmethod
     def examples(cls) -> list[tuple[nn.Module, torch.Tensor]]:
-        return bn_examples()
+        from normswap.variants.bn_decomposed.examples import examples
+
+        return examples()

@@ -1,0 +1,258 @@
+"""The fidelity report: how close a converted model is to the original, per site and end to end.
+
+End to end, on held-out batches, for each model state (before / after calibration, or the converted
+model) at each strength (docs/methods.md section 0.1: the exact start and full strength, so a user sees what annealing
+will have to recover): top-1 agreement with the original, mean cosine of the logits, mean
+KL(original || converted) of the softmax, relative output error ``||out - ref|| / ||ref||`` and, when
+the data has labels, accuracy (the original's too). Per site: the relative output error at the site's
+compare points (``Variant.compare_points``) inside the converted network against the original network's
+output at the same point, at one strength (errors of earlier layers included: it is what the next
+layer sees), plus the variant's own calibration figures (UAN: the log-likelihood gain over K = 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from normswap.variants.strength import set_strengths, strengths_of
+from normswap.core.plan import Plan
+from normswap.surgery.verify import output_tensors, record_outputs
+from normswap.variants import registry
+
+__all__ = ["EndToEnd", "FidelityReport", "SiteFidelity", "measure"]
+
+
+@dataclass
+class EndToEnd:
+    """One row of the end-to-end table (``None``: not defined for this output, e.g. top-1 of a non-classifier)."""
+
+    model: str
+    strength: float
+    agreement: float | None
+    cosine: float | None
+    kl: float | None
+    rel_error: float
+    accuracy: float | None = None
+
+
+@dataclass
+class SiteFidelity:
+    """One converted site: relative output error before / after calibration (``None``: not measured)."""
+
+    name: str
+    variant: str
+    before: float | None = None
+    after: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FidelityReport:
+    """What ``normswap calibrate`` / ``normswap eval`` print (``render``) or emit as JSON (``to_dict``)."""
+
+    data: dict[str, Any]
+    reference: str
+    samples: int
+    site_strength: float
+    rows: list[EndToEnd] = field(default_factory=list)
+    sites: list[SiteFidelity] = field(default_factory=list)
+    original_accuracy: float | None = None
+    calibration: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def row(self, model: str, strength: float) -> EndToEnd:
+        """The end-to-end row of ``model`` (e.g. ``"after calibration"``) at ``strength``."""
+        for r in self.rows:
+            if r.model == model and abs(r.strength - strength) < 1e-6:  # float32 strength buffers
+                return r
+        raise KeyError(f"no row for {model!r} at strength {strength:g}")
+
+    def render(self) -> str:
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        lines = []
+        if self.calibration:
+            c = self.calibration
+            lines.append(f"calibration: {c['samples']} samples in {c['batches']} batches, {c['seconds']:.1f} s; "
+                         f"statistics fitted for strength {c['strength']:g}")
+            if c.get("bn_reestimated"):
+                lines.append(f"  re-estimated the running statistics of {len(c['bn_reestimated'])} BatchNorm(s)")
+        lines.append(f"data: {self.data.get('description', '?')}")
+        lines.append(f"  split: {self.data.get('split', '?')}")
+        lines.append(f"reference: {self.reference}")
+        lines += [f"note: {n}" for n in self.notes]
+        head = ("model", "strength", "top-1 agree", "logit cos", "KL", "rel. error", "accuracy")
+        table = [head]
+        if self.original_accuracy is not None:
+            table.append(("original", "-", "-", "-", "-", "-", pct(self.original_accuracy)))
+        for r in self.rows:
+            table.append((r.model, f"{r.strength:g}", pct(r.agreement), num(r.cosine, ".4f"), num(r.kl, ".4f"),
+                          num(r.rel_error, ".4f"), pct(r.accuracy)))
+        lines.append(f"\nend to end on {self.samples} held-out samples (against the reference):")
+        lines += _table(table)
+        if self.sites:
+            keys = ["ll_gain"] if any("ll_gain" in s.info for s in self.sites) else []
+            head2 = ("site", "variant", "before", "after", *("log-lik gain" for _ in keys))
+            rows2 = [head2] + [(s.name, s.variant, num(s.before, ".4f"), num(s.after, ".4f"),
+                                *(num(s.info.get(k), ".3f") for k in keys)) for s in self.sites]
+            lines.append(f"\nper site: relative output error against the reference inside the network, at strength "
+                         f"{self.site_strength:g}" + (" (log-lik gain: mean per value over K = 1)" if keys else ""))
+            lines += _table(rows2)
+        return "\n".join(lines)
+
+
+def _table(rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = ["  " + "  ".join(str(c).rjust(w) if i > 1 or c in ("-",) else str(c).ljust(w)
+                            for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    out.insert(1, "  " + "  ".join("-" * w for w in widths))
+    return out
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    """A model's main output: ``out.logits`` when it has one, else its first tensor."""
+    logits = getattr(out, "logits", None)
+    return logits if torch.is_tensor(logits) else next(iter(output_tensors(out)), None)
+
+
+class _Acc:
+    """Running sums of the end-to-end metrics of one (model, strength)."""
+
+    def __init__(self) -> None:
+        self.n = self.agree = self.cos = self.kl = self.correct = self.labelled = 0.0
+        self.err2 = self.ref2 = 0.0
+        self.classifier = True
+
+    def add(self, ref: torch.Tensor, out: torch.Tensor, labels: torch.Tensor | None) -> None:
+        r, o = ref.detach().double().reshape(ref.shape[0], -1), out.detach().double().reshape(out.shape[0], -1)
+        self.n += r.shape[0]
+        self.err2 += float((o - r).square().sum())
+        self.ref2 += float(r.square().sum())
+        self.cos += float(F.cosine_similarity(o, r, dim=1, eps=1e-12).sum())
+        self.classifier = self.classifier and ref.dim() == 2 and ref.shape[1] > 1
+        if self.classifier:
+            self.agree += float((o.argmax(1) == r.argmax(1)).sum())
+            lr, lo = F.log_softmax(r, dim=1), F.log_softmax(o, dim=1)
+            self.kl += float((lr.exp() * (lr - lo)).sum())
+            if labels is not None:
+                self.correct += float((o.argmax(1) == labels).sum())
+                self.labelled += labels.numel()
+
+    def row(self, model: str, strength: float) -> EndToEnd:
+        n = max(self.n, 1.0)
+        cls = self.classifier
+        return EndToEnd(model, strength, self.agree / n if cls else None, self.cos / n, self.kl / n if cls else None,
+                        (self.err2 / self.ref2) ** 0.5 if self.ref2 > 0 else float(self.err2 > 0),
+                        self.correct / self.labelled if cls and self.labelled else None)
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:  # e.g. an anact_fn_* module that only the rewritten graph has
+        return False
+
+
+RECORD_BUDGET = 256 << 20  # bytes of reference activations that one recorded slice of a batch may hold
+
+
+@torch.no_grad()
+def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
+            batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], strengths: list[float],
+            site_strength: float | None, progress: bool = False) -> tuple[list[EndToEnd], dict[str, dict[str, float]], float | None, int]:
+    """Run the reference and every model on ``batches`` at every strength (strengths restored afterwards).
+
+    Per-site errors need the reference's activations at every compare point: a batch then runs in slices
+    whose recorded activations fit :data:`RECORD_BUDGET` (sized on a first slice of one sample), so memory
+    is bounded whatever the batch size and the number of sites; every forward still runs once per sample.
+
+    Returns the end-to-end rows, per model label the relative error of each site at ``site_strength``
+    (``None``: no per-site figures), the reference's accuracy (``None`` without labels) and the sample count."""
+    points = {s.name: registry.get(s.variant).compare_points(s) for s in plan.converted}
+    ref_names = sorted({a for pts in points.values() for a, _ in pts if _has(reference, a)})
+    accs = {(label, s): _Acc() for label in models for s in strengths}
+    site_sums = {label: {name: [0.0, 0.0] for name in points} for label in models}
+    ref_correct = ref_labelled = 0.0
+    seen = 0
+    saved = {label: strengths_of(m) for label, m in models.items()}
+    modes = {m: m.training for mod in [reference, *models.values()] for m in mod.modules()}
+    try:
+        reference.eval()
+        for m in models.values():
+            m.eval()
+        at_site = None
+        if site_strength is not None and ref_names:
+            at_site = next((s for s in strengths if abs(s - site_strength) < 1e-12), None)
+        per_sample = None  # bytes of recorded reference activations per sample, from the first slice
+        for x, labels in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False):
+            n = x.shape[0] if torch.is_tensor(x) and x.dim() > 0 else 1
+            start = 0
+            while start < n:  # slices of the batch whose recorded activations fit RECORD_BUDGET
+                size = n if at_site is None or n == 1 else (1 if per_sample is None else
+                                                            max(1, RECORD_BUDGET // max(1, per_sample)))
+                xs = x if size >= n and start == 0 else x[start:start + size]
+                ys = labels if labels is None or xs is x else labels[start:start + size]
+                store, handles = record_outputs(reference, ref_names if at_site is not None else [])
+                try:
+                    ref = _first_tensor(reference(xs))
+                finally:
+                    for h in handles:
+                        h.remove()
+                if ref is None:
+                    raise ValueError("the model returned no tensor to compare")
+                if at_site is not None and per_sample is None:
+                    held = sum(t.numel() * t.element_size() for t in store.values() if torch.is_tensor(t))
+                    per_sample = max(1, held // max(1, ref.shape[0]))
+                seen += ref.shape[0]
+                if ys is not None and ref.dim() == 2:
+                    ref_correct += float((ref.argmax(1) == ys).sum())
+                    ref_labelled += ys.numel()
+                for label, model in models.items():
+                    for s in strengths:
+                        set_strengths(model, s)
+                        handles = _site_hooks(model, points, store, site_sums[label]) if s is at_site else []
+                        try:
+                            out = _first_tensor(model(xs))
+                        finally:
+                            for h in handles:
+                                h.remove()
+                        accs[(label, s)].add(ref, out, ys)
+                store.clear()
+                start += xs.shape[0] if xs is not x else n
+    finally:
+        for label, m in models.items():
+            set_strengths(m, saved[label])
+        for m, mode in modes.items():
+            m.training = mode
+    rows = [acc.row(label, s) for (label, s), acc in accs.items()]
+    per_site = {label: {n: (e / r) ** 0.5 for n, (e, r) in sums.items() if r > 0} for label, sums in site_sums.items()}
+    return rows, (per_site if site_strength is not None else {}), \
+        (ref_correct / ref_labelled if ref_labelled else None), seen
+
+
+def _site_hooks(model: nn.Module, points: dict[str, list[tuple[str, str]]], store: dict[str, torch.Tensor],
+                sums: dict[str, list[float]]) -> list[Any]:
+    """Hooks adding each site's squared error against the stored reference outputs (nothing else kept)."""
+    by_conv: dict[str, list[tuple[str, str]]] = {}
+    for site, pts in points.items():
+        for a, b in pts:
+            by_conv.setdefault(b, []).append((site, a))
+
+    def fn(name: str, out: Any) -> None:
+        for site, a in by_conv.get(name, []):
+            ref = store.get(a)
+            if torch.is_tensor(out) and ref is not None and ref.shape == out.shape:
+                sums[site][0] += float(torch.linalg.vector_norm(out.float() - ref.float())) ** 2
+                sums[site][1] += float(torch.linalg.vector_norm(ref.float())) ** 2
+    return [model.get_submodule(name).register_forward_hook(lambda _m, _a, out, name=name: fn(name, out))
+            for name in by_conv if _has(model, name)]

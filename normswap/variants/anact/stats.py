@@ -1,0 +1,128 @@
+"""ANAct's statistics: training EMA with rejection, and exact full-data calibration (docs/methods.md section 2).
+
+A mixin of :class:`normswap.variants.anact.ANAct`, split from ``anact.py`` to keep files small. It reads
+the module's ``kind``, ``act_params``, ``per_channel``, ``channels``, ``momentum``, ``reject`` and the
+buffers ``running_rho``, ``running_rho_prime``, ``running_mean``, ``num_batches_tracked``, and calls its
+``scale()`` / ``shift()``. The statistics never depend on the strength: they describe ``f`` and its
+input, so calibrating or training at strength 0 prepares the layer for strength 1.
+
+Statistics (no gradient; float32, float64 for float64 inputs) are one scalar per site, or per channel
+(``per_channel``: dim 1, BN layout; buffers of shape (C,)).
+
+- Training: the first batch (``num_batches_tracked == 0``) is taken as is, later ones by EMA
+  ``new = momentum * old + (1 - momentum) * batch``; the output uses the updated values. Each statistic
+  (and channel) is tested on its own: a rejected one keeps its running value, the others still update,
+  and ``num_batches_tracked`` counts every batch. rho, rho' are rejected outside ``[1 - reject,
+  1 + reject] x`` the running value (the paper's [0.8, 1.2]). The mean is signed and often near 0
+  (tanh), where a ratio band would freeze it, so it is rejected when ``|batch - running| > reject *
+  sqrt(E_batch[f^2])``, the same band on the scale of ``f`` (normswap design). Non-finite estimates (a
+  constant input: Var = 0) are always rejected.
+- Eval: frozen. Calibration: ``calibration_begin`` resets float64 accumulators, each forward adds to
+  them, and ``calibration_end`` writes the exact full-data statistics (no EMA, no rejection).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from normswap.errors import NormswapError
+from normswap.variants.anact.activations import apply_activation, derivative, sum_over_ranks
+from normswap.variants.calibration import CalibrationSettings
+
+
+class ANActStatistics(nn.Module):
+    """rho, rho', mu of one site: EMA in training, exact sums in calibration (module docstring)."""
+
+    kind: str
+    act_params: dict[str, Any]
+    per_channel: bool
+    channels: int | None
+    momentum: float
+    reject: float
+    compensated: bool
+    _calibrating: bool
+    _acc: dict[str, Any] | None
+    _settings: CalibrationSettings | None
+    _folded: tuple[torch.Tensor, torch.Tensor] | None
+
+    def _columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x, f(x), f'(x) detached in the statistics dtype, reshaped so that dim -1 is reduced."""
+        xs = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+        if self.per_channel:
+            if xs.dim() < 2 or xs.shape[1] != self.channels:
+                raise NormswapError(f"ANAct per_channel expects {self.channels} channels in dim 1; "
+                                    f"got input of shape {tuple(x.shape)}")
+            xs = xs.transpose(0, 1).reshape(self.channels, -1)
+        else:
+            xs = xs.reshape(-1)
+        return xs, apply_activation(self.kind, self.act_params, xs), derivative(self.kind, self.act_params, xs)
+
+    # ---- training ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _update(self, x: torch.Tensor) -> None:
+        xs, f, fp = self._columns(x)
+        var = (xs - xs.mean(-1, keepdim=True)).square().mean(-1)
+        f2 = f.square().mean(-1)
+        self._update_running(f2 / var, fp.square().mean(-1), f.mean(-1), f2)
+        self.compensated = False
+
+    @torch.no_grad()
+    def _update_running(self, rho: torch.Tensor, rho_p: torch.Tensor, mean: torch.Tensor, f2: torch.Tensor) -> None:
+        """EMA with per-statistic rejection (module docstring); ``f2 = E_batch[f^2]`` scales the mean's band."""
+        first = self.num_batches_tracked == 0
+        m, r = self.momentum, self.reject
+        for buf, est in ((self.running_rho, rho), (self.running_rho_prime, rho_p), (self.running_mean, mean)):
+            est = est.to(buf.dtype)
+            if buf is self.running_mean:
+                ok = (est - buf).abs() <= r * f2.to(buf.dtype).sqrt()
+            else:
+                ok = (est >= (1 - r) * buf) & (est <= (1 + r) * buf)
+            ok = (ok | first) & torch.isfinite(est)
+            new = torch.where(first, est, m * buf + (1 - m) * est)
+            buf.copy_(torch.where(ok, new, buf))
+        self.num_batches_tracked.add_(1)
+
+    # ---- calibration ----------------------------------------------------------------------------------
+    def calibration_begin(self, settings: CalibrationSettings | None = None) -> None:
+        """Reset the accumulators; every forward until :meth:`calibration_end` adds to them. The current
+        ``(c, mu)`` -- what folded consumers hold -- is kept for ``ANAct.after_calibration``.
+        ``settings.reduce`` (torch.distributed) makes every rank write the statistics of all ranks' data."""
+        with torch.no_grad():
+            self._folded = (self.scale().detach().clone(), self.shift().detach().clone())
+        self._calibrating, self._acc = True, None
+        self._settings = settings or CalibrationSettings()
+
+    def calibration_abort(self) -> None:
+        self._calibrating, self._acc, self._folded = False, None, None
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        xs, f, fp = (t.to(torch.float64) for t in self._columns(x))
+        acc = self._acc
+        if acc is None:  # the first batch's mean shifts x, so that Var = E[d^2] - E[d]^2 does not cancel
+            acc = self._acc = {"shift": xs.mean(-1, keepdim=True), "count": 0, "batches": 0}
+        d = xs - acc["shift"]
+        for key, t in (("sum_x", d), ("sum_x2", d.square()), ("sum_f", f), ("sum_f2", f.square()),
+                       ("sum_fp2", fp.square())):
+            acc[key] = acc.get(key, 0) + t.sum(-1)
+        acc["count"] += xs.shape[-1]
+        acc["batches"] += 1
+
+    @torch.no_grad()
+    def calibration_end(self) -> None:
+        """Write rho, rho', mu from all calibration data (non-finite values keep the running ones)."""
+        acc, self._calibrating, self._acc = self._acc, False, None
+        if self._settings is not None and self._settings.reduce is not None:
+            acc = sum_over_ranks(acc, self._settings, self.running_mean)
+        if acc is None or acc["count"] == 0:
+            return
+        n = acc["count"]
+        var = acc["sum_x2"] / n - (acc["sum_x"] / n).square()
+        stats = (acc["sum_f2"] / n / var, acc["sum_fp2"] / n, acc["sum_f"] / n)
+        for buf, est in zip((self.running_rho, self.running_rho_prime, self.running_mean), stats):
+            buf.copy_(torch.where(torch.isfinite(est), est.to(buf), buf))
+        self.num_batches_tracked.add_(acc["batches"])
+        self.compensated = False

@@ -1,0 +1,11 @@
+"""UAN: Gaussian-mixture adaptive normalisation (docs/uan.md, docs/methods.md section 3).
+
+Files: ``variant.py`` (the registered variant, channel and sample modes), ``kernel.py`` (the fused mixture
+forward/backward), ``calib.py`` (the EM calibration protocol), ``examples.py`` (contract-suite models).
+"""
+
+from normswap.variants.uan.variant import (  # noqa: F401  (the folder's public names)
+    UAN, UANChannel, UANConfig, UANSample,
+)
+
+__all__ = ["UAN", "UANChannel", "UANConfig", "UANSample"]

@@ -1,0 +1,322 @@
+"""UAN: unsupervised adaptive normalisation, a Gaussian-mixture generalisation of BatchNorm.
+
+Paper: B. Faye, H. Azzag, M. Lebbah, F. Feng, "Unsupervised Adaptive Normalization",
+arXiv 2409.04757 (IJCNN 2024), of the Mixture Normalization family (M. Kalayeh, M. Shah,
+"Training Faster by Separating Modes of Variation in Batch-normalized Models").
+Specification: docs/methods.md sections 0 and 3.
+
+Channel mode (BatchNorm sources; docs/methods.md section 3.1). Per channel ``c`` (dim 1 of ``x``), K components with
+means ``mu[k,c]``, variances ``v[k,c] >= var_floor``, priors ``pi[k,c] = softmax_k(mix_logit)``::
+
+    log p_k(x) = log pi_k - 0.5 log(2 pi v_k) - (x - mu_k)^2 / (2 v_k)
+    tau_k(x)   = softmax_k log p_k(x)                      # in log space, no eps in the denominator
+    x_mix      = (1/sqrt(K)) sum_k tau_k / sqrt(pi_k) * (x - mu_k) / sqrt(v_k)
+    x_one      = (x - m) / sqrt(s2),   m = running_mean,  s2 = running_var + eps
+    y          = gamma * ((1 - rho) x_one + rho x_mix) + beta
+
+Sample mode (LayerNorm sources; docs/methods.md section 3.4), over the LayerNorm's normalised dims ``i`` of a sample,
+with one set of K components per site::
+
+    z_i     = (x_i - mean x) / sqrt(var x + eps)             # = x_one_i, the LayerNorm itself
+    tau_ik  = softmax_k log p_k(z_i)
+    E_k     = sum_i tau_ik x_i / sum_i tau_ik,   V_k = sum_i tau_ik (x_i - E_k)^2 / sum_i tau_ik + eps
+    x_mix_i = (1/sqrt(K)) sum_k tau_ik / sqrt(pi_k) * (x_i - E_k) / sqrt(V_k)
+    y_i     = gamma_i ((1 - rho) x_one_i + rho x_mix_i) + beta_i
+
+Exact start (docs/methods.md section 3.2): every component equals the single Gaussian it replaces (channel mode:
+``(m, s2)``; sample mode: any common value) and priors are uniform, so ``tau_k = 1/K``,
+``x_mix = x_one`` and the layer is the source layer for every ``rho`` and ``K``. With ``rho == 0`` the
+forward calls ``F.batch_norm`` / ``F.layer_norm`` (or FrozenBatchNorm2d's own formula), so the output is
+bit-identical to the source in eval mode. Statistics are the learned ones in train and eval alike
+(no batch statistics); the mixture is computed in float32 (float64 for float64 inputs) and cast back.
+
+What is the paper's and what is normswap's:
+- paper: the mixture-of-Gaussians normalisation (``x_mix`` without ``1/sqrt(K)``, ``rho = 1``), the
+  component parameters learned as weights.
+- normswap design: the ``1/sqrt(K)`` factor (a constant that gamma absorbs, chosen so coinciding
+  components give ``x_one`` exactly); the ``rho`` blend with the source's statistics (docs/methods.md section 0); the
+  log-space responsibilities and the variance floor (the official code's eps in the denominator breaks
+  exactness); the whole sample mode (3.4), including the eps in ``z`` (a constant token gives ``z = 0``,
+  not 0/0) and the per-sample weights ``tau_ik / sum_i tau_ik`` computed as a softmax over ``i`` in log
+  space (no 0/0 when a component takes no value of a sample).
+
+Calibration (EM, docs/methods.md section 3.3) only has to write ``mix_mean``, ``mix_var`` (variances, floored in
+forward) and ``mix_logit`` (log-priors up to a constant); the hooks (``calib.py``) fit them by EM.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normswap.errors import NormswapError, OptionError
+from normswap.core.plan import Site
+from normswap.variants.uan.calib import UANCalibration
+from normswap.variants.uan.kernel import channel_coefficients, channel_mixture, tracing
+from normswap.core.kinds import qualname
+from normswap.variants.base import Variant
+from normswap.variants.bn import copy_batchnorm_state
+from normswap.variants.config import VariantConfig
+from normswap.variants.strength import StrengthMirror
+from normswap.variants.registry import register
+
+__all__ = ["UAN", "UANChannel", "UANConfig", "UANSample"]
+
+_CHANNEL_KINDS = ("bn", "bn_act", "frozen_bn")
+_SAMPLE_KINDS = ("ln", "ln2d")
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass
+class UANConfig(VariantConfig):
+    """UAN options: ``k`` mixture components, ``var_floor`` the lowest component variance.
+
+    ``strength`` (inherited) is ``rho``: 0 = the source layer exactly, 1 = the paper's layer."""
+
+    k: int = 3
+    var_floor: float = 1e-5
+
+    def validate(self, variant: str) -> None:
+        super().validate(variant)
+        if not 1 <= self.k <= 64:
+            raise OptionError(f"option 'k' of variant '{variant}' must be between 1 and 64; got {self.k}")
+        if not self.var_floor > 0:
+            raise OptionError(f"option 'var_floor' of variant '{variant}' must be > 0; got {self.var_floor}")
+
+
+def _log_resp(z: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
+    """log tau over the last dim (the K components), in log space: no eps, no 0/0 in the tails.
+
+    The max is subtracted explicitly, so equal log-densities give exactly ``-log K``."""
+    logp = log_pi - 0.5 * (torch.log(var) + _LOG_2PI) - (z - mu).square() / (2.0 * var)
+    shifted = logp - logp.amax(dim=-1, keepdim=True).detach()
+    return shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
+
+
+def _mix_weights(log_tau: torch.Tensor, log_pi: torch.Tensor, k: int) -> torch.Tensor:
+    """``tau_k / (sqrt(K) sqrt(pi_k))``, formed in log space."""
+    return torch.exp(log_tau - 0.5 * log_pi - 0.5 * math.log(k))
+
+
+@register
+class UAN(StrengthMirror, UANCalibration, Variant):
+    """The registered UAN variant. :meth:`from_site` builds a :class:`UANChannel` (BatchNorm sources)
+    or a :class:`UANSample` (LayerNorm sources); both subclass this one, which holds what they share:
+    the mixture parameters, ``rho`` and its Python mirror, the contract methods."""
+
+    name = "uan"
+    description = "Gaussian-mixture normalisation (Faye et al. 2409.04757), blended in from an exact BN/LN copy"
+    config_class = UANConfig
+    adapters = {
+        "torch.nn.modules.batchnorm.BatchNorm1d": "bn",
+        "torch.nn.modules.batchnorm.BatchNorm2d": "bn",
+        "torch.nn.modules.batchnorm.BatchNorm3d": "bn",
+        "timm.layers.norm_act.BatchNormAct2d": "bn_act",
+        "torchvision.ops.misc.FrozenBatchNorm2d": "frozen_bn",
+        "torch.nn.modules.normalization.LayerNorm": "ln",
+        "timm.layers.norm.LayerNorm": "ln",
+        "timm.layers.norm.LayerNorm2d": "ln2d",
+        "torchvision.models.convnext.LayerNorm2d": "ln2d",
+    }
+    families = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+    functional_kinds = ("norm",)
+
+    kind: str
+    k: int
+    var_floor: float
+    strength_key = "rho"  # the strength buffer's state_dict key (the paper's symbol); its mirror is ``_s``
+    _rho_zero: bool  # the only mirror forward reads: torch.compile guards on it, not on every strength value
+
+    @classmethod
+    def classify(cls, module: nn.Module) -> tuple[str | None, str]:
+        kind, reason = super().classify(module)
+        if kind in ("bn", "bn_act") and (
+            not module.track_running_stats or module.running_mean is None or module.running_var is None
+        ):
+            return None, (
+                f"{qualname(module)} has track_running_stats=False: no fixed statistics to start an exact copy from"
+            )
+        return kind, reason
+
+    @classmethod
+    def examples(cls) -> list[tuple[nn.Module, torch.Tensor]]:
+        from normswap.variants.uan.examples import examples
+
+        return examples()
+
+    @classmethod
+    def from_site(cls, site: Site, module: nn.Module, absorbed: list[nn.Module]) -> "UAN":
+        if absorbed:
+            raise NormswapError(f"site '{site.name}': variant 'uan' absorbs no modules, got {len(absorbed)}")
+        kind = site.config.get("source_kind")
+        found, reason = UAN.classify(module)
+        if kind not in _CHANNEL_KINDS + _SAMPLE_KINDS or found != kind:
+            why = reason or f"it is of kind {found!r}"
+            raise NormswapError(
+                f"site '{site.name}': the plan says source kind {kind!r} but the module is {qualname(module)} ({why})"
+            )
+        config = UANConfig.from_dict(site.config)
+        config.validate(cls.name)
+        return (UANChannel if kind in _CHANNEL_KINDS else UANSample)(module, kind, config)
+
+    def _init_mixture(self, config: UANConfig, mean: torch.Tensor, var: torch.Tensor) -> None:
+        self.k, self.var_floor = int(config.k), float(config.var_floor)
+        self.mix_mean = nn.Parameter(mean.detach().clone())
+        self.mix_var = nn.Parameter(var.detach().clone())
+        self.mix_logit = nn.Parameter(torch.zeros_like(self.mix_mean))
+        self.init_strength(config.strength, like=self.mix_mean)
+
+    def strength_changed(self, value: float) -> None:
+        self._rho_zero = value == 0.0
+
+    def _params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Component means, floored variances and log-priors (softmax over dim 0 = K) in ``dtype``."""
+        mu = self.mix_mean.to(dtype)
+        var = self.mix_var.to(dtype).clamp_min(self.var_floor)
+        log_pi = torch.log_softmax(self.mix_logit.to(dtype), dim=0)
+        return mu, var, log_pi
+
+    def _components_coincide(self) -> bool:
+        var = self.mix_var.clamp_min(self.var_floor)
+        return all(torch.equal(t, t[:1].expand_as(t)) for t in (self.mix_mean, var, self.mix_logit))
+
+    def _affine(self, y: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            y = y * self.weight.to(y.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+
+class UANChannel(UAN):
+    """Channel mode (docs/methods.md sections 3.1, 3.2) for BatchNorm1d/2d/3d, timm BatchNormAct2d, FrozenBatchNorm2d.
+
+    Keeps the source's state_dict keys (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``; FrozenBatchNorm2d's stay buffers) and adds ``mix_mean``, ``mix_var``,
+    ``mix_logit`` of shape (K, C) and the scalar buffer ``rho``. BatchNormAct2d's ``drop`` and ``act``
+    children are kept and applied after the norm."""
+
+    def __init__(self, source: nn.Module, kind: str, config: UANConfig) -> None:
+        super().__init__()
+        self.kind = kind
+        self.eps = float(source.eps)
+        rm, rv = source.running_mean.detach(), source.running_var.detach()
+        self.num_features = rm.numel()
+        copy_batchnorm_state(self, source, frozen=kind == "frozen_bn")
+        k = int(config.k)
+        self._init_mixture(config, rm.expand(k, -1), (rv + self.eps).expand(k, -1))
+        if kind == "bn_act":
+            self.drop = copy.deepcopy(source.drop)
+            self.act = copy.deepcopy(source.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._calib is not None:
+            self._observe(x)
+        if self._rho_zero:
+            if self.kind == "frozen_bn":  # FrozenBatchNorm2d.forward, term for term
+                scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+                y = x * scale + (self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale)
+            else:
+                y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        else:
+            y = self._mixture(x)
+        if self.kind == "bn_act":
+            y = self.drop(y)
+            y = self.act(y)
+        return y
+
+    def _mixture(self, x: torch.Tensor) -> torch.Tensor:
+        """Weight, bias and the single-Gaussian term folded into per-component coefficients, computed
+        blockwise (:mod:`normswap.variants.uan.kernel`); at ``rho == 1`` the ``x_one`` term is skipped."""
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        weight = None if self.weight is None else self.weight.to(cdt)
+        bias = None if self.bias is None else self.bias.to(cdt)
+        coeffs = channel_coefficients(
+            *self._params(cdt), self.k, self.rho.to(cdt), weight, bias,
+            self.running_mean.to(cdt), self.running_var.to(cdt) + self.eps, one_dead=not tracing() and self._s == 1.0,
+        )
+        return channel_mixture(x, *coeffs)
+
+    def claims_exact(self) -> bool:
+        if self._rho_zero:
+            return True
+        start_var = (self.running_var + self.eps).expand_as(self.mix_var)
+        return (
+            self._components_coincide()
+            and torch.equal(self.mix_mean, self.running_mean.expand_as(self.mix_mean))
+            and torch.equal(self.mix_var.clamp_min(self.var_floor), start_var)
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, kind={self.kind}, k={self.k}, eps={self.eps}, "
+            f"var_floor={self.var_floor}, rho={self._s:g}, affine={self.weight is not None}"
+        )
+
+
+class UANSample(UAN):
+    """Sample mode (docs/methods.md section 3.4, normswap design) for nn.LayerNorm, timm LayerNorm and LayerNorm2d.
+
+    Keeps ``weight``/``bias`` as in the source (either may be absent) and adds ``mix_mean``, ``mix_var``,
+    ``mix_logit`` of shape (K,) (one set per site, on the standardised scale) and the buffer ``rho``.
+    ``ln2d`` sources normalise dim 1 of (N, C, H, W) inputs, permuting as LayerNorm2d.forward does."""
+
+    def __init__(self, source: nn.Module, kind: str, config: UANConfig) -> None:
+        super().__init__()
+        self.kind = kind
+        self.eps = float(source.eps)
+        self.normalized_shape = tuple(source.normalized_shape)
+        for key in ("weight", "bias"):
+            p = getattr(source, key, None)
+            self.register_parameter(
+                key, None if p is None else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            )
+        like = self.weight if self.weight is not None else self.bias
+        factory = {"dtype": like.dtype, "device": like.device} if like is not None else {}
+        k = int(config.k)
+        self._init_mixture(config, torch.zeros(k, **factory), torch.ones(k, **factory))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "ln2d":
+            x = x.permute(0, 2, 3, 1)
+        if self._calib is not None:
+            self._observe(x)
+        if self._rho_zero:
+            y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        else:
+            y = self._mixture(x)
+        if self.kind == "ln2d":
+            y = y.permute(0, 3, 1, 2)
+        return y
+
+    def _mixture(self, x: torch.Tensor) -> torch.Tensor:
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        d = len(self.normalized_shape)
+        dims, kdims = tuple(range(-d, 0)), tuple(range(-d - 1, -1))  # normalised dims without / with K last
+        xf = x.to(cdt)
+        xc = xf - xf.mean(dim=dims, keepdim=True)
+        x_one = xc * torch.rsqrt(xc.square().mean(dim=dims, keepdim=True) + self.eps)  # also z, for assignment
+        mu, var, log_pi = self._params(cdt)
+        log_tau = _log_resp(x_one.unsqueeze(-1), mu, var, log_pi)  # (..., *normalized_shape, K)
+        w_i = torch.exp(log_tau - torch.logsumexp(log_tau, dim=kdims, keepdim=True))  # tau_ik / sum_i tau_ik
+        xck = xc.unsqueeze(-1)
+        e_k = (w_i * xck).sum(dim=kdims, keepdim=True)  # E_k - mean(x): centred first, for accuracy
+        dev = xck - e_k
+        v_k = (w_i * dev.square()).sum(dim=kdims, keepdim=True) + self.eps
+        x_mix = (_mix_weights(log_tau, log_pi, self.k) * dev * torch.rsqrt(v_k)).sum(dim=-1)
+        rho = self.rho.to(cdt)
+        return self._affine((1.0 - rho) * x_one + rho * x_mix).to(x.dtype)
+
+    def claims_exact(self) -> bool:
+        return self._rho_zero or self._components_coincide()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, kind={self.kind}, k={self.k}, eps={self.eps}, var_floor={self.var_floor}, "
+            f"rho={self._s:g}, affine={self.weight is not None}, bias={self.bias is not None}"
+        )
