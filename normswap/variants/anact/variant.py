@@ -1,44 +1,6 @@
-"""ANAct: normalised activation functions, with a strength homotopy and compensation by folding.
-
-Paper: P. Yuan, H. Liu, C. Zhu, Y. Wang, "ANAct: Adaptive Normalization for Activation Functions",
-arXiv 2208.13315. Specification: docs/methods.md sections 0 and 2. For an activation ``f`` at one site
-with pre-activation ``X``::
-
-    rho   = E[f(X)^2] / Var[X]            # forward gain (Var: population variance, ddof 0)
-    rho'  = E[f'(X)^2]                    # backward gain, f' exact (normswap.variants.anact.activations)
-    lam   = sqrt((rho + rho') / (2 rho rho'))
-    c     = lam + 0.3 tanh(alpha)         # alpha: learnable scalar, init 0
-    f_hat = c * (f(X) - mu)               # mu: running mean of f(X)
-
-Statistics (no gradient; float32, float64 for float64 inputs; one scalar per site or, with
-``per_channel``, one per channel of dim 1 while ``alpha`` stays a scalar): EMA with rejection in training,
-frozen in eval, exact sums in calibration, at every strength (:mod:`normswap.variants.anact.stats`).
-``lam`` always uses the running values, so gradients flow through ``f`` and ``alpha`` only. Initial
-``rho = rho' = 1, mu = 0`` give ``c = 1`` (normswap design).
-
-Strength and exactness (docs/methods.md sections 0, 2.2 and 2.4; normswap design). The strength ``s`` in [0, 1] is the
-``strength`` buffer (float32, in the state_dict) with a Python mirror ``_strength`` that decides the
-branches, so ``s == 0`` never reads a tensor value (torch.fx / torch.compile). Two kinds of site:
-
-- **folded** (``folded = True``): every consumer absorbs ``c`` and ``mu`` (:func:`fold_into_consumer`,
-  ``W' = W / c``, ``b' = b + W mu``), exactly where :func:`compensation_status` says "exact" (or
-  approximately, with ``allow_inexact``). The layer computes ``c (f - mu)`` at *every* strength: the
-  folded consumers make the network exact at every strength, so strength does not change the function
-  there, only the parametrisation training sees. ``compensated`` says the fold matches the current
-  statistics; a training update or a calibration clears it until the refold (``after_calibration``).
-- **unfolded** (a residual add, a zero-padded conv, a non-affine consumer, a shared module: nothing
-  absorbs the map): the output is the blend ``(1 - s) f + s c (f - mu)``, affine in ``f`` as
-  ``c_s (f - mu_s)`` with ``c_s = 1 + s (c - 1)``, ``mu_s = s c mu / c_s`` (:meth:`affine`): exactly
-  ``f`` at 0 (bit for bit, the value ``act`` returns) and the paper's layer at 1.
-
-:meth:`claims_exact`: folded: ``compensated``; unfolded: ``s == 0``; either: ``c == 1 and mu == 0``.
-Export (:func:`export_fold`) folds an exact folded site's ``c`` and ``mu`` back into its consumers and
-puts the plain activation back; an unfolded site at strength 0 simply becomes its plain activation;
-an unfolded site at ``s > 0`` stays ANAct. State_dict: ``act.*`` (none for most), ``alpha``, ``running_rho``,
-``running_rho_prime``, ``running_mean``, ``num_batches_tracked``, ``strength``; folding adds a ``bias`` key
-to a consumer without one. A file from before the strength
-buffer loads strictly: unfolded sites get strength 1 (that layer always computed ``c (f - mu)``),
-folded ones keep the plan's strength (their function does not depend on it).
+"""ANAct, the registered variant: which activations it converts, how it builds the layer
+(:class:`normswap.variants.anact.layer.ANActLayer`, whose docstring gives the maths), and how it folds the
+layer's compensation into consumers and exports it.
 
 Sites (docs/anact.md): activation modules, the ``act`` of timm norm + activation layers, and functional
 calls, which become modules ``anact_fn_<fx node>`` in a ``torch.fx.GraphModule`` (:meth:`propose_functional`).
@@ -46,35 +8,29 @@ calls, which become modules ``anact_fn_<fx node>`` in a ``torch.fx.GraphModule``
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from normswap.errors import FileFormatError, NormswapError, OptionError
-from normswap.core.kinds import ACTIVATION_TYPES
+from normswap.core.kinds import ACTIVATION_TYPES, qualname
 from normswap.core.plan import SKIP, Site
+from normswap.errors import FileFormatError, NormswapError, OptionError
 from normswap.variants.anact.activations import (
     DEFAULTS, KINDS, MODULE_CLASSES, UnsupportedActivationError, activation_kind, describe, make_activation,
-    resolve_activation, unsupported_message,
+    unsupported_message,
 )
-from normswap.variants.anact.stats import ANActStatistics
 from normswap.variants.anact.fold import (
     compensation_status, decide, decide_call, exact_at, export_fold, fold_into_consumer, folds, mark_unchecked,
 )
-from normswap.core.kinds import qualname
+from normswap.variants.anact.layer import ANActLayer
 from normswap.variants.base import Variant
-from normswap.variants.calibration import CalibrationSettings
 from normswap.variants.config import VariantConfig
-from normswap.variants.strength import StrengthMirror
 from normswap.variants.registry import register
 
 __all__ = ["ANAct", "ANActConfig", "KINDS", "UnsupportedActivationError", "activation_kind", "compensation_status",
            "export_fold", "fold_into_consumer"]
-
-_TINY = 1e-12  # floor of rho and rho' inside lam (a dead unit would otherwise give 0/0)
 
 
 @dataclass
@@ -97,7 +53,7 @@ class ANActConfig(VariantConfig):
 
 
 @register
-class ANAct(StrengthMirror, ANActStatistics, Variant):
+class ANAct(ANActLayer, Variant):
     """``c * (f(x) - mu)`` around a kept activation module ``act``, blended in by strength where it is not
     folded into the consumers; see the module docstring."""
 
@@ -110,73 +66,6 @@ class ANAct(StrengthMirror, ANActStatistics, Variant):
     families = MODULE_CLASSES
     functional_kinds = ("activation",)
 
-    def __init__(self, act: nn.Module | str, *, per_channel: bool = False, channels: int | None = None,
-                 momentum: float = 0.9, reject: float = 0.2, strength: float = 0.0, folded: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        act = make_activation(act) if isinstance(act, str) else act
-        self.kind, self.act_params = resolve_activation(act)
-        self.act = copy.deepcopy(act)
-        if per_channel and not (isinstance(channels, int) and channels > 0):
-            raise NormswapError(f"ANAct per_channel needs a positive channel count; got {channels!r}")
-        self.per_channel, self.channels = bool(per_channel), (int(channels) if per_channel else None)
-        self.momentum, self.reject, self.folded = float(momentum), float(reject), bool(folded)
-        shape = (self.channels,) if per_channel else ()
-        factory = {"device": device, "dtype": dtype or torch.float32}
-        self.alpha = nn.Parameter(torch.zeros((), **factory))
-        self.register_buffer("running_rho", torch.ones(shape, **factory))
-        self.register_buffer("running_rho_prime", torch.ones(shape, **factory))
-        self.register_buffer("running_mean", torch.zeros(shape, **factory))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        self.init_strength(strength, like=self.running_mean)  # the mirror ``_s`` decides the branches in forward
-        self.compensated, self._calibrating, self._acc, self._folded = False, False, None, None
-        self._settings: CalibrationSettings | None = None
-
-    # ---- the layer ---------------------------------------------------------------------------------
-    def scale(self) -> torch.Tensor:
-        """``c = lam + 0.3 tanh(alpha)`` from the running values (shape () or (C,); grad flows to alpha)."""
-        rho, rho_p = self.running_rho.clamp_min(_TINY), self.running_rho_prime.clamp_min(_TINY)
-        return torch.sqrt((rho + rho_p) / (2 * rho * rho_p)) + 0.3 * torch.tanh(self.alpha)
-
-    def shift(self) -> torch.Tensor:
-        """``mu``: the running mean of ``f(X)`` (shape () or (C,))."""
-        return self.running_mean
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._calibrating:
-            self._observe(x)
-        elif self.training:
-            self._update(x)
-        f = self.act(x)  # after the statistics: an in-place activation may overwrite x
-        s = self._s
-        if s == 0.0 and not self.folded:
-            return f  # the source activation itself: no tensor value is read (torch.fx, torch.compile)
-        c, mu = self.scale().to(f.dtype), self.running_mean.to(f.dtype)
-        if self.training:  # a module called twice updates running_mean in place between the calls: keep a copy
-            mu = mu.clone()  # for the backward of c * mu
-        if self.folded or s == 1.0:  # c (f - mu) = c f - c mu
-            scale, shift = c, -c * mu
-        else:  # (1 - s) f + s c (f - mu), affine in f
-            cs = c * s
-            scale, shift = cs + (1.0 - s), -cs * mu
-        if self.per_channel:  # (C,) along dim 1
-            view = (-1,) + (1,) * (f.dim() - 2)
-            scale, shift = scale.reshape(view), shift.reshape(view)
-        return torch.addcmul(shift, f, scale)  # one pass over f
-
-    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(c_s, mu_s)`` of the map ``c_s (f - mu_s)`` the layer applies to ``f`` now: ``(c, mu)`` at a
-        folded site or at strength 1, ``(1, 0)`` at an unfolded site at strength 0, else
-        ``c_s = 1 + s (c - 1)``, ``mu_s = s c mu / c_s`` (what :func:`export_fold` folds)."""
-        c, mu, s = self.scale(), self.shift(), self._s
-        if self.folded or s == 1.0:
-            return c, mu
-        if s == 0.0:
-            return torch.ones_like(c), torch.zeros_like(mu)
-        cs = 1 + s * (c - 1)
-        return cs, s * c * mu / cs
-
-    # ---- the variant contract -----------------------------------------------------------------------
     @classmethod
     def classify(cls, module: nn.Module) -> tuple[str | None, str]:
         found = activation_kind(module)
@@ -333,35 +222,8 @@ class ANAct(StrengthMirror, ANActStatistics, Variant):
             if getattr(consumer, "bias", True) is None:
                 fold_into_consumer(consumer, 1.0, 0.0)  # c = 1, mu = 0: only adds a zero bias
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[override]
-                              unexpected_keys, error_msgs) -> None:
-        """A file from before the ``strength`` buffer has no such key: an unfolded site there computed
-        ``c (f - mu)``, which is strength 1; a folded site keeps its strength (the function does not depend on it)."""
-        key = prefix + "strength"
-        old_layout = key not in state_dict
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if old_layout:
-            if key in missing_keys:
-                missing_keys.remove(key)
-            if not self.folded:
-                self.set_strength(1.0)
-
-    def claims_exact(self) -> bool:
-        if (self.compensated if self.folded else self._s == 0.0):
-            return True
-        with torch.no_grad():
-            return bool((self.scale() == 1).all()) and bool((self.running_mean == 0).all())
-
     @classmethod
     def examples(cls) -> list[tuple[nn.Module, torch.Tensor]]:
         from normswap.variants.anact.examples import examples
 
         return examples()
-
-    def extra_repr(self) -> str:
-        params = "".join(f", {k}={v:g}" for k, v in self.act_params.items())
-        chan = f", per_channel={self.channels}" if self.per_channel else ""
-        return f"kind={self.kind}{params}{chan}, momentum={self.momentum:g}, reject={self.reject:g}"
-
-
