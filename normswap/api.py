@@ -13,7 +13,7 @@ from torch import nn
 
 from normswap.version import __version__
 from normswap.calibrate import calibrate
-from normswap.errors import FileFormatError, NormswapError, UsageError, VerificationError
+from normswap.errors import FileFormatError, NormswapError, UsageError, VerificationError, WeightsError
 from normswap.io import check_output, read_file, state_tensors, write_file
 from normswap.metadata import one_line, plan_from_file, replay, source_from_file
 from normswap.sources import SourceSpec, load_model, rebuild
@@ -22,7 +22,8 @@ from normswap.surgery.find import find
 from normswap.surgery.graph import ModelGraph, build_graph, is_activation, is_norm
 from normswap.surgery.plan import Plan
 from normswap.surgery.probe import example_input
-from normswap.surgery.verify import DEFAULT_RTOL, ProbeInput, VerifyReport, run_recording, verify
+from normswap.surgery.verify import (DEFAULT_RTOL, ProbeInput, VerifyReport, nonfinite_message, nonfinite_tensors,
+                                     run_recording, verify)
 from normswap.variants import registry
 from normswap.variants.base import FOLDED
 
@@ -121,6 +122,8 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
         report = verify(reference, converted, the_plan, probe, rtol=rtol)
     else:
         report = VerifyReport("none", the_plan.strength, [], None, None, False, True, note="verification disabled")
+    if not report.ok and nonfinite_tensors(reference):  # the original is broken, not the conversion
+        raise WeightsError(nonfinite_message(nonfinite_tensors(reference)))
     if not report.ok:
         bad = report.failures
         where = f"{len(bad)} site(s), first {bad[0].name}: max |diff| {bad[0].max_abs_diff:.3e}" if bad else \

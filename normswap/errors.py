@@ -55,6 +55,11 @@ class FileFormatError(NormswapError):
     """A normswap file that is truncated, corrupted, or written by an incompatible version."""
 
 
+class DataError(NormswapError):
+    """Data that cannot be used with this model: non-finite values, inputs of the wrong shape, labels
+    outside the model's classes. The message names the data."""
+
+
 class OutputError(NormswapError):
     """An output path that exists (without force) or cannot be written."""
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from normswap.calibrate import dist
+from normswap.calibrate.datacheck import check_batches, check_fits, class_mismatch, warn_mismatch
 from normswap.calibrate.report import FidelityReport, SiteFidelity, measure
 from normswap.calibrate.runner import CalibrationLog, calibrate as run_calibration, set_strengths, strengths_of
 from normswap.errors import NormswapError, OptionError, UsageError, WeightsError
@@ -149,6 +150,7 @@ def calibrate(model: Any, data: Any = None, *, original: nn.Module | None = None
     module, the_plan, source, known = _resolve(model, base_model, trust_source)
     reference, ref_label = _reference(module, source, original if original is not None else known, trust_source)
     split = _open(data, reference, source, calib_samples, eval_samples if evaluate else 0, seed, data_options)
+    check_fits(reference, split, "calibration")  # inputs the model cannot take: one line before any work
     now, report_strengths = _strengths(module, strengths)
     fit = check_strength(strength) if strength is not None else (now if now > 0 else 1.0)
     if fit == 0:
@@ -157,7 +159,8 @@ def calibrate(model: Any, data: Any = None, *, original: nn.Module | None = None
                                    em_tol=em_tol)
     before = copy.deepcopy(module) if evaluate else None
     world = dist.world()
-    batches = split.batches("calibration", batch_size, rank=world.rank, world_size=world.size)
+    batches = check_batches(split.batches("calibration", batch_size, rank=world.rank, world_size=world.size),
+                            split.name, "calibration")
     log = run_calibration(module, the_plan, batches, reference=reference, settings=settings,
                           reestimate_bn=reestimate_bn, layerwise=layerwise, progress=progress)
     report = None
@@ -175,7 +178,13 @@ def _report(reference: nn.Module, ref_label: str, models: dict[str, nn.Module], 
     notes = []
     if getattr(split, "synthetic", False):
         notes.append("synthetic random inputs: these figures say nothing about real data")
-    batches = list(split.batches("evaluation", batch_size))
+    classes = check_fits(reference, split, "evaluation")
+    mismatch = class_mismatch(split, classes)
+    if mismatch:
+        warn_mismatch(mismatch)
+        notes.append(mismatch)
+    batches = list(check_batches(split.batches("evaluation", batch_size), split.name, "evaluation", classes,
+                                 drop_labels=bool(mismatch)))
     if not batches:
         raise UsageError("the evaluation split is empty: pass eval_samples >= 1 (--eval-samples)")
     rows, per_site, orig_acc, n = measure(reference, models, plan, batches, strengths, site_strength, progress)
