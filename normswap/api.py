@@ -82,6 +82,15 @@ def plan(model: nn.Module | str, to: str, targets: Iterable[str] | None = None,
     return find(module, to, targets, exclude, strength, options, strict_trace=strict_trace)
 
 
+def require_sites(the_plan: Plan, module: nn.Module) -> None:
+    """The one-line error of a plan that converts nothing (``convert`` and ``convert --dry-run`` alike)."""
+    if not the_plan.converted:
+        reasons = sorted({s.reason for s in the_plan.skipped if s.reason})
+        detail = f" ({len(the_plan.skipped)} skipped: {'; '.join(reasons[:3])})" if the_plan.skipped else ""
+        raise NormswapError(f"nothing to convert: {type(module).__name__} has no site for variant "
+                            f"'{the_plan.variant}'{detail}")
+
+
 def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = None,
             exclude: Iterable[str] | None = None, strength: float = 0.0,
             options: Mapping[str, Any] | None = None, *, weights: str | None = None,
@@ -109,10 +118,7 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
     """
     module, source = _resolve(model, weights, trust_source)
     the_plan = find(module, to, targets, exclude, strength, options, strict_trace=strict_trace)
-    if not the_plan.converted:
-        reasons = sorted({s.reason for s in the_plan.skipped if s.reason})
-        detail = f" ({len(the_plan.skipped)} skipped: {'; '.join(reasons[:3])})" if the_plan.skipped else ""
-        raise NormswapError(f"nothing to convert: {type(module).__name__} has no site for variant '{to}'{detail}")
+    require_sites(the_plan, module)
     reference = copy.deepcopy(module) if (inplace and check) else module
     converted = apply_plan(module, the_plan, inplace=inplace)
     probe = _probe(example_inputs) or example_input(reference, source)

@@ -25,7 +25,7 @@ from normswap.sources import SourceSpec, cached_weights, load_model
 from normswap.surgery.plan import Plan
 from normswap.variants.base import CalibrationSettings, check_strength
 
-__all__ = ["CalibrationResult", "calibrate", "evaluate"]
+__all__ = ["CalibrationResult", "calibrate", "check_data", "evaluate"]
 
 EM_INITS = ("quantile", "kmeans++")
 
@@ -219,3 +219,12 @@ def evaluate(model: Any, data: Any = None, *, original: nn.Module | None = None,
     now, report_strengths = _strengths(module, strengths)
     return _report(reference, ref_label, {"converted": module}, the_plan, split, batch_size, report_strengths,
                    now if now > 0 else 1.0, None, progress)
+
+
+def check_data(model: nn.Module, data: Any = None, *, source: SourceSpec | None = None, calib_samples: int = 256,
+               eval_samples: int = 256, seed: int = 0, data_options: dict[str, Any] | None = None) -> Any:
+    """Open ``data`` for ``model`` as :func:`calibrate` would and run one sample through it (what a dry run
+    checks): the same one-line errors before any work. Returns the :class:`~normswap.data.DataSplit`."""
+    split = _open(data, model, source, calib_samples, eval_samples, seed, data_options)
+    check_fits(model, split, "calibration")
+    return split
