@@ -129,7 +129,8 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
     else:
         report = VerifyReport("none", the_plan.strength, [], None, None, False, True, note="verification disabled")
     if not report.ok and nonfinite_tensors(reference):  # the original is broken, not the conversion
-        raise WeightsError(nonfinite_message(nonfinite_tensors(reference)))
+        raise WeightsError(nonfinite_message(nonfinite_tensors(reference)) + "; its outputs are not finite, so no "
+                           "conversion of it can be verified: fix or reload its weights")
     if not report.ok:
         bad = report.failures
         where = f"{len(bad)} site(s), first {bad[0].name}: max |diff| {bad[0].max_abs_diff:.3e}" if bad else \

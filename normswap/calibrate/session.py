@@ -23,6 +23,7 @@ from normswap.calibrate.runner import CalibrationLog, calibrate as run_calibrati
 from normswap.errors import NormswapError, OptionError, UsageError, WeightsError
 from normswap.sources import SourceSpec, cached_weights, load_model
 from normswap.surgery.plan import Plan
+from normswap.surgery.verify import nonfinite_message, nonfinite_tensors
 from normswap.variants.base import CalibrationSettings, check_strength
 
 __all__ = ["CalibrationResult", "calibrate", "check_data", "evaluate"]
@@ -187,7 +188,10 @@ def _report(reference: nn.Module, ref_label: str, models: dict[str, nn.Module], 
                                  drop_labels=bool(mismatch)))
     if not batches:
         raise UsageError("the evaluation split is empty: pass eval_samples >= 1 (--eval-samples)")
-    rows, per_site, orig_acc, n = measure(reference, models, plan, batches, strengths, site_strength, progress)
+    counts: dict[str, int] = {}
+    rows, per_site, orig_acc, n = measure(reference, models, plan, batches, strengths, site_strength, progress,
+                                          counts)
+    notes += nonfinite_notes(reference, rows, counts.get("reference_nonfinite", 0), n)
     labels = list(models)
     sites = []
     for s in plan.converted:
@@ -202,6 +206,22 @@ def _report(reference: nn.Module, ref_label: str, models: dict[str, nn.Module], 
                      + " (folded into their consumers: every strength; unfolded: strength 0 only)")
     return FidelityReport(data, ref_label, n, site_strength, rows, sites, orig_acc,
                           log.to_dict() if log else None, notes)
+
+
+def nonfinite_notes(reference: nn.Module, rows: list, reference_bad: int, n: int) -> list[str]:
+    """Report notes for NaN or infinite outputs: the reference's (naming its non-finite weights) and each row's."""
+    notes = []
+    if reference_bad:
+        bad = nonfinite_tensors(reference)
+        why = nonfinite_message(bad, "the reference's") if bad else "its weights are finite: the inputs or an " \
+            "overflow in its dtype"
+        notes.append(f"the reference's outputs hold NaN or inf on {reference_bad} of {n} samples, left out of every "
+                     f"figure ({why})")
+    for r in rows:
+        if r.nonfinite:
+            notes.append(f"'{r.model}' at strength {r.strength:g}: {r.nonfinite} of {n} outputs hold NaN or inf, left "
+                         "out of that row's figures" + (" (no figure is defined)" if r.nonfinite >= n else ""))
+    return notes
 
 
 def evaluate(model: Any, data: Any = None, *, original: nn.Module | None = None, eval_samples: int = 256,

@@ -178,8 +178,7 @@ def nonfinite_tensors(model: nn.Module) -> dict[str, int]:
 
 
 def nonfinite_message(bad: dict[str, int], whose: str = "the original model's") -> str:
-    """One line naming the first non-finite tensors of ``bad`` (see :func:`nonfinite_tensors`)."""
+    """``WHOSE weights hold NaN or infinite values (name: N values; ...)``, the first three of ``bad``."""
     shown = "; ".join(f"{name}: {n} value{'s' if n > 1 else ''}" for name, n in list(bad.items())[:3])
     more = f"; and {len(bad) - 3} more tensor(s)" if len(bad) > 3 else ""
-    return (f"{whose} weights hold NaN or infinite values ({shown}{more}); its outputs are not finite, so no "
-            "conversion of it can be verified: fix or reload its weights")
+    return f"{whose} weights hold NaN or infinite values ({shown}{more})"
