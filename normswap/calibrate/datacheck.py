@@ -16,16 +16,11 @@ from torch import nn
 
 from normswap.calibrate.report import _first_tensor
 from normswap.errors import DataError
+from normswap.weights import first_line
 
 __all__ = ["check_batches", "check_finite", "check_fits", "class_mismatch", "warn_mismatch"]
 
 Batch = tuple[torch.Tensor, "torch.Tensor | None"]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _output_width(out: Any) -> int | None:
@@ -56,7 +51,7 @@ def check_fits(model: nn.Module, split: Any, part: str) -> int | None:
             out = model(x)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise DataError(f"data '{split.name}' does not fit the model: it fails on {part} inputs shaped "
-                        f"{tuple(x.shape[1:])} per sample ({_first_line(exc)})") from None
+                        f"{tuple(x.shape[1:])} per sample ({first_line(exc)})") from None
     finally:
         for m, mode in modes.items():
             m.training = mode
