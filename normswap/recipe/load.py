@@ -144,7 +144,7 @@ def _set_path(item: str, name: str) -> tuple[Loc, Any]:
         by_name = {n: (f.alias or n) for n, f in model.model_fields.items()}
         if part not in fields and part not in by_name:
             hint = messages.did_you_mean(part, fields)
-            raise RecipeError(f"{name}: --set {item}: unknown key '{part}'{hint}")
+            raise RecipeError(f"{name}: --set {item}: unknown key '{one_line(part)}'{hint}")
         key_name = part if part in fields else by_name[part]
         canonical.append(key_name)
         cls = fields[key_name].annotation
