@@ -35,7 +35,9 @@ def _rows(report, strength: float) -> dict:
         for s in sorted({0.0, strength, 1.0}):
             r = report.row(state, s)
             out[f"{state} @ {s:g}"] = {"agreement": r.agreement, "cosine": r.cosine, "kl": r.kl,
-                                       "rel_error": r.rel_error, "accuracy": r.accuracy}
+                                       "rel_error": r.rel_error, "accuracy": r.accuracy,
+                                       "top5_overlap": r.top5_overlap, "confident_agreement": r.confident_agreement,
+                                       "confident": r.confident}
     return out
 
 
@@ -53,7 +55,8 @@ def run_case(spec: str, weights: str, variant: str, strength: float, data: str, 
             "sites": len(r.plan.converted), "calibration_seconds": c.log.seconds,
             "total_seconds": time.perf_counter() - t0, "original_accuracy": rep.original_accuracy,
             "rows": _rows(rep, strength), "site_error_median_before": med(before),
-            "site_error_median_after": med(after), "ll_gain_median": med(gains)}
+            "site_error_median_after": med(after), "ll_gain_median": med(gains),
+            "images": {k: len(v) for k, v in rep.data.get("images", {}).items()}}
 
 
 def main() -> None:
@@ -61,19 +64,31 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="64 calibration / 64 evaluation samples")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "calibration.json"))
     ap.add_argument("--table", metavar="JSON", help="only print the table of an earlier run's results file")
+    ap.add_argument("--data", default="photos", help="MobileNetV2's data (stamps: held out by image)")
+    ap.add_argument("--samples", type=int, default=None, help="calibration and evaluation samples for MobileNetV2")
+    ap.add_argument("--mnv2-variants", action="store_true",
+                    help="only MobileNetV2, one row per variant (uan 0, patchnorm 1, anact 0), with the "
+                         "confidence columns")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
         return
-    n = 64 if args.quick else 256
+    n = args.samples or (64 if args.quick else 256)
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                           f"{torch.get_num_threads()} threads", "samples": n, "cases": []}
     mnv2 = ("mobilenet_v2", "IMAGENET1K_V1")
     cases = [(*mnv2, "uan", 0.0, {"k": 3}), (*mnv2, "patchnorm", 0.01, None), (*mnv2, "patchnorm", 0.1, None),
              (*mnv2, "patchnorm", 1.0, None), (*mnv2, "anact", 0.0, None)]
+    if args.mnv2_variants:
+        cases = [cases[0], cases[3], cases[4]]
+    results["data"] = args.data
     for spec, w, variant, s, opts in cases:
-        results["cases"].append(run_case(spec, w, variant, s, "photos", n, n, opts))
+        results["cases"].append(run_case(spec, w, variant, s, args.data, n, n, opts))
         print(f"done {spec} {variant} {s}", file=sys.stderr)
+    if args.mnv2_variants:
+        _write(args.out, results)
+        print(confidence_table(results))
+        return
     from fmnist_cnn import train
 
     weights = str(train(verbose=False))
@@ -81,11 +96,31 @@ def main() -> None:
     for variant, s in (("uan", 0.0), ("patchnorm", 1.0), ("anact", 0.0)):
         results["cases"].append(run_case(fm, weights, variant, s, "fashion-mnist", 1024, 2000))
         print(f"done fmnist {variant} {s}", file=sys.stderr)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(args.out)
+    _write(args.out, results)
     print(table(results))
+
+
+def _write(out: str, results: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out)
+
+
+def confidence_table(results: dict) -> str:
+    """The held-out table of docs/calibration.md: agreement, top-5 overlap and agreement where the original is
+    confident (p > 0.5, count in parentheses), at strengths 0 and 1, before -> after calibration."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    lines = ["| variant (fit for) | strength | top-1 agree before -> after | top-5 overlap before -> after | "
+             "agree p>0.5 before -> after (n) | logit cos before -> after |", "|---|---|---|---|---|---|"]
+    for c in results["cases"]:
+        fit = c["strength"] if c["strength"] > 0 else 1.0
+        for s in (0.0, 1.0):
+            b, a = c["rows"][f"before calibration @ {s:g}"], c["rows"][f"after calibration @ {s:g}"]
+            lines.append(f"| {c['variant']} ({fit:g}) | {s:g} | {pct(b['agreement'])} -> {pct(a['agreement'])} | "
+                         f"{pct(b['top5_overlap'])} -> {pct(a['top5_overlap'])} | {pct(b['confident_agreement'])} -> "
+                         f"{pct(a['confident_agreement'])} ({a['confident']}) | {b['cosine']:.3f} -> {a['cosine']:.3f} |")
+    return "\n".join(lines)
 
 
 def table(results: dict) -> str:

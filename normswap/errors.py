@@ -55,6 +55,11 @@ class FileFormatError(NormswapError):
     """A normswap file that is truncated, corrupted, or written by an incompatible version."""
 
 
+class DataError(NormswapError):
+    """Data that cannot be used with this model: non-finite values, inputs of the wrong shape, labels
+    outside the model's classes. The message names the data."""
+
+
 class OutputError(NormswapError):
     """An output path that exists (without force) or cannot be written."""
 
@@ -68,3 +73,8 @@ class RecipeError(UsageError):
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
         super().__init__(message)
         self.problems = list(problems) if problems else [message]
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped: a message stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from normswap.errors import FileFormatError, OutputError
+from normswap.errors import FileFormatError, OutputError, UsageError
 
 FILE_FORMAT = "normswap"
 CHECKSUM_KEY = "checksum"
@@ -48,6 +48,8 @@ def _name_max(parent: Path) -> int:
 
 def check_output(path: str | os.PathLike, force: bool = False) -> Path:
     """Fail early (before any work) when ``path`` exists without ``force`` or cannot be written."""
+    if not str(path).strip():  # Path("") is "." (the current directory): say what is wrong instead
+        raise UsageError("the output path is empty: name a file (-o FILE, or output= in Python)")
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     limit = _name_max(parent) - _TMP_EXTRA

@@ -34,7 +34,7 @@ CASES = [
     (lambda p: _config(p, k=500), "bad plan in the file's metadata: site 'stem.1': option 'k' of variant 'uan' must "
                                   "be between 1 and 64; got 500"),
     (lambda p: _config(p, var_floor=-1.0), "bad plan in the file's metadata: site 'stem.1': option 'var_floor' of "
-                                           "variant 'uan' must be > 0; got -1.0"),
+                                           "variant 'uan' must be a finite number > 0; got -1.0"),
     (lambda p: _config(p, strength=2.0), "bad plan in the file's metadata: site 'stem.1': strength must be in [0, 1]; "
                                          "got 2.0"),
     (lambda p: _edit_site(p, config=[1, 2]), "bad plan in the file's metadata: site 0 ('stem.1'): field 'config' has "

@@ -360,7 +360,7 @@ def test_config_options():
         ({"kk": 2}, "unknown option 'kk' for variant 'uan'; valid options: k, var_floor"),
         ({"k": 0}, "option 'k' of variant 'uan' must be between 1 and 64; got 0"),
         ({"k": "65"}, "option 'k' of variant 'uan' must be between 1 and 64; got 65"),
-        ({"var_floor": "-1e-3"}, "option 'var_floor' of variant 'uan' must be > 0; got -0.001"),
+        ({"var_floor": "-1e-3"}, "option 'var_floor' of variant 'uan' must be a finite number > 0; got -0.001"),
     ]
     for options, message in cases:
         with pytest.raises(OptionError) as info:

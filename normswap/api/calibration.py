@@ -17,16 +17,18 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from normswap.core import dist
+from normswap.calibration.datacheck import check_batches, check_fits, class_mismatch, warn_mismatch
 from normswap.calibration.report import FidelityReport, SiteFidelity, measure
 from normswap.calibration.runner import CalibrationLog, run_calibration
+from normswap.core import dist
+from normswap.core.plan import Plan
 from normswap.errors import NormswapError, OptionError, UsageError, WeightsError
 from normswap.sources import SourceSpec, cached_weights, load_model
-from normswap.core.plan import Plan
+from normswap.surgery.verify import nonfinite_message, nonfinite_tensors
 from normswap.variants.calibration import CalibrationSettings
 from normswap.variants.strength import check_strength, set_strengths, strengths_of
 
-__all__ = ["CalibrationConfig", "CalibrationResult", "calibrate", "evaluate"]
+__all__ = ["CalibrationConfig", "CalibrationResult", "calibrate", "check_data", "evaluate"]
 
 EM_INITS = ("quantile", "kmeans++")
 
@@ -191,6 +193,7 @@ def calibrate(model: Any, data: Any = None, config: CalibrationConfig | None = N
     reference, ref_label = _reference(module, source, original if original is not None else known, trust_source)
     split = _open(data, reference, source, cfg.calib_samples, cfg.eval_samples if evaluate else 0, cfg.seed,
                   data_options)
+    check_fits(reference, split, "calibration")  # inputs the model cannot take: one line before any work
     now, report_strengths = _strengths(module, cfg.strengths)
     fit = check_strength(cfg.strength) if cfg.strength is not None else (now if now > 0 else 1.0)
     if fit == 0:
@@ -199,7 +202,8 @@ def calibrate(model: Any, data: Any = None, config: CalibrationConfig | None = N
                                   em_tol=cfg.em_tol)
     before = copy.deepcopy(module) if evaluate else None
     world = dist.world()
-    batches = split.batches("calibration", cfg.batch_size, rank=world.rank, world_size=world.size)
+    batches = check_batches(split.batches("calibration", cfg.batch_size, rank=world.rank, world_size=world.size),
+                            split.name, "calibration")
     log = run_calibration(module, the_plan, batches, reference=reference, settings=fitting,
                           reestimate_bn=cfg.reestimate_bn, layerwise=cfg.layerwise, progress=progress)
     report = None
@@ -217,10 +221,19 @@ def _report(reference: nn.Module, ref_label: str, models: dict[str, nn.Module], 
     notes = []
     if getattr(split, "synthetic", False):
         notes.append("synthetic random inputs: these figures say nothing about real data")
-    batches = list(split.batches("evaluation", batch_size))
+    classes = check_fits(reference, split, "evaluation")
+    mismatch = class_mismatch(split, classes)
+    if mismatch:
+        warn_mismatch(mismatch)
+        notes.append(mismatch)
+    batches = list(check_batches(split.batches("evaluation", batch_size), split.name, "evaluation", classes,
+                                 drop_labels=bool(mismatch)))
     if not batches:
         raise UsageError("the evaluation split is empty: pass eval_samples >= 1 (--eval-samples)")
-    rows, per_site, orig_acc, n = measure(reference, models, plan, batches, strengths, site_strength, progress)
+    counts: dict[str, int] = {}
+    rows, per_site, orig_acc, n = measure(reference, models, plan, batches, strengths, site_strength, progress,
+                                          counts)
+    notes += nonfinite_notes(reference, rows, counts.get("reference_nonfinite", 0), n)
     labels = list(models)
     sites = []
     for s in plan.converted:
@@ -235,6 +248,22 @@ def _report(reference: nn.Module, ref_label: str, models: dict[str, nn.Module], 
                      + " (folded into their consumers: every strength; unfolded: strength 0 only)")
     return FidelityReport(data, ref_label, n, site_strength, rows, sites, orig_acc,
                           log.to_dict() if log else None, notes)
+
+
+def nonfinite_notes(reference: nn.Module, rows: list, reference_bad: int, n: int) -> list[str]:
+    """Report notes for NaN or infinite outputs: the reference's (naming its non-finite weights) and each row's."""
+    notes = []
+    if reference_bad:
+        bad = nonfinite_tensors(reference)
+        why = nonfinite_message(bad, "the reference's") if bad else "its weights are finite: the inputs or an " \
+            "overflow in its dtype"
+        notes.append(f"the reference's outputs hold NaN or inf on {reference_bad} of {n} samples, left out of every "
+                     f"figure ({why})")
+    for r in rows:
+        if r.nonfinite:
+            notes.append(f"'{r.model}' at strength {r.strength:g}: {r.nonfinite} of {n} outputs hold NaN or inf, left "
+                         "out of that row's figures" + (" (no figure is defined)" if r.nonfinite >= n else ""))
+    return notes
 
 
 def evaluate(model: Any, data: Any = None, *, original: nn.Module | None = None, eval_samples: int = 256,
@@ -252,3 +281,12 @@ def evaluate(model: Any, data: Any = None, *, original: nn.Module | None = None,
     now, report_strengths = _strengths(module, strengths)
     return _report(reference, ref_label, {"converted": module}, the_plan, split, batch_size, report_strengths,
                    now if now > 0 else 1.0, None, progress)
+
+
+def check_data(model: nn.Module, data: Any = None, *, source: SourceSpec | None = None, calib_samples: int = 256,
+               eval_samples: int = 256, seed: int = 0, data_options: dict[str, Any] | None = None) -> Any:
+    """Open ``data`` for ``model`` as :func:`calibrate` would and run one sample through it (what a dry run
+    checks): the same one-line errors before any work. Returns the :class:`~normswap.data.DataSplit`."""
+    split = _open(data, model, source, calib_samples, eval_samples, seed, data_options)
+    check_fits(model, split, "calibration")
+    return split

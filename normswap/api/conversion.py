@@ -13,9 +13,9 @@ from torch import nn
 
 from normswap.version import __version__
 from normswap.calibration.runner import run_calibration
-from normswap.errors import FileFormatError, NormswapError, UsageError, VerificationError
+from normswap.errors import FileFormatError, NormswapError, UsageError, VerificationError, WeightsError, one_line
 from normswap.io import check_output, read_file, state_tensors, write_file
-from normswap.api.metadata import one_line, plan_from_file, replay, source_from_file
+from normswap.api.metadata import plan_from_file, replay, source_from_file
 from normswap.sources import SourceSpec, load_model, rebuild
 from normswap.surgery.apply import apply_plan
 from normswap.surgery.find import find
@@ -24,7 +24,8 @@ from normswap.core.kinds import is_activation, is_norm
 from normswap.core.plan import FOLDED, Plan
 from normswap.sources.inputs import example_input
 from normswap.core.probe import ProbeInput
-from normswap.surgery.verify import DEFAULT_RTOL, VerifyReport, run_recording, verify
+from normswap.surgery.verify import (DEFAULT_RTOL, VerifyReport, nonfinite_message, nonfinite_tensors, run_recording,
+                                     verify)
 from normswap.variants import registry
 
 META_ATTR = "_normswap_meta"
@@ -82,6 +83,15 @@ def plan(model: nn.Module | str, to: str, targets: Iterable[str] | None = None,
     return find(module, to, targets, exclude, strength, options, strict_trace=strict_trace)
 
 
+def require_sites(the_plan: Plan, module: nn.Module) -> None:
+    """The one-line error of a plan that converts nothing (``convert`` and ``convert --dry-run`` alike)."""
+    if not the_plan.converted:
+        reasons = sorted({s.reason for s in the_plan.skipped if s.reason})
+        detail = f" ({len(the_plan.skipped)} skipped: {'; '.join(reasons[:3])})" if the_plan.skipped else ""
+        raise NormswapError(f"nothing to convert: {type(module).__name__} has no site for variant "
+                            f"'{the_plan.variant}'{detail}")
+
+
 def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = None,
             exclude: Iterable[str] | None = None, strength: float = 0.0,
             options: Mapping[str, Any] | None = None, *, weights: str | None = None,
@@ -109,10 +119,7 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
     """
     module, source = _resolve(model, weights, trust_source)
     the_plan = find(module, to, targets, exclude, strength, options, strict_trace=strict_trace)
-    if not the_plan.converted:
-        reasons = sorted({s.reason for s in the_plan.skipped if s.reason})
-        detail = f" ({len(the_plan.skipped)} skipped: {'; '.join(reasons[:3])})" if the_plan.skipped else ""
-        raise NormswapError(f"nothing to convert: {type(module).__name__} has no site for variant '{to}'{detail}")
+    require_sites(the_plan, module)
     reference = copy.deepcopy(module) if (inplace and check) else module
     converted = apply_plan(module, the_plan, inplace=inplace)
     probe = _probe(example_inputs) or example_input(reference, source)
@@ -122,6 +129,9 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
         report = verify(reference, converted, the_plan, probe, rtol=rtol)
     else:
         report = VerifyReport("none", the_plan.strength, [], None, None, False, True, note="verification disabled")
+    if not report.ok and nonfinite_tensors(reference):  # the original is broken, not the conversion
+        raise WeightsError(nonfinite_message(nonfinite_tensors(reference)) + "; its outputs are not finite, so no "
+                           "conversion of it can be verified: fix or reload its weights")
     if not report.ok:
         bad = report.failures
         where = f"{len(bad)} site(s), first {bad[0].name}: max |diff| {bad[0].max_abs_diff:.3e}" if bad else \

@@ -22,7 +22,7 @@ import re
 import typing
 from typing import TYPE_CHECKING, Any, Callable
 
-from normswap.errors import FileFormatError, NormswapError
+from normswap.errors import FileFormatError, NormswapError, one_line
 from normswap.compat import import_torchvision
 from normswap.sources import KINDS, WEIGHT_SUFFIXES, SourceSpec, optional_module
 from normswap.core.plan import Plan
@@ -102,11 +102,6 @@ def _json_plain(value: Any, depth: int = 0) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _json_plain(v, depth + 1) for k, v in value.items())
     return False
-
-
-def one_line(text: str) -> str:
-    """``text`` with line breaks and other control characters escaped: a message stays one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _short(value: Any) -> str:

@@ -3,8 +3,12 @@
 End to end, on held-out batches, for each model state (before / after calibration, or the converted
 model) at each strength (docs/methods.md section 0.1: the exact start and full strength, so a user sees what annealing
 will have to recover): top-1 agreement with the original, mean cosine of the logits, mean
-KL(original || converted) of the softmax, relative output error ``||out - ref|| / ||ref||`` and, when
-the data has labels, accuracy (the original's too). Per site: the relative output error at the site's
+KL(original || converted) of the softmax, relative output error ``||out - ref|| / ||ref||``, the overlap of
+the original's top-5 classes with the model's, top-1 agreement on the samples the original classifies
+confidently (max probability > 0.5; agreement on ambiguous images is noise) with their count and, when
+the data has labels, accuracy (the original's too). A sample whose output (the model's or the reference's)
+holds NaN or inf is left out of every figure and counted (``nonfinite``), and the report says so: NaN
+outputs never read as a perfect match. Per site: the relative output error at the site's
 compare points (``Variant.compare_points``) inside the converted network against the original network's
 output at the same point, at one strength (errors of earlier layers included: it is what the next
 layer sees), plus the variant's own calibration figures (UAN: the log-likelihood gain over K = 1).
@@ -30,15 +34,22 @@ __all__ = ["EndToEnd", "FidelityReport", "SiteFidelity", "measure"]
 
 @dataclass
 class EndToEnd:
-    """One row of the end-to-end table (``None``: not defined for this output, e.g. top-1 of a non-classifier)."""
+    """One row of the end-to-end table (``None``: not defined for this output, e.g. top-1 of a non-classifier,
+    or no sample with finite outputs). ``top5_overlap``: mean share of the original's top-5 classes among the
+    model's top 5; ``confident_agreement``: top-1 agreement on the ``confident`` samples whose original max
+    probability is > 0.5; ``nonfinite``: samples whose output from this model holds NaN or inf (left out)."""
 
     model: str
     strength: float
     agreement: float | None
     cosine: float | None
     kl: float | None
-    rel_error: float
+    rel_error: float | None
     accuracy: float | None = None
+    top5_overlap: float | None = None
+    confident_agreement: float | None = None
+    confident: int | None = None
+    nonfinite: int = 0
 
 
 @dataclass
@@ -90,15 +101,23 @@ class FidelityReport:
         lines.append(f"  split: {self.data.get('split', '?')}")
         lines.append(f"reference: {self.reference}")
         lines += [f"note: {n}" for n in self.notes]
-        head = ("model", "strength", "top-1 agree", "logit cos", "KL", "rel. error", "accuracy")
+        bad = any(r.nonfinite for r in self.rows)
+        head = ("model", "strength", "top-1 agree", f"top-{TOP_K} overlap", f"agree p>{CONFIDENT:g}", "logit cos", "KL",
+                "rel. error", "accuracy", *(("non-finite",) if bad else ()))
         table = [head]
         if self.original_accuracy is not None:
-            table.append(("original", "-", "-", "-", "-", "-", pct(self.original_accuracy)))
+            table.append(("original", "-", "-", "-", "-", "-", "-", "-", pct(self.original_accuracy), *(("-",) if bad else ())))
         for r in self.rows:
-            table.append((r.model, f"{r.strength:g}", pct(r.agreement), num(r.cosine, ".4f"), num(r.kl, ".4f"),
-                          num(r.rel_error, ".4f"), pct(r.accuracy)))
+            sure = "-" if r.confident is None else f"{pct(r.confident_agreement)} ({r.confident})"
+            table.append((r.model, f"{r.strength:g}", pct(r.agreement), pct(r.top5_overlap), sure,
+                          num(r.cosine, ".4f"), num(r.kl, ".4f"), num(r.rel_error, ".4f"), pct(r.accuracy),
+                          *((str(r.nonfinite),) if bad else ())))
         lines.append(f"\nend to end on {self.samples} held-out samples (against the reference):")
         lines += _table(table)
+        if any(r.top5_overlap is not None for r in self.rows):
+            lines.append(f"  top-{TOP_K} overlap: share of the reference's top-{TOP_K} classes among the model's; "
+                         f"agree p>{CONFIDENT:g}: top-1 agreement on the samples (count) the reference classifies "
+                         f"with max probability > {CONFIDENT:g}")
         if self.sites:
             keys = ["ll_gain"] if any("ll_gain" in s.info for s in self.sites) else []
             head2 = ("site", "variant", "before", "after", *("log-lik gain" for _ in keys))
@@ -124,35 +143,61 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
     return logits if torch.is_tensor(logits) else next(iter(output_tensors(out)), None)
 
 
+CONFIDENT = 0.5  # the original's max probability above which a sample counts as confidently classified
+TOP_K = 5
+
+
+def top_k_overlap(ref: torch.Tensor, out: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
+    """Per row of (N, C) logits, the share of ``ref``'s top-k classes among ``out``'s top k (k <= C)."""
+    k = min(k, ref.shape[1])
+    a, b = ref.topk(k, dim=1).indices, out.topk(k, dim=1).indices
+    return (a.unsqueeze(2) == b.unsqueeze(1)).any(2).sum(1).double() / k
+
+
 class _Acc:
     """Running sums of the end-to-end metrics of one (model, strength)."""
 
     def __init__(self) -> None:
         self.n = self.agree = self.cos = self.kl = self.correct = self.labelled = 0.0
-        self.err2 = self.ref2 = 0.0
+        self.err2 = self.ref2 = self.top5 = self.sure_agree = 0.0
+        self.sure = self.nonfinite = 0
         self.classifier = True
 
     def add(self, ref: torch.Tensor, out: torch.Tensor, labels: torch.Tensor | None) -> None:
         r, o = ref.detach().double().reshape(ref.shape[0], -1), out.detach().double().reshape(out.shape[0], -1)
+        self.classifier = self.classifier and ref.dim() == 2 and ref.shape[1] > 1
+        finite_out = torch.isfinite(o).all(1)
+        self.nonfinite += int((~finite_out).sum())
+        keep = finite_out & torch.isfinite(r).all(1)  # a NaN sample is no evidence of agreement: left out
+        if not bool(keep.all()):
+            r, o = r[keep], o[keep]
+            labels = labels[keep] if labels is not None else None
         self.n += r.shape[0]
         self.err2 += float((o - r).square().sum())
         self.ref2 += float(r.square().sum())
         self.cos += float(F.cosine_similarity(o, r, dim=1, eps=1e-12).sum())
-        self.classifier = self.classifier and ref.dim() == 2 and ref.shape[1] > 1
-        if self.classifier:
-            self.agree += float((o.argmax(1) == r.argmax(1)).sum())
+        if self.classifier and r.shape[0]:
+            same = o.argmax(1) == r.argmax(1)
+            self.agree += float(same.sum())
             lr, lo = F.log_softmax(r, dim=1), F.log_softmax(o, dim=1)
             self.kl += float((lr.exp() * (lr - lo)).sum())
+            self.top5 += float(top_k_overlap(r, o).sum())
+            sure = lr.amax(1).exp() > CONFIDENT
+            self.sure += int(sure.sum())
+            self.sure_agree += float((same & sure).sum())
             if labels is not None:
                 self.correct += float((o.argmax(1) == labels).sum())
                 self.labelled += labels.numel()
 
     def row(self, model: str, strength: float) -> EndToEnd:
-        n = max(self.n, 1.0)
-        cls = self.classifier
+        if not self.n:  # no sample with finite outputs: nothing is defined
+            return EndToEnd(model, strength, None, None, None, None, nonfinite=self.nonfinite)
+        n, cls = self.n, self.classifier
         return EndToEnd(model, strength, self.agree / n if cls else None, self.cos / n, self.kl / n if cls else None,
                         (self.err2 / self.ref2) ** 0.5 if self.ref2 > 0 else float(self.err2 > 0),
-                        self.correct / self.labelled if cls and self.labelled else None)
+                        self.correct / self.labelled if cls and self.labelled else None,
+                        self.top5 / n if cls else None, self.sure_agree / self.sure if cls and self.sure else None,
+                        self.sure if cls else None, self.nonfinite)
 
 
 def _has(model: nn.Module, name: str) -> bool:
@@ -169,7 +214,8 @@ RECORD_BUDGET = 256 << 20  # bytes of reference activations that one recorded sl
 @torch.no_grad()
 def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
             batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], strengths: list[float],
-            site_strength: float | None, progress: bool = False) -> tuple[list[EndToEnd], dict[str, dict[str, float]], float | None, int]:
+            site_strength: float | None, progress: bool = False, counts: dict[str, int] | None = None
+            ) -> tuple[list[EndToEnd], dict[str, dict[str, float]], float | None, int]:
     """Run the reference and every model on ``batches`` at every strength (strengths restored afterwards).
 
     Per-site errors need the reference's activations at every compare point: a batch then runs in slices
@@ -177,13 +223,14 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
     is bounded whatever the batch size and the number of sites; every forward still runs once per sample.
 
     Returns the end-to-end rows, per model label the relative error of each site at ``site_strength``
-    (``None``: no per-site figures), the reference's accuracy (``None`` without labels) and the sample count."""
+    (``None``: no per-site figures), the reference's accuracy (``None`` without labels) and the sample count;
+    ``counts["reference_nonfinite"]`` is set to the samples whose reference output holds NaN or inf."""
     points = {s.name: registry.get(s.variant).compare_points(s) for s in plan.converted}
     ref_names = sorted({a for pts in points.values() for a, _ in pts if _has(reference, a)})
     accs = {(label, s): _Acc() for label in models for s in strengths}
     site_sums = {label: {name: [0.0, 0.0] for name in points} for label in models}
     ref_correct = ref_labelled = 0.0
-    seen = 0
+    seen = ref_bad = 0
     saved = {label: strengths_of(m) for label, m in models.items()}
     modes = {m: m.training for mod in [reference, *models.values()] for m in mod.modules()}
     try:
@@ -214,9 +261,11 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
                     held = sum(t.numel() * t.element_size() for t in store.values() if torch.is_tensor(t))
                     per_sample = max(1, held // max(1, ref.shape[0]))
                 seen += ref.shape[0]
+                finite = torch.isfinite(ref.reshape(ref.shape[0], -1)).all(1)
+                ref_bad += int((~finite).sum())
                 if ys is not None and ref.dim() == 2:
-                    ref_correct += float((ref.argmax(1) == ys).sum())
-                    ref_labelled += ys.numel()
+                    ref_correct += float(((ref.argmax(1) == ys) & finite).sum())
+                    ref_labelled += int(finite.sum())
                 for label, model in models.items():
                     for s in strengths:
                         set_strengths(model, s)
@@ -234,6 +283,8 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
             set_strengths(m, saved[label])
         for m, mode in modes.items():
             m.training = mode
+    if counts is not None:
+        counts["reference_nonfinite"] = ref_bad
     rows = [acc.row(label, s) for (label, s), acc in accs.items()]
     per_site = {label: {n: (e / r) ** 0.5 for n, (e, r) in sums.items() if r > 0} for label, sums in site_sums.items()}
     return rows, (per_site if site_strength is not None else {}), \

@@ -129,7 +129,7 @@ def calibrate_cmd(checkpoint: str, data: str | None, output: str | None, force: 
       normswap calibrate fmnist-patchnorm.safetensors --data fashion-mnist --calib-strength 1 --json
       torchrun --nproc_per_node 2 -m normswap calibrate m.safetensors --data fashion-mnist
     """
-    out_path = check_output(output or sibling_output(existing_file(checkpoint), "calibrated"), force=force)
+    out_path = check_output(output if output is not None else sibling_output(existing_file(checkpoint), "calibrated"), force=force)
     result = run_calibration(checkpoint, data, kw, trust_source=trust_source)
     if is_main_process():
         saved = result.save(out_path, force=force)

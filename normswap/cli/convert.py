@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import click
 
-from normswap.api import conversion as api
-from normswap.cli.calibrate import calibration_options, data_options, emit, is_main_process, run_calibration
+from normswap.api.conversion import conversion as api
+from normswap.api.calibration import check_data
+from normswap.cli.calibrate import (calibration_options, data_options, emit, is_main_process, run_calibration,
+                                    split_kwargs)
 from normswap.cli.common import echo_json, parse_options, split_patterns
-from normswap.io import check_output
 from normswap.core.plan import Plan
+from normswap.io import check_output
+from normswap.sources import load_model
 
 
 def render_plan(plan: Plan) -> str:
@@ -29,6 +31,23 @@ def render_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def dry_run_checks(model: str, variant: str, targets: list[str], exclude: list[str], strength: float,
+                   opts: dict[str, str], weights: str | None, strict_trace: bool, trust_source: bool,
+                   calib_data: str | None, kw: dict[str, Any]) -> Plan:
+    """Everything ``convert`` checks before converting, so a dry run reaches the real run's verdict: the model
+    and its weights, the plan (and that it converts something), the output (checked by the caller) and, with
+    ``--calibrate``, the data and its options on one sample. Only the conversion, its verification and the
+    writing are left out."""
+    module, source = load_model(model, weights, allow_code=trust_source)
+    plan = api.plan(module, variant, targets, exclude, strength, opts, strict_trace=strict_trace)
+    api.require_sites(plan, module)
+    if calib_data is not None:
+        args = split_kwargs(dict(kw))
+        check_data(module, calib_data, source=source, calib_samples=args["calib_samples"],
+                   eval_samples=args["eval_samples"], seed=args["seed"], data_options=args["data_options"])
+    return plan
+
+
 @click.command("convert")
 @click.argument("model")
 @click.option("--to", "variant", required=True, help="Variant to convert into (see `normswap variants`).")
@@ -43,7 +62,8 @@ def render_plan(plan: Plan) -> str:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output .safetensors file [default: MODEL-VARIANT.safetensors].")
 @click.option("--force", is_flag=True, help="Overwrite the output file.")
-@click.option("--dry-run", is_flag=True, help="Print the plan; convert and write nothing.")
+@click.option("--dry-run", is_flag=True, help="Check everything the real run checks (model, weights, plan, output, "
+              "calibration data), print the plan; convert and write nothing.")
 @click.option("--strict-trace", is_flag=True, help="Fail if torch.fx cannot trace the model (no module-walk fallback).")
 @click.option("--trust-source", is_flag=True, help="Let an hf:DIR that ships its own Python code run it.")
 @click.option("--calibrate", "calib_data", default=None, metavar="DATA",
@@ -71,15 +91,13 @@ def convert_cmd(model: str, variant: str, targets: tuple[str, ...], exclude: tup
     """
     opts = parse_options(options)
     target_list, exclude_list = split_patterns(targets), split_patterns(exclude)
+    default = f"{model.replace(':', '-').replace('/', '_').strip('._-')}-{variant}.safetensors"
+    out_path = check_output(output if output is not None else default, force=force)  # fail before any work
     if dry_run:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the plan is structural: weights are not needed
-            plan = api.plan(model, variant, target_list, exclude_list, strength, opts,
-                            weights="none", strict_trace=strict_trace, trust_source=trust_source)
+        plan = dry_run_checks(model, variant, target_list, exclude_list, strength, opts, weights, strict_trace,
+                              trust_source, calib_data, kw)
         echo_json({"plan": plan.to_dict()}) if as_json else click.echo(render_plan(plan))
         return
-    default = f"{model.replace(':', '-').replace('/', '_').strip('._-')}-{variant}.safetensors"
-    out_path = check_output(output or default, force=force)  # fail before any work
     result = api.convert(model, variant, target_list, exclude_list, strength, opts, weights=weights,
                          strict_trace=strict_trace, trust_source=trust_source)
     fidelity = run_calibration(result, calib_data, kw).report if calib_data else None

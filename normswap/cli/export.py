@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap.api import conversion as api
+from normswap.api.conversion import conversion as api
 from normswap.cli.common import echo_json, existing_file, sibling_output
 from normswap.io import check_output
 
@@ -32,7 +32,7 @@ def export_cmd(input_path: str, output: str | None, force: bool, trust_source: b
       normswap export mnv2-anact.safetensors -o mnv2-anact-export.safetensors
       normswap export mnv2-anact.safetensors --force --json
     """
-    out_path = check_output(output or sibling_output(existing_file(input_path), "export"), force=force)  # fail before any work
+    out_path = check_output(output if output is not None else sibling_output(existing_file(input_path), "export"), force=force)  # fail before any work
     result = api.export(input_path, out_path, force=force, trust_source=trust_source)
     if as_json:
         echo_json(result.to_dict())

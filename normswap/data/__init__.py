@@ -22,6 +22,7 @@ Nothing is downloaded and nothing is unpickled.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -34,7 +35,7 @@ from torch import nn
 from normswap.data.base import (PARTS, DataSplit, LazyDataset, RandomDataWarning, item_generator, seeded_split,
                                  split_indices)
 from normswap.data.preprocess import (Preprocess, fit_channels, in_channels, is_imagenet_style, model_preprocess)
-from normswap.errors import UsageError
+from normswap.errors import OptionError, UsageError
 from normswap.sources.inputs import example_input
 
 if TYPE_CHECKING:
@@ -121,6 +122,21 @@ def _check_counts(calib_samples: int, eval_samples: int, train_samples: int, see
         raise UsageError(f"seed must be an integer, got {seed!r}")
 
 
+def _check_normalisation(mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+    """Finite means and finite stds > 0 (a zero std divides by zero; NaN poisons every input)."""
+    for name, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        try:
+            vals = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise OptionError(f"{name} (--{name}) must be numbers; got {values!r}") from None
+        bad = [v for v in vals if not math.isfinite(v) or (name == "std" and v <= 0)]
+        if not vals or bad:
+            need = "finite numbers > 0" if name == "std" else "finite numbers"
+            raise OptionError(f"{name} (--{name}) must be {need}; got {', '.join(f'{v:g}' for v in vals) or 'nothing'}")
+
+
 def _image_channels(spec: str, model: nn.Module | None) -> int:
     channels = in_channels(model) or 3
     if channels not in (1, 3):
@@ -188,6 +204,7 @@ def open_data(spec: str, model: nn.Module | None = None, source: SourceSpec | No
     ({'calibration': 6, 'training': 0, 'evaluation': 4}, True)
     """
     _check_counts(calib_samples, eval_samples, train_samples, seed)
+    _check_normalisation(mean, std)
     text = str(spec).strip()
     name, _, arg = text.lower().partition(":")
     counts = (calib_samples, eval_samples, train_samples, seed)

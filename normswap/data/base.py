@@ -134,6 +134,8 @@ class DataSplit:
     int label in the model's class index space, or -1 when there is none (``has_labels`` False).
     ``training`` is empty unless ``open_data(..., train_samples=N)`` asked for one; ``images`` names the
     source images each part is drawn from (image sources only: photo names, file paths, stamp paths).
+    ``classes`` is the number of classes the labels come from when the data set fixes it (Fashion-MNIST's 10),
+    so a report can tell labels that do not belong to the model's head.
 
     >>> import torch
     >>> from normswap.data import DataSplit, LazyDataset
@@ -156,6 +158,12 @@ class DataSplit:
     split: str
     training: Dataset = field(default_factory=_empty)
     images: dict[str, list[str]] = field(default_factory=dict)
+    classes: int | None = None  # how many classes the labels come from, when the data set says (Fashion-MNIST: 10)
+
+    @property
+    def name(self) -> str:
+        """The data's short name, as messages show it (``fashion-mnist``, ``x.safetensors``, ``stamps``)."""
+        return self.description.split(": ", 1)[0]
 
     def _collate(self, data: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         items = [data[i] for i in indices]
@@ -195,7 +203,7 @@ class DataSplit:
         """
         _check_shard(batch_size, rank, world_size)
         n, per_step = len(self.training), batch_size * world_size
-        name = self.description.split(": ", 1)[0]
+        name = self.name
         if n == 0:
             raise UsageError(f"data '{name}' has no training part: pass train_samples >= {per_step} "
                              "(open_data(..., train_samples=N))")

@@ -135,4 +135,4 @@ def open_fmnist(pre: Preprocess, size: tuple[int, int] | None, test_only: bool, 
         return LazyDataset(len(order), lambda i: _item(src[0], src[1], order[i], pre, size), order)
 
     return DataSplit(desc, False, True, part(c_src, c_idx), part((test_x, test_y), e_idx), seed, split,
-                     training=part(t_src, t_idx))
+                     training=part(t_src, t_idx), classes=10)

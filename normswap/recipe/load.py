@@ -18,10 +18,12 @@ import yaml
 from pydantic import ValidationError
 
 from normswap.errors import RecipeError
+from normswap.errors import one_line
 from normswap.recipe import messages
 from normswap.recipe.schema import SCHEMA_VERSION, Recipe, show_value
 
 Loc = tuple[Any, ...]
+MAX_VALUES = 10_000  # a recipe holds about a hundred; YAML aliases must not expand into billions (billion laughs)
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -53,6 +55,9 @@ RecipeLoader.add_implicit_resolver(
 
 def _walk(node: yaml.Node, path: Loc, lines: dict[Loc, int], ends: dict[Loc, int], name: str) -> None:
     """Record the line of every dotted path (the key's line; an item's own line) and refuse duplicates."""
+    if len(lines) > MAX_VALUES:
+        raise RecipeError(f"{name}: the recipe expands to more than {MAX_VALUES} values (nested YAML aliases?); a "
+                          "recipe holds about a hundred")
     if isinstance(node, yaml.MappingNode):
         ends[path] = node.end_mark.line + 1
         for key_node, value_node in node.value:
@@ -83,22 +88,35 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"invalid YAML{where}: {problem}"
 
 
-def _compose(text: str, name: str) -> tuple[Any, dict[Loc, int], dict[Loc, int]]:
-    """YAML text -> (plain data, path -> line, mapping path -> its last line)."""
-    loader = RecipeLoader(text)
+def _load(text: str, name: str, lines: dict[Loc, int], ends: dict[Loc, int]) -> Any:
+    """YAML text -> plain data (None for an empty document), filling ``lines`` / ``ends`` (see :func:`_walk`); YAML
+    problems, alias bombs and deep nesting are one RecipeError line."""
+    try:
+        loader = RecipeLoader(text)
+    except yaml.YAMLError as exc:  # the reader refuses control characters before any parsing
+        raise RecipeError(f"{name}: {_yaml_problem(exc)}") from None
     try:
         node = loader.get_single_node()
-        lines: dict[Loc, int] = {}
-        ends: dict[Loc, int] = {}
         if node is None:
-            raise RecipeError(f"{name}: empty recipe (expected a mapping with the sections model, convert, finetune, output)")
+            return None
         lines[()] = node.start_mark.line + 1
         _walk(node, (), lines, ends, name)
-        data = loader.construct_document(node)
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{name}: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise RecipeError(f"{name}: the YAML is nested too deeply to be a recipe") from None
     finally:
         loader.dispose()
+
+
+def _compose(text: str, name: str) -> tuple[Any, dict[Loc, int], dict[Loc, int]]:
+    """YAML text -> (plain data, path -> line, mapping path -> its last line)."""
+    lines: dict[Loc, int] = {}
+    ends: dict[Loc, int] = {}
+    data = _load(text, name, lines, ends)
+    if () not in lines:
+        raise RecipeError(f"{name}: empty recipe (expected a mapping with the sections model, convert, finetune, output)")
     if not isinstance(data, dict):
         raise RecipeError(f"{name}: expected a mapping of sections at the top level, got {show_value(data)} (line {lines[()]})")
     return data, lines, ends
@@ -108,6 +126,7 @@ def _set_path(item: str, name: str) -> tuple[Loc, Any]:
     """``'finetune.optimizer.lr=3e-4'`` -> (('finetune', 'optimizer', 'lr'), 0.0003), checked against the schema."""
     key, sep, raw = item.partition("=")
     key = key.strip()
+    item = one_line(item)  # shown in messages: a line break in an override must not break the one-line error
     if not sep or not key:
         raise RecipeError(f"{name}: --set {item}: expected KEY.PATH=VALUE, e.g. finetune.optimizer.lr=3e-4")
     parts = key.split(".")
@@ -125,14 +144,11 @@ def _set_path(item: str, name: str) -> tuple[Loc, Any]:
         by_name = {n: (f.alias or n) for n, f in model.model_fields.items()}
         if part not in fields and part not in by_name:
             hint = messages.did_you_mean(part, fields)
-            raise RecipeError(f"{name}: --set {item}: unknown key '{part}'{hint}")
+            raise RecipeError(f"{name}: --set {item}: unknown key '{one_line(part)}'{hint}")
         key_name = part if part in fields else by_name[part]
         canonical.append(key_name)
         cls = fields[key_name].annotation
-    try:
-        value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{name}: --set {item}: {_yaml_problem(exc)}") from None
+    value = _load(raw, f"{name}: --set {item}", {}, {}) if raw.strip() else None  # a file's limits apply
     return tuple(canonical), value
 
 

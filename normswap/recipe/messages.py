@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from normswap.errors import one_line
 from normswap.recipe.schema import SCHEMA_VERSION, Recipe, RuleError, show_value
 
 Loc = tuple[Any, ...]
@@ -30,11 +31,11 @@ _RANGE_TYPES = {"greater_than", "greater_than_equal", "less_than", "less_than_eq
 
 
 def dotted(loc: Iterable[Any]) -> str:
-    """``('data', 'mean', 0)`` -> ``data.mean[0]``."""
+    """``('data', 'mean', 0)`` -> ``data.mean[0]`` (control characters escaped)."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+    return one_line(out)  # a key with a line break must not break the one-line error
 
 
 def _rule_loc(field: str) -> Loc:

@@ -42,6 +42,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            if re.search(r"Unsupported operand|invalid load key", str(exc)):  # not a pickle at all (text, say)
+                raise WeightsError(f"weights file {path} is neither a safetensors file nor a torch .pt/.pth file "
+                                   "(it does not parse as one)") from None
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
             what = f" ({found.group(1)})" if found else ""
             raise WeightsError(

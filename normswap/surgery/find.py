@@ -63,6 +63,17 @@ def _nearby(pattern: str, candidates: Iterable[str]) -> str:
     return ", ".join(close) if close else "none"
 
 
+def _patterns(value: Iterable[str] | str | None, what: str) -> list[str]:
+    """A pattern list: a single string is one pattern (not a list of its characters); empty ones are dropped."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    bad = next((p for p in items if not isinstance(p, str)), None)
+    if bad is not None:
+        raise TargetError(f"{what} must be pattern strings; got {type(bad).__name__} {bad!r}")
+    return [p for p in items if p]
+
+
 def find(
     model: nn.Module,
     to: str,
@@ -78,7 +89,8 @@ def find(
     Args:
         model: the model (any ``nn.Module``, a ``torch.fx.GraphModule`` included).
         to: a registered variant name (``normswap.variants.names()``).
-        targets: patterns selecting sites (default: every site the variant proposes, except opt-in ones).
+        targets: patterns selecting sites (default: every site the variant proposes, except opt-in ones); a
+            single string is one pattern.
         exclude: patterns removing sites; applied before targets.
         strength: the uniform homotopy parameter, 0 (exact start) to 1 (the paper's layer).
         options: variant-specific settings, validated strictly against the variant's config.
@@ -87,12 +99,11 @@ def find(
     """
     cls = registry.get(to)
     config = cls.config_class.from_options(options, strength, to)
-    targets = [t for t in (targets or []) if t]
-    exclude = [e for e in (exclude or []) if e]
+    targets, exclude = _patterns(targets, "targets"), _patterns(exclude, "exclude")
     compiled = {p: _compile(p) for p in [*targets, *exclude]}
     graph = graph or build_graph(model, strict_trace=strict_trace)
     sites = cls.propose(graph.infos, config) + cls.propose_functional(graph.functional, graph.infos, config)
-    all_names = [i.name for i in graph.infos] + [s.name for s in sites]
+    all_names = [n for s in sites for n in (s.name, *s.absorbs)]  # hints name only real sites of this variant
 
     def matching(pattern: str) -> list[Site]:
         return [s for s in sites if site_matches(pattern, s, compiled[pattern])]

@@ -159,3 +159,17 @@ def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeIn
     all_claim = bool(checks) and all(c.claims_exact for c in checks)
     ok = all(c.ok for c in checks) and (diff <= tol or not all_claim)
     return VerifyReport(probe.describe(), plan.strength, checks, diff, tol, all_claim, ok)
+
+
+def nonfinite_tensors(model: nn.Module) -> dict[str, int]:
+    """Parameters and buffers of ``model`` holding NaN or infinite values: ``{name: how many}``."""
+    named = list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers(remove_duplicate=True))
+    return {name: n for name, t in named
+            if t.is_floating_point() and (n := int((~torch.isfinite(t.detach())).sum()))}
+
+
+def nonfinite_message(bad: dict[str, int], whose: str = "the original model's") -> str:
+    """``WHOSE weights hold NaN or infinite values (name: N values; ...)``, the first three of ``bad``."""
+    shown = "; ".join(f"{name}: {n} value{'s' if n > 1 else ''}" for name, n in list(bad.items())[:3])
+    more = f"; and {len(bad) - 3} more tensor(s)" if len(bad) > 3 else ""
+    return f"{whose} weights hold NaN or infinite values ({shown}{more})"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from normswap.api import conversion as api
+from normswap.api.conversion import conversion as api
 from normswap.core import dist
 from normswap.api.calibration import CalibrationConfig, calibrate
 from normswap.errors import OutputError, UsageError
@@ -63,9 +63,10 @@ def _paths(recipe: Recipe, output: str | os.PathLike | None) -> tuple[Path, Path
     return out, out.with_name(out.stem + ".run")
 
 
-def _prepare_run_dir(run_dir: Path, recipe: Recipe, out: Path, force: bool, resume: bool, rank: int) -> bool:
+def _prepare_run_dir(run_dir: Path, recipe: Recipe, out: Path, force: bool, resume: bool, rank: int,
+                     dry_run: bool = False) -> bool:
     """Check the outputs before any work (every rank checks, so all fail alike; rank 0 writes); returns whether
-    there is a checkpoint to resume from."""
+    there is a checkpoint to resume from. A dry run checks the same and writes nothing."""
     text = dump_recipe(recipe)
     saved = run_dir / "recipe.yaml"
     states = sorted(run_dir.glob("*-state.safetensors")) if run_dir.is_dir() else []
@@ -76,12 +77,14 @@ def _prepare_run_dir(run_dir: Path, recipe: Recipe, out: Path, force: bool, resu
             raise UsageError(f"--resume: the recipe differs from the one the checkpoint in {run_dir} was made with "
                              f"(compare with {saved}); resume with the same recipe, or start over with --force")
         return True
-    out.parent.mkdir(parents=True, exist_ok=True)  # a recipe's output folder (out/ ...) is made for it
-    check_output(out, force=force)
+    if not dry_run:
+        out.parent.mkdir(parents=True, exist_ok=True)  # a recipe's output folder (out/ ...) is made for it
+    if out.parent.is_dir():
+        check_output(out, force=force)
     if states and not force:
         raise OutputError(f"{run_dir} holds a previous run's checkpoint: pass --resume to continue it or --force "
                           "to start over")
-    if rank == 0:
+    if rank == 0 and not dry_run:
         if force and run_dir.is_dir():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +143,7 @@ def finetune(recipe: Recipe | str | os.PathLike, *, overrides: Iterable[str] = (
         raise UsageError("overrides apply to a recipe file; change the Recipe object itself instead")
     world = dist.init_from_env()
     out, run_dir = _paths(recipe, output)
-    has_state = False if dry_run else _prepare_run_dir(run_dir, recipe, out, force, resume, world.rank)
+    has_state = _prepare_run_dir(run_dir, recipe, out, force, resume, world.rank, dry_run)  # same verdict dry
     if world.active:
         torch.distributed.barrier()
     _seed(recipe.seed)

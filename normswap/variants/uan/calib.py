@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from normswap.variants.uan.em import Reservoir, fit_gmm
+from normswap.errors import NormswapError
 from normswap.variants.calibration import CalibrationSettings
+from normswap.variants.uan.em import Reservoir, fit_gmm
 
 __all__ = ["UANCalibration"]
 
@@ -88,7 +90,7 @@ class UANCalibration:
     def calibration_end(self) -> None:
         request = self._fit_request()
         if request is not None:
-            self._write_fit(fit_gmm(request.values, self.k, var_init=request.var_init, **request.options))
+            self._write_fit(_fit(request.values, self.k, request.var_init, request.options))
 
     @classmethod
     def calibration_end_many(cls, modules: list) -> None:
@@ -107,7 +109,7 @@ class UANCalibration:
         for members in groups.values():
             values = torch.cat([r.values for _, r in members])
             var_init = None if members[0][1].var_init is None else torch.cat([r.var_init for _, r in members])
-            fit = fit_gmm(values, members[0][0].k, var_init=var_init, **members[0][1].options)
+            fit = _fit(values, members[0][0].k, var_init, members[0][1].options)
             start = 0
             for module, request in members:
                 rows = slice(start, start + request.values.shape[0])
@@ -154,3 +156,14 @@ class UANCalibration:
 
     def calibration_info(self) -> dict[str, float]:
         return dict(self._calib_info)
+
+
+def _fit(values: torch.Tensor, k: int, var_init: torch.Tensor | None, options: dict) -> Any:
+    """:func:`fit_gmm`, with non-finite activations a one-line NormswapError instead of EM's ValueError."""
+    try:
+        return fit_gmm(values, k, var_init=var_init, **options)
+    except ValueError as exc:
+        if "NaN or infinite" not in str(exc):
+            raise
+        raise NormswapError(f"UAN calibration: {exc} at a converted layer's input (the model's activations are not "
+                            "finite there: NaN or inf in its weights, or an overflow in its dtype)") from None

@@ -85,8 +85,9 @@ class UANConfig(VariantConfig):
         super().validate(variant)
         if not 1 <= self.k <= 64:
             raise OptionError(f"option 'k' of variant '{variant}' must be between 1 and 64; got {self.k}")
-        if not self.var_floor > 0:
-            raise OptionError(f"option 'var_floor' of variant '{variant}' must be > 0; got {self.var_floor}")
+        if not 0 < self.var_floor < math.inf:  # inf floors every variance at inf: the layer outputs zeros
+            raise OptionError(f"option 'var_floor' of variant '{variant}' must be a finite number > 0; got "
+                              f"{self.var_floor}")
 
 
 def _log_resp(z: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
