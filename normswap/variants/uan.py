@@ -262,7 +262,7 @@ class UANChannel(UAN):
             *self._params(cdt), self.k, self.rho.to(cdt), weight, bias,
             self.running_mean.to(cdt), self.running_var.to(cdt) + self.eps, one_dead=not tracing() and self._rho == 1.0,
         )
-        return channel_mixture(x, *coeffs)
+        return channel_mixture(x, *coeffs, k=self.k)
 
     def claims_exact(self) -> bool:
         if self._rho_zero:
