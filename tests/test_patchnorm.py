@@ -75,6 +75,11 @@ def test_forward_matches_unfold_reference(geo):
             out = m(x)
             assert out.shape == conv(x).shape and out.dtype == D
             assert (out - _patch._reference_forward(m, x)).abs().max() < 1e-10, (form, strength)
+            m.eval()
+            with torch.no_grad():  # inference: lam and 1 folded into the box filter, rsqrt in place
+                fast = m(x)
+            assert (fast - _patch._reference_forward(m, x)).abs().max() < 1e-10, (form, strength, "inference")
+            assert torch.allclose(fast, m(x), rtol=1e-12, atol=1e-12)  # the autograd path, same mode
     geom = m.geom
     methods = ["auto", "conv", "direct"] + (["box"] if all(d == 1 for d in geom.dilation) else [])
     for method in methods:  # every n2 path agrees with the explicit patches

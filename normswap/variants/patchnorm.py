@@ -356,12 +356,17 @@ class PatchNormConv(PatchNorm):
         x_in, padding = self.geom.prepare(x)
         if self._lam == 0.0:
             return self.geom.conv(x_in, self.weight, self.bias, padding)
-        n2 = _patch.prepared_sq_norm(x_in, self.geom)  # (N, G, *out)
-        g, off = self._gains(n2)
         corrected = self.form == "corrected"
+        if corrected and not self.training and not torch.is_grad_enabled():
+            # inference: 1 / sqrt(lam n2 + 1) with lam and 1 folded into the box filter, rsqrt in place
+            m = _patch.prepared_sq_norm(x_in, self.geom, affine=(self._lam, 1.0)).rsqrt_()
+            g, off = self._gains(m)  # (n2 is only read in training)
+        else:
+            n2 = _patch.prepared_sq_norm(x_in, self.geom)  # (N, G, *out)
+            g, off = self._gains(n2)
+            m = self._factor(n2, self.lam)
         w = self.weight * g.view(-1, *([1] * (self.dims + 1)))
         b = self.bias * g if corrected and self.bias is not None else None
-        m = self._factor(n2, self.lam)
         v = self.geom.conv(x_in, w, b, padding)
         z = _patch.scale_by_group(v, m.to(v.dtype), self.groups, inplace=not torch.is_grad_enabled())
         shape = (-1, *([1] * self.dims))
