@@ -243,7 +243,8 @@ class PatchNorm(GainCalibration, ScaleTracking, Variant):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._calib is not None and not self._calib.get("explicit"):  # no observe(x, y) call: own targets
             self.observe(x)
-        return self._forward(x)
+        reused = self.reuse_observation(x) if self._calib is not None else None
+        return self._forward(x) if reused is None else reused
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
