@@ -76,6 +76,11 @@ def test_forward_matches_unfold_reference(geo):
             out = m(x)
             assert out.shape == conv(x).shape and out.dtype == D
             assert (out - _patch._reference_forward(m, x)).abs().max() < 1e-10, (form, strength)
+            m.eval()
+            with torch.no_grad():  # inference: lam and 1 folded into the box filter, rsqrt in place
+                fast = m(x)
+            assert (fast - _patch._reference_forward(m, x)).abs().max() < 1e-10, (form, strength, "inference")
+            assert torch.allclose(fast, m(x), rtol=1e-12, atol=1e-12)  # the autograd path, same mode
     geom = m.geom
     methods = ["auto", "conv", "direct"] + (["box"] if all(d == 1 for d in geom.dilation) else [])
     for method in methods:  # every n2 path agrees with the explicit patches
@@ -495,3 +500,29 @@ def test_file_without_scale_buffers_loads_with_unit_scale():
     assert float(dst.n2_mean.abs().max()) == 0.0 and int(dst.n2_batches) == 0
     x = torch.randn(2, 3, 7, 7)
     assert torch.allclose(dst.eval()(x), _patch._reference_forward(dst, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("form,offset", [("corrected", True), ("l2", False)])
+def test_forward_after_observe_reuses_its_conv_and_n2(monkeypatch, form, offset):
+    """Streaming calibration: observe(x, y), re-solve, then the forward on the same x at the calibration strength
+    builds its output from the observed terms (no second conv and n2) and equals the ordinary forward."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).double().eval()
+    layer = PatchNormConv.from_conv(conv, form=form, offset=offset, strength=0.5).eval()
+    x = torch.randn(3, 4, 7, 7, dtype=D)
+    y = conv(x).detach() * 1.3 + 0.2
+    calls = []
+    real = PatchNormConv._forward
+    monkeypatch.setattr(PatchNormConv, "_forward", lambda self, v: calls.append(1) or real(self, v))
+    layer.calibration_begin(0.5)
+    with torch.no_grad():
+        layer.observe(x, y)
+        layer.calibration_update()
+        reused = layer(x)
+        assert calls == [] and "last" not in layer._calib
+        fresh = layer(x)  # nothing observed for this call: the ordinary forward
+        assert calls == [1]
+        layer.observe(x, y)
+        assert layer(x.clone()) is not None and calls == [1, 1]  # another tensor: never reused
+    torch.testing.assert_close(reused, fresh, rtol=1e-12, atol=1e-12)
+    layer.calibration_end()

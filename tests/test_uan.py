@@ -302,9 +302,12 @@ def test_fx_symbolic_trace(key):
     for rho in (0.0, 1.0):
         module.set_strength(rho)
         traced = torch.fx.symbolic_trace(model)
-        assert torch.equal(traced(x), model(x))
+        # strength 0 traces to the source's own op (bit for bit); above it the channel mode traces to the
+        # fused pointwise expression (normswap/variants/uan/fused.py): the same formula, rounded in another order
+        same = torch.equal if rho == 0.0 else lambda a, b: torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+        assert same(traced(x), model(x))
         strict = torch.fx.GraphModule(model, BufferProxyTracer().trace(model))
-        assert torch.equal(strict(x), model(x))
+        assert same(strict(x), model(x))
         outs.append(traced(x))
     assert not torch.allclose(outs[0], outs[1], atol=1e-3)
 
@@ -323,7 +326,10 @@ def test_torch_compile_fullgraph_ramp_compiles_twice(key):
     compiled = torch.compile(module, backend=backend, fullgraph=True)
     for rho in (0.0, 0.25, 0.5, 0.75, 1.0):  # a fine-tuning ramp: one graph for rho == 0, one for the rest
         module.set_strength(rho)
-        assert torch.equal(compiled(x), module(x))
+        if rho == 0.0:
+            assert torch.equal(compiled(x), module(x))
+        else:  # the traced channel mode is the fused pointwise expression: same formula, other rounding
+            torch.testing.assert_close(compiled(x), module(x), atol=1e-6, rtol=1e-6)
     assert len(graphs) == 2
 
 

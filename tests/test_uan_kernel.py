@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import normswap  # noqa: F401  (import guard before torchvision)
-from normswap.variants.uan import kernel
+from normswap.variants.uan import fused, kernel
 from normswap.variants.uan import UANChannel, UANConfig
 
 
@@ -50,7 +50,7 @@ def fast(x, mu, var, logit, rho, weight, bias, mean, rv, eps, one_dead=False):
         mu, var, torch.log_softmax(logit, dim=0), mu.shape[0], torch.tensor(rho, dtype=mu.dtype),
         weight, bias, mean, rv + eps, one_dead=one_dead,
     )
-    return kernel.channel_mixture(x, *coeffs)
+    return kernel.channel_mixture(x, *coeffs, k=mu.shape[0])
 
 
 @pytest.fixture
@@ -128,3 +128,65 @@ def test_module_train_and_eval_paths_agree_at_rho_one():
                      module.weight.double(), module.bias.double(), bn.running_mean.double(),
                      bn.running_var.double(), bn.eps)
     torch.testing.assert_close(y0.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def _pointwise(x, mu, var, logit, rho, weight, bias, mean, rv, eps, one_dead=False):
+    """The unrolled expression that fx / torch.compile trace (normswap/variants/uan/fused.py)."""
+    k = mu.shape[0]
+    a, c, b, g, p, q = kernel.channel_coefficients(
+        mu, var, torch.log_softmax(logit, dim=0), k, torch.tensor(rho, dtype=mu.dtype), weight, bias, mean, rv + eps,
+        one_dead=one_dead)
+    tail = (1,) * (x.dim() - 2)
+    view = lambda t, lead: None if t is None else t.reshape(lead + (-1,) + tail)  # noqa: E731
+    return fused.pointwise_mixture(x, k, *(view(t, (k,)) for t in (a, c, b, g)), view(p, ()), view(q, ()))
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (2, 3, 4, 5)])
+@pytest.mark.parametrize("rho,one_dead", [(0.6, False), (1.0, True)])
+def test_pointwise_expression_and_its_gradients_match_plain_formula(shape, rho, one_dead):
+    mu, var, logit, weight, bias, mean, rv = params(shape[1], 3)
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) * 2
+    leaves = [t.clone().requires_grad_() for t in (x, mu, var, logit, weight, bias)]
+    u = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    out_e = plain(*leaves[:4], rho, *leaves[4:], mean, rv, 1e-5)
+    out_g = _pointwise(*leaves[:4], rho, *leaves[4:], mean, rv, 1e-5, one_dead)
+    torch.testing.assert_close(out_g, out_e, atol=1e-12, rtol=1e-12)
+    for name, g, e in zip(("x", "mu", "var", "logit", "weight", "bias"), torch.autograd.grad(out_g, leaves, u),
+                          torch.autograd.grad(out_e, leaves, u)):
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10, msg=name)
+    x64 = (x * 1e3).requires_grad_()  # far tails: the shift by the max keeps every exponential finite
+    assert torch.isfinite(torch.autograd.grad(_pointwise(x64, mu, var, logit, rho, weight, bias, mean, rv, 1e-5,
+                                                         one_dead).sum(), x64)[0]).all()
+
+
+def test_fx_trace_of_a_uan_model_runs_the_pointwise_expression():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(4).eval()
+    module = UANChannel(bn, "bn", UANConfig(k=2, strength=0.5))
+    with torch.no_grad():
+        module.mix_mean.add_(torch.randn_like(module.mix_mean))
+    traced = torch.fx.symbolic_trace(torch.nn.Sequential(module))
+    assert "maximum" in traced.code and "sum" not in traced.code  # unrolled over K: no reduction over components
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), module(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_kernel_matches_plain_formula_forward_and_backward():
+    """NORMSWAP_COMPILE's kernel (torch.compile of the pointwise expression) against the plain formula in float64."""
+    shape, rho = (2, 3, 4, 5), 0.6
+    mu, var, logit, weight, bias, mean, rv = params(shape[1], 3)
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    leaves = [t.clone().requires_grad_() for t in (x, mu, var, logit, weight, bias)]
+    u = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    fused.set_compiled(True)
+    try:
+        got = fast(*leaves[:4], rho, *leaves[4:], mean, rv, 1e-5)
+    finally:
+        fused.set_compiled(False)
+    expected = plain(*leaves[:4], rho, *leaves[4:], mean, rv, 1e-5)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+    for name, g, e in zip(("x", "mu", "var", "logit", "weight", "bias"), torch.autograd.grad(got, leaves, u),
+                          torch.autograd.grad(expected, leaves, u)):
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10, msg=name)

@@ -16,6 +16,7 @@ layer sees), plus the variant's own calibration figures (UAN: the log-likelihood
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -24,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from normswap.variants.strength import set_strengths, strengths_of
+from normswap.calibration.identity import same_function
 from normswap.core.plan import Plan
 from normswap.surgery.verify import output_tensors, record_outputs
+from normswap.variants.strength import set_strengths, strengths_of
 from normswap.variants import registry
 
 __all__ = ["EndToEnd", "FidelityReport", "SiteFidelity", "measure"]
@@ -241,6 +243,8 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
         if site_strength is not None and ref_names:
             at_site = next((s for s in strengths if abs(s - site_strength) < 1e-12), None)
         per_sample = None  # bytes of recorded reference activations per sample, from the first slice
+        alias = _aliases(reference, models, strengths)
+        work: dict[str, torch.Tensor] = {}
         for x, labels in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False):
             n = x.shape[0] if torch.is_tensor(x) and x.dim() > 0 else 1
             start = 0
@@ -266,10 +270,20 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
                 if ys is not None and ref.dim() == 2:
                     ref_correct += float(((ref.argmax(1) == ys) & finite).sum())
                     ref_labelled += int(finite.sum())
+                ref2: dict[str, float] = {}  # squared norms of the reference's site outputs, once per slice
                 for label, model in models.items():
                     for s in strengths:
+                        same = alias.get((label, s))
+                        if same == "reference":  # provably the reference's own output: no forward
+                            accs[(label, s)].add(ref, ref, ys)
+                            if s is at_site:
+                                _add_reference_norms(model, points, store, site_sums[label], ref2)
+                            continue
+                        if same is not None:
+                            continue  # the row of another model in the same state: copied below
                         set_strengths(model, s)
-                        handles = _site_hooks(model, points, store, site_sums[label]) if s is at_site else []
+                        handles = _site_hooks(model, points, store, site_sums[label], ref2, work) \
+                            if s is at_site else []
                         try:
                             out = _first_tensor(model(xs))
                         finally:
@@ -283,6 +297,11 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
             set_strengths(m, saved[label])
         for m, mode in modes.items():
             m.training = mode
+    for (label, s), same in alias.items():
+        if isinstance(same, tuple):
+            accs[(label, s)] = copy.deepcopy(accs[same])
+            if s is at_site:
+                site_sums[label] = copy.deepcopy(site_sums[same[0]])
     if counts is not None:
         counts["reference_nonfinite"] = ref_bad
     rows = [acc.row(label, s) for (label, s), acc in accs.items()]
@@ -291,9 +310,46 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
         (ref_correct / ref_labelled if ref_labelled else None), seen
 
 
+def _aliases(reference: nn.Module, models: dict[str, nn.Module], strengths: list[float]
+             ) -> dict[tuple[str, float], Any]:
+    """Rows that need no forward: ``"reference"`` where the model at that strength provably is the
+    reference (:func:`same_function`: e.g. a model compared with its own copy at strength 0), or the
+    ``(label, strength)`` of an earlier row whose model is provably in the same state."""
+    alias: dict[tuple[str, float], Any] = {}
+    labels = list(models)
+    for s in strengths:
+        for i, label in enumerate(labels):
+            set_strengths(models[label], s)
+            if same_function(models[label], reference):
+                alias[(label, s)] = "reference"
+                continue
+            for other in labels[:i]:
+                set_strengths(models[other], s)
+                if alias.get((other, s)) is None and same_function(models[label], models[other]):
+                    alias[(label, s)] = (other, s)
+                    break
+    return alias
+
+
+def _ref_norm2(store: dict[str, torch.Tensor], ref2: dict[str, float], a: str) -> float:
+    if a not in ref2:
+        ref2[a] = float(torch.linalg.vector_norm(store[a].float())) ** 2
+    return ref2[a]
+
+
+def _add_reference_norms(model: nn.Module, points: dict[str, list[tuple[str, str]]], store: dict[str, torch.Tensor],
+                         sums: dict[str, list[float]], ref2: dict[str, float]) -> None:
+    """What :func:`_site_hooks` adds for a model whose outputs are the reference's: no error, the norms."""
+    for site, pts in points.items():
+        for a, b in pts:
+            if torch.is_tensor(store.get(a)) and _has(model, b):
+                sums[site][1] += _ref_norm2(store, ref2, a)
+
+
 def _site_hooks(model: nn.Module, points: dict[str, list[tuple[str, str]]], store: dict[str, torch.Tensor],
-                sums: dict[str, list[float]]) -> list[Any]:
-    """Hooks adding each site's squared error against the stored reference outputs (nothing else kept)."""
+                sums: dict[str, list[float]], ref2: dict[str, float], work: dict[str, torch.Tensor]) -> list[Any]:
+    """Hooks adding each site's squared error against the stored reference outputs (nothing else kept; the
+    reference's norms are computed once per slice in ``ref2``, the difference goes to a reused buffer)."""
     by_conv: dict[str, list[tuple[str, str]]] = {}
     for site, pts in points.items():
         for a, b in pts:
@@ -303,7 +359,14 @@ def _site_hooks(model: nn.Module, points: dict[str, list[tuple[str, str]]], stor
         for site, a in by_conv.get(name, []):
             ref = store.get(a)
             if torch.is_tensor(out) and ref is not None and ref.shape == out.shape:
-                sums[site][0] += float(torch.linalg.vector_norm(out.float() - ref.float())) ** 2
-                sums[site][1] += float(torch.linalg.vector_norm(ref.float())) ** 2
+                if out.dtype == ref.dtype == torch.float32:
+                    buf = work.get("diff")
+                    if buf is None or buf.numel() < out.numel() or buf.device != out.device:
+                        buf = work["diff"] = torch.empty(out.numel(), dtype=torch.float32, device=out.device)
+                    diff = torch.sub(out, ref, out=buf[:out.numel()].view(out.shape))
+                else:
+                    diff = out.float() - ref.float()
+                sums[site][0] += float(torch.linalg.vector_norm(diff)) ** 2
+                sums[site][1] += _ref_norm2(store, ref2, a)
     return [model.get_submodule(name).register_forward_hook(lambda _m, _a, out, name=name: fn(name, out))
             for name in by_conv if _has(model, name)]

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from normswap.api.conversion import conversion as api
+from normswap.api import conversion as api
 from normswap.api.calibration import check_data
 from normswap.cli.calibrate import (calibration_options, data_options, emit, is_main_process, run_calibration,
                                     split_kwargs)

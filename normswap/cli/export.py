@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap.api.conversion import conversion as api
+from normswap.api import conversion as api
 from normswap.cli.common import echo_json, existing_file, sibling_output
 from normswap.io import check_output
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from normswap.api.conversion import conversion as api
+from normswap.api import conversion as api
 from normswap.core import dist
 from normswap.api.calibration import CalibrationConfig, calibrate
 from normswap.errors import OutputError, UsageError

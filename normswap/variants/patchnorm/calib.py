@@ -48,6 +48,7 @@ class GainCalibration:
         t = self._calib["t"]
         with torch.no_grad():
             w, base, source, n2 = self._calib_terms(x, t)
+            self._calib["last"] = (x, w, base)  # the forward on this x at strength t reuses them
             self.scale_accumulate(self._calib, n2, channels_last=not self._conv_layout)
             target = source if y is None else y
             self._calib["explicit"] = self._calib.get("explicit", False) or y is not None
@@ -55,6 +56,24 @@ class GainCalibration:
                 raise NormswapError(f"calibration target has shape {tuple(target.shape)}, expected {tuple(w.shape)}")
             ch = 1 if self._conv_layout else w.dim() - 1
             lsq_accumulate(self._calib, w, target - base, ch)
+
+    def reuse_observation(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's output on ``x`` from the terms :meth:`observe` just computed on this same tensor, when
+        the layer runs at the calibration strength in eval mode (the streaming calibration's forward right after
+        its observe, and a layer observing its own input): ``g k(t) w + base + t o`` (``_calib_terms``) with the
+        gains as they are now, one pass over ``w`` instead of the conv and ``n2`` a second time. ``None``
+        otherwise (the terms are dropped either way)."""
+        last = self._calib.pop("last", None) if self._calib is not None else None
+        # the terms were computed at t itself: reused only where the layer's float32 lam is exactly t (1, 0.5, ...)
+        if last is None or last[0] is not x or self.training or self._s != self._calib["t"] \
+                or torch.is_grad_enabled():
+            return None
+        _, w, base = last
+        g, off = self._blend()
+        gk = (g * self.scale_per_output(self.lam)).to(w.dtype)
+        shape = (-1,) + (1,) * (w.dim() - 2) if self._conv_layout else (-1,)
+        out = w.mul_(gk.view(shape)).add_(base)
+        return out if off is None else out.add_(off.to(w.dtype).view(shape))
 
     def calibration_abort(self) -> None:
         self._calib = None

@@ -171,10 +171,22 @@ def patch_sq_norm(x: torch.Tensor, geom: ConvGeometry, method: str = "auto") -> 
     return prepared_sq_norm(geom.prepare(x)[0], geom, method)
 
 
-def prepared_sq_norm(x_in: torch.Tensor, geom: ConvGeometry, method: str = "auto") -> torch.Tensor:
+def prepared_sq_norm(x_in: torch.Tensor, geom: ConvGeometry, method: str = "auto",
+                     affine: tuple[float, float] | None = None) -> torch.Tensor:
     """``n2`` from an input already prepared by :meth:`ConvGeometry.prepare` (avoids padding twice).
 
-    Half-precision inputs are summed in float32 (the result is float32)."""
+    Half-precision inputs are summed in float32 (the result is float32). ``affine = (a, b)`` returns
+    ``a n2 + b`` instead, folded into the box filter's kernel and bias where there is one (no extra pass)."""
+    if affine is None:
+        return _sq_norm(x_in, geom, method)
+    a, b = affine
+    if method in ("auto", "conv") and not (all(k == 1 for k in geom.kernel_size) and not any(map(any, geom.pads))):
+        return _sq_norm(x_in, geom, method, affine)
+    return _sq_norm(x_in, geom, method).mul_(a).add_(b)
+
+
+def _sq_norm(x_in: torch.Tensor, geom: ConvGeometry, method: str = "auto",
+             affine: tuple[float, float] | None = None) -> torch.Tensor:
     if method not in METHODS:
         raise ValueError(f"unknown patch-norm method {method!r}; use one of {', '.join(METHODS)}")
     # zero padding still to apply (non-zeros modes were padded by prepare)
@@ -193,7 +205,9 @@ def prepared_sq_norm(x_in: torch.Tensor, geom: ConvGeometry, method: str = "auto
             raise ValueError("the box-filter patch norm needs dilation 1; use method='conv'")
         return _box_sum(q, geom.kernel_size, geom.stride, pads)
     # "conv" and "auto": a ones-kernel conv, measured faster than pooling
-    return _ones_conv(q, q.new_ones((G, 1, *geom.kernel_size)), geom, pads)
+    if affine is None:
+        return _ones_conv(q, q.new_ones((G, 1, *geom.kernel_size)), geom, pads)
+    return _ones_conv(q, q.new_full((G, 1, *geom.kernel_size), affine[0]), geom, pads, q.new_full((G,), affine[1]))
 
 
 def _fpad(pads: tuple[tuple[int, int], ...]) -> list[int]:
@@ -201,10 +215,10 @@ def _fpad(pads: tuple[tuple[int, int], ...]) -> list[int]:
 
 
 def _ones_conv(q: torch.Tensor, ones: torch.Tensor, geom: ConvGeometry,
-               pads: tuple[tuple[int, int], ...]) -> torch.Tensor:
+               pads: tuple[tuple[int, int], ...], bias: torch.Tensor | None = None) -> torch.Tensor:
     if any(a != b for a, b in pads):  # asymmetric ("same" with an even kernel): pad the small tensor
         q, pads = F.pad(q, _fpad(pads)), tuple((0, 0) for _ in pads)
-    return _CONV[geom.dims](q, ones, None, geom.stride, [a for a, _ in pads], geom.dilation, geom.groups)
+    return _CONV[geom.dims](q, ones, bias, geom.stride, [a for a, _ in pads], geom.dilation, geom.groups)
 
 
 def _group_sq_sum(x: torch.Tensor, groups: int, cg: int) -> torch.Tensor:

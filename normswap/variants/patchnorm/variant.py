@@ -231,7 +231,8 @@ class PatchNorm(StrengthMirror, GainCalibration, ScaleTracking, Variant):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._calib is not None and not self._calib.get("explicit"):  # no observe(x, y) call: own targets
             self.observe(x)
-        return self._forward(x)
+        reused = self.reuse_observation(x) if self._calib is not None else None
+        return self._forward(x) if reused is None else reused
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -344,12 +345,17 @@ class PatchNormConv(PatchNorm):
         x_in, padding = self.geom.prepare(x)
         if self._s == 0.0:
             return self.geom.conv(x_in, self.weight, self.bias, padding)
-        n2 = _patch.prepared_sq_norm(x_in, self.geom)  # (N, G, *out)
-        g, off = self._gains(n2)
         corrected = self.form == "corrected"
+        if corrected and not self.training and not torch.is_grad_enabled():
+            # inference: 1 / sqrt(lam n2 + 1) with lam and 1 folded into the box filter, rsqrt in place
+            m = _patch.prepared_sq_norm(x_in, self.geom, affine=(self._s, 1.0)).rsqrt_()
+            g, off = self._gains(m)  # (n2 is only read in training)
+        else:
+            n2 = _patch.prepared_sq_norm(x_in, self.geom)  # (N, G, *out)
+            g, off = self._gains(n2)
+            m = self._factor(n2, self.lam)
         w = self.weight * g.view(-1, *([1] * (self.dims + 1)))
         b = self.bias * g if corrected and self.bias is not None else None
-        m = self._factor(n2, self.lam)
         v = self.geom.conv(x_in, w, b, padding)
         z = _patch.scale_by_group(v, m.to(v.dtype), self.groups, inplace=not torch.is_grad_enabled())
         shape = (-1, *([1] * self.dims))

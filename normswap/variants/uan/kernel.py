@@ -16,8 +16,10 @@ or channel ranges of one sample), so the ``(K, block)`` temporaries stay in cach
 is the output plus a few blocks, whatever the batch. Without autograd the temporaries are reused in
 place. With autograd a :class:`torch.autograd.Function` saves only ``x`` and recomputes the block in
 its hand-written backward (checked against autograd of the plain formula in tests/test_uan_kernel.py).
-Under ``torch.fx`` tracing or ``torch.compile`` the same operations run once over the whole input,
-out of place, and autograd (or the compiler) takes over. All of it runs in ``x``'s dtype promoted to
+Under ``torch.fx`` tracing or ``torch.compile`` the formula runs once over the whole input as the
+pointwise expression of :mod:`normswap.variants.uan.fused` (unrolled over K, so inductor fuses it into
+one loop), and autograd (or the compiler) takes over; ``NORMSWAP_COMPILE=1`` runs that expression
+compiled in eager calls too. All of it runs in ``x``'s dtype promoted to
 float32 at least, and casts back once per block.
 """
 
@@ -27,6 +29,8 @@ import math
 
 import torch
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+from normswap.variants.uan.fused import compiled_enabled, pointwise_mixture, run_compiled
 
 __all__ = ["BLOCK", "channel_coefficients", "channel_mixture", "tracing"]
 
@@ -84,27 +88,16 @@ class _Work:
         return buf[:n].view(shape)
 
 
-def _mix(x: torch.Tensor, a, c, b, g, p, q, work: _Work | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def _mix(x: torch.Tensor, a, c, b, g, p, q, work: _Work, out: torch.Tensor | None = None) -> torch.Tensor:
     """The module docstring's ``y`` of one block ``x`` (n, C', ...) with coefficients viewed to
-    broadcast: (K, 1, C', 1...) and (1, C', 1...). With ``work`` the temporaries are ``work``'s buffers
-    and ``y`` lands in ``out``; without, the same operations run out of place (autograd, tracing).
-    Each operation is a binary one or has one broadcast operand, so it runs vectorised."""
-    xs = x.unsqueeze(0)
-    if work is None:
-        z = xs * a + c  # (K, n, C', ...)
-        l = torch.addcmul(b, z, z, value=-0.5)
-        e = torch.exp(l - l.amax(dim=0, keepdim=True).detach())  # tau_k up to the sum over k
-        y = (e * z * g).sum(dim=0) / e.sum(dim=0)
-        if p is not None:
-            y = torch.addcmul(y, x, p)
-        return y + q if q is not None else y
+    broadcast: (K, 1, C', 1...) and (1, C', 1...); the temporaries are ``work``'s buffers and ``y``
+    lands in ``out``. Each operation is a binary one or has one broadcast operand, so it runs
+    vectorised; the responsibilities are one softmax over K (max, exp, sum and divide in one kernel)."""
     shape = (a.shape[0],) + tuple(x.shape)
-    z = torch.mul(xs, a, out=work.get("z", shape)).add_(c)
+    z = torch.mul(x.unsqueeze(0), a, out=work.get("z", shape)).add_(c)
     l = torch.addcmul(b, z, z, value=-0.5, out=work.get("l", shape))
-    e = l.sub_(torch.amax(l, dim=0, keepdim=True, out=work.get("top", (1,) + tuple(x.shape)))).exp_()
-    total = torch.sum(e, dim=0, out=work.get("total", tuple(x.shape)))
-    y = torch.sum(e.mul_(z).mul_(g), dim=0, out=out if out is not None else work.get("y", tuple(x.shape)))
-    y.div_(total)
+    tau = torch.ops.aten._softmax.out(l, 0, False, out=work.get("tau", shape))
+    y = torch.sum(tau.mul_(z.mul_(g)), dim=0, out=out if out is not None else work.get("y", tuple(x.shape)))
     if p is not None:
         y.addcmul_(x, p)
     return y.add_(q) if q is not None else y
@@ -206,15 +199,19 @@ class _ChannelMixture(torch.autograd.Function):
         return dx, acc["a"], acc["c"], acc["b"], acc["g"], dp, dq
 
 
-def channel_mixture(x: torch.Tensor, a, c, b, g, p, q) -> torch.Tensor:
+def channel_mixture(x: torch.Tensor, a, c, b, g, p, q, *, k: int) -> torch.Tensor:
     """``y`` of the module docstring for (N, C, ...) inputs and coefficients (K, C), (C,) of the compute
-    dtype; returned in ``x``'s dtype."""
+    dtype (``k`` = K as a Python int); returned in ``x``'s dtype. Traced (fx, ``torch.compile``) it is
+    :func:`normswap.variants.uan.fused.pointwise_mixture`, which compiles to one fused loop; eagerly,
+    the blocked kernel below, or that expression compiled when ``NORMSWAP_COMPILE=1``."""
     cdt = a.dtype
     if tracing():
-        nd = x.dim()
-        k = a.shape[0]
-        views = (*(_view(t, (k, 1), nd) for t in (a, c, b, g)), _view(p, (1,), nd), _view(q, (1,), nd))
-        return _mix(x.to(cdt), *views).to(x.dtype)
+        tail = (1,) * (x.dim() - 2)
+        views = [None if t is None else t.reshape(lead + (-1,) + tail)
+                 for t, lead in zip((a, c, b, g, p, q), ((k,),) * 4 + ((),) * 2)]
+        return pointwise_mixture(x, k, *views)
+    if compiled_enabled():
+        return run_compiled(x, k, a, c, b, g, p, q)
     tensors = (x, a, c, b, g, p, q)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _ChannelMixture.apply(*tensors)

@@ -90,20 +90,6 @@ class UANConfig(VariantConfig):
                               f"{self.var_floor}")
 
 
-def _log_resp(z: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
-    """log tau over the last dim (the K components), in log space: no eps, no 0/0 in the tails.
-
-    The max is subtracted explicitly, so equal log-densities give exactly ``-log K``."""
-    logp = log_pi - 0.5 * (torch.log(var) + _LOG_2PI) - (z - mu).square() / (2.0 * var)
-    shifted = logp - logp.amax(dim=-1, keepdim=True).detach()
-    return shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
-
-
-def _mix_weights(log_tau: torch.Tensor, log_pi: torch.Tensor, k: int) -> torch.Tensor:
-    """``tau_k / (sqrt(K) sqrt(pi_k))``, formed in log space."""
-    return torch.exp(log_tau - 0.5 * log_pi - 0.5 * math.log(k))
-
-
 @register
 class UAN(StrengthMirror, UANCalibration, Variant):
     """The registered UAN variant. :meth:`from_site` builds a :class:`UANChannel` (BatchNorm sources)
@@ -241,7 +227,7 @@ class UANChannel(UAN):
             *self._params(cdt), self.k, self.rho.to(cdt), weight, bias,
             self.running_mean.to(cdt), self.running_var.to(cdt) + self.eps, one_dead=not tracing() and self._s == 1.0,
         )
-        return channel_mixture(x, *coeffs)
+        return channel_mixture(x, *coeffs, k=self.k)
 
     def claims_exact(self) -> bool:
         if self._rho_zero:
@@ -296,20 +282,25 @@ class UANSample(UAN):
         return y
 
     def _mixture(self, x: torch.Tensor) -> torch.Tensor:
+        """K-first layout (K, *x.shape), as channel mode: every reduction over the normalised dims runs
+        over contiguous memory, the one over K is a sum of K slices, and the two softmaxes (over K, then
+        over the values of a sample) are single kernels; no (..., K) tensors with K = 3 innermost."""
         cdt = torch.promote_types(x.dtype, torch.float32)
         d = len(self.normalized_shape)
-        dims, kdims = tuple(range(-d, 0)), tuple(range(-d - 1, -1))  # normalised dims without / with K last
+        dims = tuple(range(-d, 0))
         xf = x.to(cdt)
         xc = xf - xf.mean(dim=dims, keepdim=True)
         x_one = xc * torch.rsqrt(xc.square().mean(dim=dims, keepdim=True) + self.eps)  # also z, for assignment
-        mu, var, log_pi = self._params(cdt)
-        log_tau = _log_resp(x_one.unsqueeze(-1), mu, var, log_pi)  # (..., *normalized_shape, K)
-        w_i = torch.exp(log_tau - torch.logsumexp(log_tau, dim=kdims, keepdim=True))  # tau_ik / sum_i tau_ik
-        xck = xc.unsqueeze(-1)
-        e_k = (w_i * xck).sum(dim=kdims, keepdim=True)  # E_k - mean(x): centred first, for accuracy
-        dev = xck - e_k
-        v_k = (w_i * dev.square()).sum(dim=kdims, keepdim=True) + self.eps
-        x_mix = (_mix_weights(log_tau, log_pi, self.k) * dev * torch.rsqrt(v_k)).sum(dim=-1)
+        mu, var, log_pi = (t.reshape((-1,) + (1,) * x.dim()) for t in self._params(cdt))  # (K, 1, ...)
+        log_p = log_pi - 0.5 * (torch.log(var) + _LOG_2PI) - (x_one - mu).square() / (2.0 * var)
+        log_tau = torch.log_softmax(log_p, dim=0)  # (K, *x.shape)
+        flat = log_tau.flatten(-d) if d > 1 else log_tau
+        w_i = torch.softmax(flat, dim=-1).view_as(log_tau)  # tau_ik / sum_i tau_ik
+        e_k = (w_i * xc).sum(dim=dims, keepdim=True)  # E_k - mean(x): centred first, for accuracy
+        dev = xc - e_k
+        v_k = (w_i * dev.square()).sum(dim=dims, keepdim=True) + self.eps
+        coef = torch.exp(log_tau - 0.5 * log_pi - 0.5 * math.log(self.k))  # tau_k / (sqrt(K) sqrt(pi_k))
+        x_mix = (coef * dev * torch.rsqrt(v_k)).sum(dim=0)
         rho = self.rho.to(cdt)
         return self._affine((1.0 - rho) * x_one + rho * x_mix).to(x.dtype)
 
