@@ -1,8 +1,11 @@
-"""Shared fixtures: small real architectures, offline settings, real photos."""
+"""Shared fixtures: small real architectures, offline settings, real photos; the asset policy (skip locally,
+fail in CI) and the network guard (no test reaches beyond localhost). See docs/testing.md."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -90,19 +93,50 @@ def tiny_vit() -> nn.Module:
     return m.eval()
 
 
+# ------------------------------------------------------------------------------------------ assets
+def assets_required() -> bool:
+    """True in CI (``CI=true``, or ``NORMSWAP_REQUIRE_ASSETS=1``, which scripts/test.sh sets there): a missing
+    asset (weights, data sets, optional packages, the browser) is then a failure, not a skip."""
+    return (os.environ.get("NORMSWAP_REQUIRE_ASSETS", "") == "1"
+            or os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"))
+
+
+def missing_asset(what: str, how: str = "run scripts/setup.sh") -> None:
+    """The one way a test gives up for want of an asset: skip locally, fail in CI (never a silent green)."""
+    message = f"{what} is not available ({how})"
+    if assets_required():
+        pytest.fail(f"asset missing in CI: {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def require_module(name: str, how: str | None = None):
+    """``pytest.importorskip`` under the asset policy: the module, or a skip locally / a failure in CI."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing_asset(f"Python package {name}", how or "pip install -e '.[test]' (scripts/setup.sh)")
+
+
 def pretrained_mobilenet_available() -> bool:
     hub = os.path.join(torch.hub.get_dir(), "checkpoints", "mobilenet_v2-b0353104.pth")
     return os.path.isfile(hub)
 
 
-needs_mobilenet = pytest.mark.skipif(not pretrained_mobilenet_available(),
-                                     reason="offline MobileNetV2 weights not installed (run scripts/setup.sh)")
+@pytest.fixture
+def mobilenet_weights() -> None:
+    if not pretrained_mobilenet_available():
+        missing_asset("the offline MobileNetV2 IMAGENET1K_V1 weights (torch's hub cache)")
+
+
+needs_mobilenet = pytest.mark.usefixtures("mobilenet_weights")
 
 
 @pytest.fixture(scope="session")
 def photo_batch() -> torch.Tensor:
     """Real photos (scikit-image, offline) as ImageNet-normalised 224x224 centre and corner crops."""
-    skdata = pytest.importorskip("skimage.data")
+    skdata = require_module("skimage.data")
     weights = tv.models.MobileNet_V2_Weights.IMAGENET1K_V1
     tf = weights.transforms()
     crops = []
@@ -126,8 +160,13 @@ def fashion_mnist_available() -> bool:
         return False
 
 
-needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(),
-                                  reason="Fashion-MNIST not installed (run scripts/setup.sh: Debian dataset-fashion-mnist)")
+@pytest.fixture
+def fmnist_data() -> None:
+    if not fashion_mnist_available():
+        missing_asset("Fashion-MNIST", "run scripts/setup.sh: Debian dataset-fashion-mnist")
+
+
+needs_fmnist = pytest.mark.usefixtures("fmnist_data")
 
 
 @pytest.fixture(scope="session")
@@ -137,6 +176,8 @@ def fmnist_weights() -> str:
     import importlib.util
     from pathlib import Path
 
+    if not fashion_mnist_available():
+        missing_asset("Fashion-MNIST", "run scripts/setup.sh: Debian dataset-fashion-mnist")
     path = Path(__file__).resolve().parent.parent / "examples" / "fmnist_cnn.py"
     spec = importlib.util.spec_from_file_location("fmnist_cnn_example", path)
     module = importlib.util.module_from_spec(spec)
@@ -166,3 +207,55 @@ def small_cnn_uan_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("cnn") / "cnn.safetensors"
     normswap.convert(model, to="uan", example_inputs=torch.randn(2, 3, 16, 16)).save(path)
     return path, model
+
+
+# ------------------------------------------------------------------------------------------ no network
+_NETWORK_ATTEMPTS: list[str] = []
+
+
+def _local(address: object) -> bool:
+    """Loopback or a Unix socket: what torch.distributed and subprocess plumbing use."""
+    if not isinstance(address, tuple) or not address:
+        return True  # AF_UNIX paths (str/bytes) and anything that is not an internet address
+    host = address[0]
+    if isinstance(host, bytes):
+        host = host.decode(errors="replace")
+    if host in ("localhost", "", "0.0.0.0", "::"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: resolving it is already reaching out
+
+
+def _guarded(name: str, real):
+    def guard(sock, *args):
+        address = args[-1] if name == "sendto" else args[0]  # sendto(data[, flags], address)
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _local(address):
+            _NETWORK_ATTEMPTS.append(f"socket.{name}({address!r})")
+            raise OSError(f"network access blocked by tests/conftest.py: {name} to {address!r}")
+        return real(sock, *args)
+
+    guard.__wrapped__ = real
+    return guard
+
+
+def pytest_sessionstart(session) -> None:
+    """Every test runs behind a guard: a connection (or datagram) to anything but localhost is refused and the
+    test fails, even where the code under test swallows the OSError (docs/testing.md)."""
+    for name in ("connect", "connect_ex", "sendto"):
+        setattr(socket.socket, name, _guarded(name, getattr(socket.socket, name)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    _NETWORK_ATTEMPTS.clear()
+
+
+@pytest.fixture(autouse=True)
+def _no_network_reached():
+    yield
+    if _NETWORK_ATTEMPTS:
+        attempts = "; ".join(_NETWORK_ATTEMPTS)
+        _NETWORK_ATTEMPTS.clear()
+        pytest.fail(f"the test tried to reach the network: {attempts}", pytrace=False)

@@ -11,7 +11,7 @@ from normswap.errors import NormswapError, VerificationError
 from normswap.surgery.verify import ProbeInput
 from normswap.variants.base import Variant
 
-from conftest import needs_mobilenet, randomize_bn, tv
+from conftest import needs_mobilenet, randomize_bn, require_module, tv
 
 
 def _roundtrip(result, tmp_path, probe, model=None):
@@ -116,7 +116,7 @@ def test_mlp_with_batchnorm1d_head(tmp_path):
 
 
 def test_timm_efficientnet_batchnormact(tmp_path):
-    pytest.importorskip("timm")
+    require_module("timm")
     result = normswap.convert("timm:efficientnet_b0", to="uan", weights="none")
     kinds = {s.config["source_kind"] for s in result.plan.converted}
     assert kinds == {"bn_act"} and len(result.plan.converted) == 49
@@ -158,7 +158,7 @@ def test_pretrained_mobilenet_v2_on_real_photos(photo_batch, tmp_path):
 
 
 def test_hugging_face_bert_through_the_walk(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=37, max_position_embeddings=64)
