@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 
-import conftest
-from conftest import missing_asset, require_module
+import guards
+from guards import missing_asset, require_module
 
 HERE = Path(__file__).resolve().parent
 
 
 def test_a_connection_beyond_localhost_is_refused_and_recorded():
-    with pytest.raises(OSError, match=r"^network access blocked by tests/conftest.py: connect to \('192.0.2.1', 80\)$"):
+    with pytest.raises(OSError, match=r"^network access blocked by tests/guards.py: connect to \('192.0.2.1', 80\)$"):
         socket.create_connection(("192.0.2.1", 80), timeout=1)  # TEST-NET-1: never routed
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, pytest.raises(OSError, match="sendto to"):
         udp.sendto(b"x", ("198.51.100.7", 53))
-    assert conftest._NETWORK_ATTEMPTS == ["socket.connect(('192.0.2.1', 80))", "socket.sendto(('198.51.100.7', 53))"]
-    conftest._NETWORK_ATTEMPTS.clear()  # seen: this test must not fail for them
+    assert guards._NETWORK_ATTEMPTS == ["socket.connect(('192.0.2.1', 80))", "socket.sendto(('198.51.100.7', 53))"]
+    guards._NETWORK_ATTEMPTS.clear()  # seen: this test must not fail for them
 
 
 def test_localhost_and_unix_sockets_still_work(tmp_path):
@@ -38,7 +38,7 @@ def test_localhost_and_unix_sockets_still_work(tmp_path):
         server.listen(1)
         with socket.socket(socket.AF_UNIX) as client:
             client.connect(str(tmp_path / "s"))
-    assert conftest._NETWORK_ATTEMPTS == []
+    assert guards._NETWORK_ATTEMPTS == []
 
 
 @pytest.mark.parametrize("env, outcome", [({"CI": "true"}, pytest.fail.Exception),
@@ -95,9 +95,9 @@ def test_plain():
 
 
 def test_the_guard_and_the_policy_fail_a_real_session(tmp_path):
-    """A pytest session over this conftest, as in CI: a swallowed connection attempt fails its test, and so does a
-    missing asset (the local skip is tested above, in process)."""
-    shutil.copy(HERE / "conftest.py", tmp_path / "conftest.py")
+    """A pytest session whose conftest is tests/guards.py, as in CI: a swallowed connection attempt fails its test,
+    and so does a missing asset (the local skip is tested above, in process)."""
+    shutil.copy(HERE / "guards.py", tmp_path / "conftest.py")
     (tmp_path / "test_inner.py").write_text(INNER)
     env = {k: v for k, v in os.environ.items() if k not in ("NORMSWAP_REQUIRE_ASSETS", "PYTEST_ADDOPTS")}
     env.update(CI="true", COLUMNS="300", OMP_NUM_THREADS="1",
