@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
 
 import normswap
 from normswap import variants
@@ -19,7 +18,6 @@ from conftest import SmallCNN, randomize_bn
 
 MODELS = '''
 import torch
-from torch import nn
 
 def small():
     torch.manual_seed(0)
@@ -89,7 +87,8 @@ def test_plan_plans_without_converting(small_cnn):
 
 # ------------------------------------------------------------------------------------------ CLI
 def test_weights_none_is_said_on_stderr(workdir):
-    res = run("convert", "resnet18", "--weights", "none", "--to", "uan", "--targets", "layer4.1.bn2", "-o", "r.safetensors")
+    res = run("convert", "resnet18", "--weights", "none", "--to", "uan", "--targets", "layer4.1.bn2",
+              "-o", "r.safetensors")
     assert res.exit_code == 0, res.output
     assert res.stderr.splitlines() == ["warning: torchvision:resnet18 has random weights (--weights none): its outputs "
                                        "mean nothing until it is trained"]
