@@ -18,6 +18,7 @@ from conftest import SmallCNN, randomize_bn
 
 MODELS = '''
 import torch
+from torch import nn
 
 def small():
     torch.manual_seed(0)
