@@ -1,4 +1,6 @@
-"""Shared fixtures: small real architectures, offline settings, real photos."""
+"""Shared fixtures: small real architectures, offline settings, real photos. The asset policy (skip locally,
+fail in CI) and the network guard (no test reaches beyond localhost) live in tests/guards.py and are active here
+(docs/testing.md)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from torch import nn  # noqa: E402
 
 import normswap  # noqa: E402,F401  (repairs the torchvision import first)
 from normswap.compat import import_torchvision  # noqa: E402
+
+from guards import (_no_network_reached, assets_required, missing_asset, pytest_runtest_setup,  # noqa: E402,F401
+                    pytest_sessionstart, require_module)
 
 tv = import_torchvision()
 
@@ -95,14 +100,19 @@ def pretrained_mobilenet_available() -> bool:
     return os.path.isfile(hub)
 
 
-needs_mobilenet = pytest.mark.skipif(not pretrained_mobilenet_available(),
-                                     reason="offline MobileNetV2 weights not installed (run scripts/setup.sh)")
+@pytest.fixture
+def mobilenet_weights() -> None:
+    if not pretrained_mobilenet_available():
+        missing_asset("the offline MobileNetV2 IMAGENET1K_V1 weights (torch's hub cache)")
+
+
+needs_mobilenet = pytest.mark.usefixtures("mobilenet_weights")
 
 
 @pytest.fixture(scope="session")
 def photo_batch() -> torch.Tensor:
     """Real photos (scikit-image, offline) as ImageNet-normalised 224x224 centre and corner crops."""
-    skdata = pytest.importorskip("skimage.data")
+    skdata = require_module("skimage.data")
     weights = tv.models.MobileNet_V2_Weights.IMAGENET1K_V1
     tf = weights.transforms()
     crops = []
@@ -126,8 +136,13 @@ def fashion_mnist_available() -> bool:
         return False
 
 
-needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(),
-                                  reason="Fashion-MNIST not installed (run scripts/setup.sh: Debian dataset-fashion-mnist)")
+@pytest.fixture
+def fmnist_data() -> None:
+    if not fashion_mnist_available():
+        missing_asset("Fashion-MNIST", "run scripts/setup.sh: Debian dataset-fashion-mnist")
+
+
+needs_fmnist = pytest.mark.usefixtures("fmnist_data")
 
 
 @pytest.fixture(scope="session")
@@ -137,6 +152,8 @@ def fmnist_weights() -> str:
     import importlib.util
     from pathlib import Path
 
+    if not fashion_mnist_available():
+        missing_asset("Fashion-MNIST", "run scripts/setup.sh: Debian dataset-fashion-mnist")
     path = Path(__file__).resolve().parent.parent / "examples" / "fmnist_cnn.py"
     spec = importlib.util.spec_from_file_location("fmnist_cnn_example", path)
     module = importlib.util.module_from_spec(spec)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from normswap.errors import NormswapError
 from normswap.io import read_file, write_file
 from normswap.variants.anact import ANAct
 
-from conftest import pretrained_mobilenet_available, randomize_bn, tv
+from conftest import missing_asset, pretrained_mobilenet_available, randomize_bn, require_module, tv
 
 APPROX = "zero padding: the pad value 0 in the new domain is mu in the old one"
 UNFOLDED = "; not folded, so exact at strength 0 only"
@@ -121,11 +120,11 @@ def test_unfolded_and_folded_sites_by_strength_and_allow_inexact():
 # ---- torchvision models ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mobilenet():
-    """Pretrained when its weights are in torch's hub cache (scripts/setup.sh installs them), else random."""
-    weights = "IMAGENET1K_V1" if pretrained_mobilenet_available() else "none"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "random weights" when weights == "none"
-        return normswap.convert("mobilenet_v2", to="anact", weights=weights), weights
+    """Pretrained MobileNetV2 (scripts/setup.sh puts its weights in torch's hub cache; missing: skipped locally,
+    a failure in CI). Never random weights: the measured 1.2e-5 is a figure about the pretrained logits."""
+    if not pretrained_mobilenet_available():
+        missing_asset("the offline MobileNetV2 IMAGENET1K_V1 weights (torch's hub cache)")
+    return normswap.convert("mobilenet_v2", to="anact", weights="IMAGENET1K_V1"), "IMAGENET1K_V1"
 
 
 def test_mobilenet_v2_every_site_converts(mobilenet):
@@ -141,9 +140,8 @@ def test_mobilenet_v2_every_site_converts(mobilenet):
     assert reasons["features.0.2"] == f"compensation is approximate: features.1.conv.0.0: {APPROX}{HINT}"
     assert plan.sites[-1].name == "features.18.2" and plan.sites[-1].facts["compensation"]["consumers"] == [
         "classifier.1"]  # through adaptive_avg_pool2d, flatten and Dropout
-    assert result.report.ok and result.report.end_to_end_claimed and result.report.end_to_end < 1e-3
-    if weights != "none":
-        assert 1e-7 < result.report.end_to_end < 1e-4  # measured 1.2e-5 on the pretrained logits
+    assert result.report.ok and result.report.end_to_end_claimed
+    assert 1e-7 < result.report.end_to_end < 1e-4  # measured 1.2e-5 on the pretrained logits (README)
 
 
 def test_mobilenet_v2_reload_and_export(mobilenet, tmp_path):
@@ -329,7 +327,7 @@ def test_functional_calls_become_modules_and_reload(tmp_path):
 
 # ---- timm: activations inside BatchNormAct2d --------------------------------------------------------------
 def test_timm_efficientnet_inner_activations():
-    timm = pytest.importorskip("timm")
+    timm = require_module("timm")
     torch.manual_seed(0)
     model, x = timm.create_model("efficientnet_b0", pretrained=False).eval(), torch.randn(2, 3, 64, 64)
     result = normswap.convert(model, to="anact", example_inputs=x)

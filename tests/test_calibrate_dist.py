@@ -1,5 +1,6 @@
 """Calibration under torch.distributed: two CPU processes (gloo) on disjoint shards end with identical buffers,
-and for sum-based statistics (ANAct) with exactly the statistics of one process on all the data."""
+and where the statistics are sums (ANAct; PatchNorm's layer-by-layer least squares) with the statistics of one
+process on all the data; under torchrun the two ranks end with the same model, which rank 0 alone writes."""
 
 from __future__ import annotations
 
@@ -30,12 +31,12 @@ def _model() -> nn.Module:
     return m.eval()
 
 
-def _calibrated(variant: str, data: str) -> dict[str, torch.Tensor]:
+def _calibrated(variant: str, data: str, layerwise: bool = False) -> dict[str, torch.Tensor]:
     import normswap
 
     strength = 1.0 if variant == "patchnorm" else 0.0
     r = normswap.convert(_model(), to=variant, strength=strength)
-    out = normswap.calibrate(r, data, calib_samples=32, batch_size=4, evaluate=False)
+    out = normswap.calibrate(r, data, calib_samples=32, batch_size=4, evaluate=False, layerwise=layerwise)
     return {k: v.detach().clone().contiguous() for k, v in out.model.state_dict().items()}
 
 
@@ -46,6 +47,7 @@ def _worker(rank: int, store: str, data: str, outdir: str) -> None:
     try:
         for variant in VARIANTS:
             save_file(_calibrated(variant, data), os.path.join(outdir, f"{variant}-{rank}.safetensors"))
+        save_file(_calibrated("patchnorm", data, layerwise=True), os.path.join(outdir, f"layerwise-{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
 
@@ -77,6 +79,22 @@ def test_two_processes_end_with_identical_buffers(two_ranks, variant):
             torch.testing.assert_close(a[key], single[key], rtol=1e-5, atol=1e-6)
 
 
+def test_patchnorm_layerwise_on_two_processes_is_one_process_on_all_the_data(two_ranks):
+    """Layer by layer, PatchNorm's least-squares sums over both shards are the sums over all the data, so the
+    gains equal one process's to float rounding. (Streaming network order solves after every step, and a step of
+    two ranks sees two batches: its gains differ from one process's by ~1e-3, by design.)"""
+    tmp, data = two_ranks
+    a, b = (load_file(str(tmp / f"layerwise-{r}.safetensors")) for r in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    single = _calibrated("patchnorm", data, layerwise=True)
+    start = _model_state("patchnorm")
+    gains = [k for k in a if k.endswith("gain")]
+    assert gains and all(float((a[k] - start[k]).abs().max()) > 1e-3 for k in gains)  # calibration moved them
+    for key in a:
+        if not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(a[key], single[key], rtol=1e-5, atol=1e-6)
+
+
 def _model_state(variant: str) -> dict[str, torch.Tensor]:
     import normswap
 
@@ -101,11 +119,38 @@ def test_torchrun_cli_writes_once_with_global_counts(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    (tmp_path / "each_rank.py").write_text(EACH_RANK)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(port), "-m", "normswap", "calibrate", "m.safetensors", "--data", "d.safetensors",
+                          str(port), "each_rank.py", "calibrate", "m.safetensors", "--data", "d.safetensors",
                           "--trust-source", "--calib-samples", "16", "--eval-samples", "8", "--batch-size", "4"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("saved m-calibrated.safetensors") == 1  # rank 0 only
     assert "calibration: 16 samples in 4 batches" in res.stdout  # counted over both ranks
-    assert (tmp_path / "m-calibrated.safetensors").is_file()
+    saved, rank0, rank1 = (load_file(str(tmp_path / n)) for n in ("m-calibrated.safetensors", "rank0.safetensors",
+                                                                   "rank1.safetensors"))
+    assert saved.keys() == rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) and torch.equal(saved[k], rank0[k]) for k in saved)
+    start = load_file(str(tmp_path / "m.safetensors"))
+    assert not torch.equal(saved["1.mix_mean"], start["1.mix_mean"])  # EM ran: the same result on both ranks
+
+
+# the normswap command line, recording the model each rank calibrated (rank 0 alone writes the output file)
+EACH_RANK = """
+import sys
+import torch.distributed as dist
+from safetensors.torch import save_file
+import normswap.cli.calibrate as command
+from normswap.cli.main import cli
+
+real = command.run_calibration
+
+def recorded(*args, **kwargs):
+    result = real(*args, **kwargs)
+    state = {k: v.detach().clone().contiguous() for k, v in result.model.state_dict().items()}
+    save_file(state, f"rank{dist.get_rank()}.safetensors")
+    return result
+
+command.run_calibration = recorded
+cli.main(sys.argv[1:], prog_name="normswap")
+"""

@@ -146,5 +146,5 @@ def test_convert_pretrained_mobilenet_cli(tmp_path):
     res = run("convert", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--to", "uan", "-o", str(out), "--json")
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
-    assert data["report"]["ok"] and data["report"]["end_to_end"] < 1e-3 and len(data["report"]["sites"]) == 52
+    assert data["report"]["ok"] and data["report"]["end_to_end"] == 0.0 and len(data["report"]["sites"]) == 52
     assert out.is_file()

@@ -18,6 +18,8 @@ from normswap.data import (DataSplit, RandomDataWarning, default_data_spec, desc
 from normswap.errors import NormswapError, UsageError
 from normswap.sources import SourceSpec
 
+from conftest import missing_asset
+
 tv = import_torchvision()
 MOBILENET = SourceSpec("torchvision:mobilenet_v2", "torchvision", "mobilenet_v2", "none")
 
@@ -134,7 +136,7 @@ def _fmnist_or_skip() -> None:
     try:
         locate("train"), locate("test")
     except NormswapError:
-        pytest.skip("Fashion-MNIST is not installed (bash scripts/setup.sh or apt-get install dataset-fashion-mnist)")
+        missing_asset("Fashion-MNIST", "bash scripts/setup.sh or apt-get install dataset-fashion-mnist")
 
 
 def test_fashion_mnist_train_test_split_labels_and_normalisation():

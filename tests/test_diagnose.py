@@ -20,6 +20,8 @@ from normswap.cli.main import cli
 from normswap.diagnostics.measures import GainStats, Moments, batch_geometry, cosine_matrix, divergence_factor, \
     effective_factor, effective_rank, odd_index, orthogonality_gap
 
+from conftest import missing_asset, require_module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -250,10 +252,10 @@ def test_mobilenet_v2_with_its_conversions(mnv2_report):
 
 @pytest.mark.slow
 def test_html_report_in_a_headless_browser(mnv2_report):
-    playwright = pytest.importorskip("playwright.sync_api")
+    playwright = require_module("playwright.sync_api")
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(chromium).exists():
-        pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it)")
+        missing_asset("Debian's chromium", "scripts/setup.sh installs it")
     _, out = mnv2_report
     errors: list[str] = []
     shot = ROOT / "docs" / "diagnose-report.png" if os.environ.get("NORMSWAP_UPDATE_DOCS") else out / "shot.png"

@@ -23,7 +23,9 @@ from normswap.variants import CalibrationSettings
 from normswap.variants.patchnorm import NormActTail, PatchNorm, PatchNormConv, fit_gain, register_adapter
 from normswap.variants.uan import UAN
 
-timm = pytest.importorskip("timm")
+from conftest import require_module
+
+timm = require_module("timm")
 from timm.layers import BatchNormAct2d, Conv2dSame  # noqa: E402
 from timm.layers.conv2d_same import Conv2dSameExport  # noqa: E402
 from timm.layers.norm_act import SyncBatchNormAct  # noqa: E402

@@ -23,6 +23,8 @@ from normswap.io import read_file, write_file
 from normswap.api.metadata import source_from_file
 from normswap.sources import SourceSpec, cached_weights, load_model, rebuild
 
+from conftest import require_module
+
 EVIL = '''
 import pathlib
 pathlib.Path({marker!r}).write_text("ran")
@@ -54,7 +56,7 @@ def _with_meta(src, dst, **changes):
 @pytest.fixture
 def bundle(tmp_path, r18_file):
     """A 'downloaded bundle': weights whose metadata points transformers at a folder holding modeling_evil.py."""
-    pytest.importorskip("transformers")
+    require_module("transformers")
     folder = tmp_path / "bundle"
     folder.mkdir()
     marker = tmp_path / "PWNED"
@@ -144,10 +146,10 @@ def test_rebuilding_never_downloads(no_network, r18_file, tmp_path):
     ref, label = _reference(model, source, None, False)  # eval's comparison model: no reload, no download
     assert label == (f"this model at strength 0, i.e. the function it started from (the original's {uncached} weights "
                      "are not in torch's hub cache, and normswap does not download them)")
-    timm = pytest.importorskip("timm")
+    timm = require_module("timm")
     assert timm.is_model("resnet18")
     rebuild(SourceSpec("timm:resnet18", "timm", "resnet18", None, {"num_classes": 10}))
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=16, vocab_size=50)
     transformers.BertModel(config).save_pretrained(tmp_path / "bert")

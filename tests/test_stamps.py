@@ -13,6 +13,8 @@ from normswap.data import open_data
 from normswap.data import stamps as st
 from normswap.errors import NormswapError, UsageError
 
+from conftest import missing_asset
+
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 POOL = {"animals": 9, "food": 6, "vehicles": 4, "people": 1}  # photographs per category
@@ -190,7 +192,7 @@ def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
 def real(monkeypatch):
     monkeypatch.delenv("NORMSWAP_STAMPS", raising=False)
     if not st.available():
-        pytest.skip("tuxpaint-stamps-default is not installed (bash scripts/setup.sh installs it)")
+        missing_asset("tuxpaint-stamps-default", "bash scripts/setup.sh installs it")
     return st.stamps_dir()
 
 
@@ -215,7 +217,7 @@ def test_real_pretrained_mobilenet_is_confident_on_held_out_stamps(real):
     try:
         model = tv.models.mobilenet_v2(weights="IMAGENET1K_V1").eval()
     except Exception:  # noqa: BLE001 - weights not in the hub cache (setup puts them there)
-        pytest.skip("pretrained MobileNetV2 weights are not cached (bash scripts/setup.sh)")
+        missing_asset("the pretrained MobileNetV2 weights (torch's hub cache)", "bash scripts/setup.sh")
     source = SourceSpec("torchvision:mobilenet_v2", "torchvision", "mobilenet_v2", "IMAGENET1K_V1")
     data = open_data("stamps", model, source, calib_samples=1, eval_samples=48)
     with torch.no_grad():

@@ -16,7 +16,8 @@ Phases, each optional, in this order:
 4. ``after_calibration`` hooks (ANAct refolds its compensation) and the per-site figures.
 
 Every module is run in eval mode under ``no_grad``; on any error the hooks are aborted, the collected
-statistics dropped, strengths, modes and BatchNorm statistics restored and every hook removed. Under
+statistics dropped, the variant layers' state (even of layers solved before the error), strengths, modes and
+BatchNorm statistics restored and every hook removed. Under
 torch.distributed the statistics are summed over the workers (:mod:`normswap.core.dist`).
 """
 
@@ -192,6 +193,8 @@ def run_calibration(model: nn.Module, plan: Plan, batches: Iterable[Any], *, ref
     modes = {m: m.training for m in model.modules()}
     saved_strengths = strengths_of(model)
     bn_state = {k: v.clone() for k, v in model.state_dict().items()} if reestimate_bn else None
+    # an error midway must not leave the layers solved before it calibrated: their state comes back too
+    variant_states = [(m, {k: v.clone() for k, v in m.state_dict().items()}) for _, _, m in sites]
     begun: list[Variant] = []
     total = len(data) * (int(reestimate_bn) + int(bool(collect)) + len(ordered))
     bar = tqdm(total=total, desc="calibrating", unit="batch", disable=not progress, leave=False)
@@ -223,6 +226,8 @@ def run_calibration(model: nn.Module, plan: Plan, batches: Iterable[Any], *, ref
     except BaseException:
         for module in begun:
             module.calibration_abort()
+        for module, state in variant_states:
+            module.load_state_dict(state)
         if bn_state is not None:
             model.load_state_dict(bn_state)
         raise
