@@ -48,7 +48,9 @@ def run_recipe(path: Path, overrides: list[str], out_dir: Path) -> dict[str, Any
     recipe = normswap.load_recipe(path, overrides)
     t0 = time.perf_counter()
     before = _before_calibration(recipe)
+    t1 = time.perf_counter()
     res = normswap.finetune(recipe, output=out_dir / f"{path.stem}.safetensors", force=True)
+    t2 = time.perf_counter()
     s, final = res.summary, recipe.strength.to
 
     def get(label: str, strength: float | None = None) -> dict[str, Any] | None:
@@ -62,7 +64,7 @@ def run_recipe(path: Path, overrides: list[str], out_dir: Path) -> dict[str, Any
             "after_calibration": _figures(get("converted, before fine-tuning")),
             "fine_tuned": _figures(get("converted, fine-tuned", final)),
             "control": _figures(get("control: original, fine-tuned")),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(time.perf_counter() - t0, 1), "finetune_seconds": round(t2 - t1, 1)}
 
 
 def run(bench: Bench) -> dict[str, Any]:
