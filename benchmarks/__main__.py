@@ -77,6 +77,7 @@ def run(profile: str, only: list[str], out: Path, threads: int, device: torch.de
         s0 = time.perf_counter()
         sec = SECTIONS[name](bench)
         sec["seconds"] = round(time.perf_counter() - s0, 1)
+        log(f"== {name}: {sec['seconds']:.0f} s")
         sections[name] = sec
     res["sections"] = {k: sections[k] for k in SECTIONS if k in sections}
     res["seconds"] = round(time.perf_counter() - t0, 1)

@@ -9,16 +9,17 @@ from typing import Any
 QUICK: dict[str, Any] = {
     "repeats": 7, "warmup": 2,
     # 1. layers: batch, the spatial side of the CNN shapes, ViT tokens; compile: which layers also run compiled
-    "layer_repeats": 15, "layer_batch": 8, "layer_hw": 56, "channel_div": 1, "vit_batch": 8, "vit_tokens": 197,
-    "compile": ["r50 conv1x1 256->64", "mnv2 dw3x3 144", "mnv2 BN 144"],
+    "layer_repeats": 9, "layer_batch": 8, "layer_hw": 56, "channel_div": 1, "vit_batch": 8, "vit_tokens": 197,
+    "compile": ["r50 conv1x1 256->64", "mnv2 dw3x3 144"],
     # 2. whole models: (batch, image side) for inference, the training step's, peak memory in a child process
     "models": {"resnet50": [4, 160], "mobilenet_v2": [8, 160], "vit_b_16": [2, 224]},
     "train": [2, 128], "model_repeats": 5, "memory_child": True,
     # 3. the tool
     "convert_model": "resnet50", "tool_model": "mobilenet_v2", "tool_size": 160, "calib_samples": 64,
-    "eval_samples": 64, "tool_repeats": 3,
+    "eval_samples": 64, "tool_repeats": 3, "tool_warmup": 0,
     # 4. accuracy retention: recipe overrides (the quick profile shortens the recipes and says so)
-    "fmnist_overrides": ["finetune.steps=300", "strength.span=150", "eval.every=100", "calibrate.samples=512"],
+    "fmnist_overrides": ["finetune.steps=200", "strength.span=100", "eval.every=100", "calibrate.samples=512",
+                         "eval.samples=1000"],
     "fmnist_source": None,  # None: the recipe's (the trained CNN); tiny uses random init
     "mnv2_overrides": ["finetune.steps=24", "finetune.train_samples=384", "strength.span=16", "eval.samples=64",
                        "eval.every=24", "calibrate.samples=64", "finetune.batch_size=8"],
@@ -29,7 +30,7 @@ QUICK: dict[str, Any] = {
 
 FULL = copy.deepcopy(QUICK)
 FULL.update({
-    "repeats": 11, "layer_repeats": 31, "model_repeats": 9, "tool_repeats": 5,
+    "repeats": 11, "layer_repeats": 31, "model_repeats": 9, "tool_repeats": 5, "tool_warmup": 1,
     "compile": ["r50 conv3x3 64->64", "r50 conv1x1 256->64", "r50 BN 256", "mnv2 dw3x3 144", "mnv2 BN 144",
                 "vit LayerNorm 768", "vit GELU 3072"],
     "models": {"resnet50": [8, 224], "mobilenet_v2": [16, 224], "vit_b_16": [4, 224]},

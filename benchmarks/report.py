@@ -32,7 +32,7 @@ def _speed(sec: dict[str, Any]) -> list[str]:
     for group, rows in groups.items():
         mem = any(r.get("peak_mib") is not None for r in rows)
         head = ["what", "candidate / baseline", "ratio (median)", "IQR", "min-max", "baseline ms", "candidate ms",
-                "drift", "others' CPU", "flags"] + (["peak MiB (ratio)"] if mem else [])
+                "self", "drift", "others' CPU", "flags"] + (["peak MiB (ratio)"] if mem else [])
         body = []
         for r in rows:
             if "skipped" in r:
@@ -40,7 +40,7 @@ def _speed(sec: dict[str, Any]) -> list[str]:
                 continue
             cells = [r["what"], f"{r['candidate']} / {r['baseline']}", f"**{r['ratio']:.2f}x**",
                      f"{r['q1']:.2f}-{r['q3']:.2f}", f"{r['min']:.2f}-{r['max']:.2f}", f"{r['base_ms']:.1f}",
-                     f"{r['new_ms']:.1f}", f"{r['drift']:.2f}",
+                     f"{r['new_ms']:.1f}", f"{r.get('self_ratio', float('nan')):.2f}", f"{r['drift']:.2f}",
                      "-" if r.get("others_cpu") is None else f"{100 * r['others_cpu']:.0f} %", ", ".join(r["flags"])]
             if mem:
                 m, ratio = r.get("peak_mib"), r.get("memory_ratio")
@@ -85,6 +85,9 @@ def _claims(sec: dict[str, Any]) -> list[str]:
     lines += ["What the papers claim against what came out here:", "",
               *_table(["claim (docs/methods.md)", "ours", "verdict"],
                       [[c["claim"], c["ours"], f"**{agreement(c['agrees'])}**"] for c in sec["claims"]])]
+    for state, text in ((False, "Where our numbers disagree with the papers"), (None, "Not shown at this scale")):
+        hits = [c["claim"] for c in sec["claims"] if c["agrees"] is state]
+        lines += [f"{text}: " + ("; ".join(hits) if hits else "none") + ".", ""]
     return lines
 
 

@@ -3,10 +3,14 @@
 A measurement times a baseline and one or more candidates in the same process, one call of each per round
 (the order reversed every other round, so position effects cancel), after warm-up calls. Each candidate's
 figure is the median of its per-round ratios to the baseline, with the interquartile range and the extremes.
-Contamination check: the baseline's own median in the second half of the rounds against the first half
-(``drift``: load that changed during the row), the ratios' relative IQR (``spread``: load that came and
-went), and the share of the machine's CPU time other processes used meanwhile (``others_cpu``). A row whose
-spread or drift exceeds its limit is flagged; its figure is kept but marked in every table.
+Contamination check: every round also calls the baseline a second time, and the median ratio of that call to
+the baseline's first (``self``, the baseline-vs-itself ratio: 1.00 when the measurement is unbiased) shows what
+position in the round and the load alone do to a ratio; the baseline's median in the second half of the rounds
+against the first half (``drift``: load that changed during the row); the ratios' relative IQR (``spread``:
+load that came and went); and the share of the machine's CPU time other processes used meanwhile
+(``others_cpu``). A row is flagged ``noisy`` when its spread exceeds 0.25, ``drift`` when its drift is
+beyond 1 +- 0.20, ``self`` when the baseline-vs-itself ratio is beyond 1 +- 0.10; its figure is kept but
+marked in every table.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 SPREAD_LIMIT = 0.25  # relative IQR of the per-round ratios above which a row is flagged "noisy"
 DRIFT_LIMIT = 0.20  # |baseline second half / first half - 1| above which a row is flagged "drift"
+SELF_LIMIT = 0.10  # |baseline (again) / baseline - 1| above which every row of that measurement is flagged "self"
 Clock = Callable[[], float]
 
 
@@ -124,19 +129,25 @@ class Bench:
         self.repeats, self.warmup = int(sizes["repeats"]), int(sizes["warmup"])
 
     def compare(self, group: str, what: str, fns: dict[str, Callable[[], object]], base: str,
-                repeats: int | None = None, also_vs: str | None = None, **extra: Any) -> list[dict[str, Any]]:
+                repeats: int | None = None, also_vs: str | None = None, warmup: int | None = None,
+                **extra: Any) -> list[dict[str, Any]]:
         """Interleave ``fns`` and return one row per candidate (every name but ``base``); with ``also_vs``,
         the same rounds again as ratios to that second baseline (group ``"<group> vs <also_vs>"``)."""
         meter = OthersMeter()
-        samples = interleave(fns, repeats or self.repeats, self.warmup, device=self.device, clock=self.clock)
+        again = f"{base} (again)"  # the baseline a second time in every round: the baseline-vs-itself ratio
+        samples = interleave({**fns, again: fns[base]}, repeats or self.repeats,
+                             self.warmup if warmup is None else warmup, device=self.device, clock=self.clock)
         others = meter.stop()
+        self_ratio = ratio_stats(samples, base, again)["ratio"]
         rows = []
         pairs = [(group, base, n) for n in fns if n != base]
         if also_vs is not None:
             pairs += [(f"{group} vs {also_vs}", also_vs, n) for n in fns if n not in (base, also_vs)]
         for grp, b, name in pairs:
             row = {"group": grp, "what": what, "baseline": b, "candidate": name,
-                   **ratio_stats(samples, b, name), "others_cpu": others, **extra}
+                   **ratio_stats(samples, b, name), "self_ratio": self_ratio, "others_cpu": others, **extra}
+            if abs(self_ratio - 1) > SELF_LIMIT:
+                row["flags"].append("self")
             rows.append(row)
             flag = f" [{', '.join(row['flags'])}]" if row["flags"] else ""
             self.log(f"  {grp} {what}: {name} / {b} = {row['ratio']:.2f}x (IQR {row['q1']:.2f}-{row['q3']:.2f}){flag}")

@@ -37,23 +37,25 @@ def _forwards(model: torch.nn.Module, batches: list[torch.Tensor]) -> Callable[[
 
 
 def run(bench: Bench) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="normswap-bench-") as tmp:
+        return _run(bench, Path(tmp))
+
+
+def _run(bench: Bench, tmp: Path) -> dict[str, Any]:
     sz, dev = bench.sizes, bench.device
     rows: list[dict[str, Any]] = []
-    reps = int(sz["tool_repeats"])
-    tmp = Path(tempfile.mkdtemp(prefix="normswap-bench-"))
+    reps, warm = int(sz["tool_repeats"]), int(sz.get("tool_warmup", bench.warmup))
 
     name = sz["convert_model"]
     bench.log(f"convert {name}")
     model = build(name, 224)
     out = tmp / "converted.safetensors"
-
-    def convert_save(variant: str) -> Callable[[], object]:
-        return lambda: normswap.convert(model, to=variant).save(out, force=True)
-
     fns = {"fx.symbolic_trace": lambda: torch.fx.symbolic_trace(model), "plan (uan)": lambda: normswap.plan(model, to="uan"),
-           "convert (uan)": lambda: normswap.convert(model, to="uan"), "convert + save (uan)": convert_save("uan"),
-           "convert + save (patchnorm)": convert_save("patchnorm"), "convert + save (anact)": convert_save("anact")}
-    rows += bench.compare("conversion", f"{name} (random init)", fns, "fx.symbolic_trace", reps)
+           "convert (uan)": lambda: normswap.convert(model, to="uan"),
+           "convert + save (uan)": lambda: normswap.convert(model, to="uan").save(out, force=True),
+           "convert (patchnorm)": lambda: normswap.convert(model, to="patchnorm"),
+           "convert (anact)": lambda: normswap.convert(model, to="anact")}
+    rows += bench.compare("conversion", f"{name} (random init)", fns, "fx.symbolic_trace", reps, warmup=warm)
 
     name, size, n = sz["tool_model"], sz["tool_size"], sz["calib_samples"]
     torch.manual_seed(0)
@@ -72,19 +74,18 @@ def run(bench: Bench) -> dict[str, Any]:
         calib = lambda r=r: normswap.calibrate(r, str(data), original=base, calib_samples=n, batch_size=16,  # noqa: E731
                                                evaluate=False)
         rows += bench.compare("calibration", f"{name}, {n} samples at {size} px", {
-            "forwards": _forwards(base, batches), f"calibrate ({variant})": calib}, "forwards", reps, variant=variant)
+            "forwards": _forwards(base, batches), f"calibrate ({variant})": calib}, "forwards", reps, warmup=warm,
+            variant=variant)
 
     m = sz["eval_samples"]
     bench.log(f"evaluate {name}")
     r = normswap.convert(base, to="uan", strength=0.5, example_inputs=batches[0][:2])
     ev = lambda: normswap.evaluate(r, str(data), original=base, eval_samples=m, batch_size=32)  # noqa: E731
     row = bench.compare("evaluation", f"{name}, {m} samples at {size} px", {
-        "forwards": _forwards(base, list(inputs[:m].to(dev).split(32))), "evaluate (uan)": ev}, "forwards", reps)
+        "forwards": _forwards(base, list(inputs[:m].to(dev).split(32))), "evaluate (uan)": ev}, "forwards", reps,
+        warmup=warm)
     peak = peak_rise_mib(ev, dev)
     for x in row:
         x["peak_mib"] = peak
     rows += row
-    for f in tmp.iterdir():
-        f.unlink()
-    tmp.rmdir()
     return {"title": "3. The tool itself", "how": HOW, "kind": "speed", "rows": rows}

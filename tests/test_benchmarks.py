@@ -49,7 +49,7 @@ def test_json_schema(tiny: tuple[dict, Path]) -> None:
     for sec in saved["sections"].values():
         assert {"title", "how", "kind", "rows", "seconds"} <= set(sec) and sec["rows"], sec["title"]
     keys = {"group", "what", "baseline", "candidate", "ratio", "q1", "q3", "min", "max", "spread", "drift",
-            "base_ms", "new_ms", "repeats", "flags", "others_cpu"}
+            "base_ms", "new_ms", "repeats", "flags", "others_cpu", "self_ratio"}
     speed = [r for r in _speed_rows(saved) if "skipped" not in r]
     assert len(speed) > 40
     for r in speed:
@@ -57,13 +57,14 @@ def test_json_schema(tiny: tuple[dict, Path]) -> None:
     groups = {(r["group"], r["candidate"]) for r in speed}
     for expected in [("eval", "floor"), ("eval", "unfold"), ("train", "uan"), ("inference", "folded"),
                      ("inference", "anact exported"), ("inference vs folded", "uan"), ("training step", "patchnorm"),
-                     ("conversion", "convert + save (uan)"), ("calibration", "calibrate (uan)"),
+                     ("conversion", "convert + save (uan)"), ("conversion", "convert (anact)"), ("calibration", "calibrate (uan)"),
                      ("evaluation", "evaluate (uan)")]:
         assert expected in groups, expected
     assert len(saved["targets"]) == len(targets.TARGETS) + 1
     assert saved["targets"][-1]["today"].startswith("not measured: this profile shortens the recipe")
     acc = saved["sections"]["accuracy"]["rows"]
-    assert [r["variant"] for r in acc] == ["uan", "patchnorm", "anact"]
+    assert [r["variant"] for r in acc] == ["patchnorm", "uan", "anact"]
+    assert acc[1]["control"] == acc[0]["control"] and acc[1]["control_shared"] and "control=false" in acc[2]["overrides"]
     assert all(0 <= r["fine_tuned"]["agreement"] <= 1 for r in acc)
     assert {c["agrees"] for c in saved["sections"]["claims"]["claims"]} <= {True, False, None}
 
@@ -72,7 +73,7 @@ def test_ratios_positive_finite(tiny: tuple[dict, Path]) -> None:
     for r in _speed_rows(tiny[0]):
         if "skipped" in r:
             continue
-        for k in ("ratio", "q1", "q3", "min", "max", "drift", "base_ms", "new_ms"):
+        for k in ("ratio", "q1", "q3", "min", "max", "drift", "base_ms", "new_ms", "self_ratio"):
             assert math.isfinite(r[k]) and r[k] > 0, (r["what"], k, r[k])
         assert r["min"] <= r["q1"] <= r["ratio"] <= r["q3"] <= r["max"]
 
@@ -127,7 +128,7 @@ def test_contamination_flag_trips_on_a_noisy_timer() -> None:
     clock = itertools.count()
     quiet.clock = lambda: float(next(clock))  # every call takes exactly one tick: ratio 1, nothing flagged
     (row,) = quiet.compare("g", "steady", {"a": _work, "b": _work}, "a")
-    assert row["flags"] == [] and row["ratio"] == 1.0 and row["spread"] == 0.0
+    assert row["flags"] == [] and row["ratio"] == 1.0 and row["spread"] == 0.0 and row["self_ratio"] == 1.0
 
 
 def test_ratio_stats_known_values() -> None:
