@@ -79,10 +79,10 @@ def run(profile: str, only: list[str], out: Path, threads: int, device: torch.de
         sec["seconds"] = round(time.perf_counter() - s0, 1)
         log(f"== {name}: {sec['seconds']:.0f} s")
         sections[name] = sec
-    res["sections"] = {k: sections[k] for k in SECTIONS if k in sections}
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    res["load_note"] = load_note(machine, meter.stop())
-    write(res, out)
+        res["sections"] = {k: sections[k] for k in SECTIONS if k in sections}
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        res["load_note"] = load_note(machine, meter.stop())
+        write(res, out, plots=name == only[-1])  # after every section: an interrupted run keeps what it measured
     log(f"wrote {out / 'benchmarks.json'} and {out / 'benchmarks.md'} in {res['seconds'] / 60:.1f} min")
     return res
 

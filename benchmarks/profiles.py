@@ -12,7 +12,7 @@ QUICK: dict[str, Any] = {
     "layer_repeats": 9, "layer_batch": 8, "layer_hw": 56, "channel_div": 1, "vit_batch": 8, "vit_tokens": 197,
     "compile": ["r50 conv1x1 256->64", "mnv2 dw3x3 144"],
     # 2. whole models: (batch, image side) for inference, the training step's, peak memory in a child process
-    "models": {"resnet50": [4, 160], "mobilenet_v2": [8, 160], "vit_b_16": [2, 224]},
+    "models": {"resnet50": [4, 160], "mobilenet_v2": [8, 160], "vit_b_16": [1, 224]},
     "train": [2, 128], "model_repeats": 5, "memory_child": True,
     # 3. the tool
     "convert_model": "resnet50", "tool_model": "mobilenet_v2", "tool_size": 160, "calib_samples": 64,
@@ -21,8 +21,8 @@ QUICK: dict[str, Any] = {
     "fmnist_overrides": ["finetune.steps=200", "strength.span=100", "eval.every=100", "calibrate.samples=512",
                          "eval.samples=1000"],
     "fmnist_source": None,  # None: the recipe's (the trained CNN); tiny uses random init
-    "mnv2_overrides": ["finetune.steps=24", "finetune.train_samples=384", "strength.span=16", "eval.samples=64",
-                       "eval.every=24", "calibrate.samples=64", "finetune.batch_size=8"],
+    "mnv2_overrides": ["finetune.steps=12", "finetune.train_samples=96", "strength.span=8", "eval.samples=48",
+                       "eval.batch_size=48", "eval.every=12", "calibrate.samples=32", "finetune.batch_size=8"],
     # 5. the papers' claims: seeds, training samples, test samples, the MLP's batch-size sweep
     "seeds": 3, "claim_train": 6000, "claim_test": 2000, "mlp_batches": [16, 64, 256], "mlp_width": 256,
     "mlp_epochs": 2, "cnn_epochs": 1, "cnn_batch": 64,
