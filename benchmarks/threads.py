@@ -1,6 +1,6 @@
-"""OpenMP wait policy and thread count on a loaded machine: which setting to recommend (docs/benchmarks.md).
+"""OpenMP wait policy and thread count on a loaded machine: which setting to recommend (docs/speed.md).
 
-    .venv/bin/python benchmarks/bench_threads.py [--rounds 3] [--forwards 15] [--out benchmarks/results/threads.json]
+    .venv/bin/python -m benchmarks.threads [--rounds 3] [--forwards 15] [--out benchmarks/results/threads.json]
 
 A policy is fixed when OpenMP starts, so each setting runs in its own child process; the settings take turns
 (round-robin, ``--rounds`` times) so load changes on a shared machine hit them alike. Each child times

@@ -1,0 +1,137 @@
+"""Section 2, whole models: converted torchvision models (random init: speed does not depend on the weights)
+against the original in eval mode and against the BN-folded original (the floor: what inference could cost
+with the normalisation gone); one training step; ANAct after ``normswap export``; peak forward memory.
+
+    python -m benchmarks.models MODEL BATCH SIZE      # (internal) the memory child: prints one JSON line
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import normswap  # noqa: F401  (before torchvision: the import guard)
+
+from .timing import Bench, peak_rise_mib
+
+HOW = ("Torchvision models, random init, eval mode, `torch.inference_mode`; every configuration of one model "
+       "interleaved in the same rounds. `folded` is the original with every Conv->BN folded "
+       "(`torch.fx.experimental.optimization.fuse`), the floor for a normalisation layer's cost. UAN (K = 3) and "
+       "PatchNorm at strength 1 (the paper's layer); ANAct as converted (strength 0: folded sites compute "
+       "c (f - mu) at every strength, unfolded ones are the plain activation), and after `normswap.export`. "
+       "Training step: forward, a logsumexp loss, backward, in training mode. Peak memory: the rise of the "
+       "peak resident set (CUDA: allocator peak) over one forward, every configuration in one child process "
+       "started with `MALLOC_MMAP_THRESHOLD_=65536` so that freed buffers leave the resident set.")
+VARIANTS = {"patchnorm": 1.0, "uan": 1.0, "anact": 0.0}
+
+
+def build(name: str, size: int) -> nn.Module:
+    """A torchvision model, random init (seed 0), eval mode; ViTs built for ``size``. ``tiny_resnet`` is a
+    ResNet with one BasicBlock per stage (the test suite's stand-in)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    if name == "tiny_resnet":
+        from torchvision.models.resnet import BasicBlock, ResNet
+
+        return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval()
+    kw = {"image_size": size} if name.startswith("vit") else {}
+    return getattr(torchvision.models, name)(weights=None, **kw).eval()
+
+
+def configs(name: str, size: int, x: torch.Tensor, *, folded: bool = True) -> tuple[dict[str, nn.Module], list[str]]:
+    """Every configuration of ``name``: original, folded, each variant that applies, ANAct exported; and
+    the reasons for the ones that do not apply."""
+    base = build(name, size).to(x.device)
+    out, skipped = {"original": base}, []
+    if folded and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in base.modules()):
+        from torch.fx.experimental.optimization import fuse
+
+        out["folded"] = fuse(build(name, size)).to(x.device).eval()
+    for variant, strength in VARIANTS.items():
+        try:
+            r = normswap.convert(base, to=variant, strength=strength, example_inputs=x[:2],
+                                 options={"k": 3} if variant == "uan" else None)
+        except normswap.NormswapError as e:
+            skipped.append(f"{variant}: {str(e).splitlines()[0][:200]}")
+            continue
+        out[variant] = r.model.eval()
+        if variant == "anact":
+            out["anact exported"] = normswap.export(r, example_inputs=x[:2]).model.eval()
+    return out, skipped
+
+
+def _infer(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.inference_mode():
+            return m(x)
+    return run
+
+
+def _train_step(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    m.train()
+
+    def run() -> object:
+        m.zero_grad(set_to_none=True)
+        m(x).logsumexp(dim=1).sum().backward()
+        return None
+    return run
+
+
+def memory(name: str, batch: int, size: int, device: torch.device) -> dict[str, float | None]:
+    """Peak-memory rise of one forward of every configuration (in this process)."""
+    x = torch.randn(batch, 3, size, size, device=device)
+    models, _ = configs(name, size, x)
+    return {label: peak_rise_mib(_infer(m, x), device) for label, m in models.items()}
+
+
+def memory_child(name: str, batch: int, size: int, threads: int) -> dict[str, float | None]:
+    """:func:`memory` in a fresh process whose freed buffers leave the resident set."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
+    res = subprocess.run([sys.executable, "-m", "benchmarks.models", name, str(batch), str(size)], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run(bench: Bench) -> dict[str, Any]:
+    sz, dev = bench.sizes, bench.device
+    rows: list[dict[str, Any]] = []
+    notes = []
+    reps = int(sz["model_repeats"])
+    for name, (batch, size) in sz["models"].items():
+        bench.log(f"model {name}")
+        x = torch.randn(batch, 3, size, size, device=dev)
+        models, skipped = configs(name, size, x)
+        notes += [f"{name}: {s}" for s in skipped]
+        what = f"{name} batch {batch} at {size} px"
+        rows += bench.compare("inference", what, {k: _infer(m, x) for k, m in models.items()}, "original", reps,
+                              also_vs="folded" if "folded" in models else None)
+        if dev.type == "cuda" or not sz["memory_child"]:
+            mem = memory(name, batch, size, dev)
+        else:
+            mem = memory_child(name, batch, size, torch.get_num_threads())
+        for r in rows:
+            if r.get("what") == what and r["group"] == "inference" and mem.get(r["candidate"]) is not None:
+                base_mib = mem.get("original") or 0.0
+                r.update(peak_mib=mem[r["candidate"]], base_peak_mib=base_mib,
+                         memory_ratio=mem[r["candidate"]] / base_mib if base_mib > 0 else None)
+        tb, ts = sz["train"]
+        xt = torch.randn(tb, 3, ts, ts, device=dev)
+        trained, _ = configs(name, ts, xt, folded=False)
+        trained.pop("anact exported", None)
+        what_t = f"{name} batch {tb} at {ts} px"
+        rows += bench.compare("training step", what_t, {k: _train_step(m, xt) for k, m in trained.items()},
+                              "original", reps)
+    return {"title": "2. Whole models", "how": HOW, "kind": "speed", "rows": rows, "notes": notes}
+
+
+if __name__ == "__main__":
+    n, b, s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    print(json.dumps(memory(n, b, s, torch.device("cpu"))))
