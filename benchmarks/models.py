@@ -27,7 +27,9 @@ HOW = ("Torchvision models, random init, eval mode, `torch.inference_mode`; ever
        "c (f - mu) at every strength, unfolded ones are the plain activation), and after `normswap.export`. "
        "Training step: forward, a logsumexp loss, backward, in training mode. Peak memory: the rise of the "
        "peak resident set (CUDA: allocator peak) over one forward, every configuration in one child process "
-       "started with `MALLOC_MMAP_THRESHOLD_=65536` so that freed buffers leave the resident set.")
+       "started with `MALLOC_MMAP_THRESHOLD_=65536` so that freed buffers leave the resident set. `uan compiled`: "
+       "the same UAN model with its channel-mode kernel compiled (`NORMSWAP_COMPILE=1`, docs/uan.md; opt-in, "
+       "its compile falls in the warm-up), where the model has BatchNorm sites.")
 VARIANTS = {"patchnorm": 1.0, "uan": 1.0, "anact": 0.0}
 
 
@@ -65,6 +67,35 @@ def configs(name: str, size: int, x: torch.Tensor, *, folded: bool = True) -> tu
         if variant == "anact":
             out["anact exported"] = normswap.export(r, example_inputs=x[:2]).model.eval()
     return out, skipped
+
+
+class _CompiledUAN(nn.Module):
+    """A UAN model run with the compiled channel-mode kernel on (``NORMSWAP_COMPILE=1``) for its calls only."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from normswap.variants.uan import UANChannel, set_compiled
+
+        if not any(isinstance(m, UANChannel) for m in self.model.modules()):
+            return self.model(x)
+        set_compiled(True)
+        try:
+            return self.model(x)
+        finally:
+            set_compiled(False)
+
+
+def with_compiled_uan(models: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """``models`` plus ``uan compiled`` where the UAN model has channel-mode (BatchNorm) sites."""
+    from normswap.variants.uan import UANChannel
+
+    uan = models.get("uan")
+    if uan is not None and any(isinstance(m, UANChannel) for m in uan.modules()):
+        return {**models, "uan compiled": _CompiledUAN(uan)}
+    return models
 
 
 def _infer(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -110,7 +141,8 @@ def run(bench: Bench) -> dict[str, Any]:
         models, skipped = configs(name, size, x)
         notes += [f"{name}: {s}" for s in skipped]
         what = f"{name} batch {batch} at {size} px"
-        rows += bench.compare("inference", what, {k: _infer(m, x) for k, m in models.items()}, "original", reps,
+        timed = with_compiled_uan(models) if sz.get("uan_compiled", True) else models
+        rows += bench.compare("inference", what, {k: _infer(m, x) for k, m in timed.items()}, "original", reps,
                               also_vs="folded" if "folded" in models else None)
         if dev.type == "cuda" or not sz["memory_child"]:
             mem = memory(name, batch, size, dev)
@@ -126,6 +158,8 @@ def run(bench: Bench) -> dict[str, Any]:
         trained, _ = configs(name, ts, xt, folded=False)
         trained.pop("anact exported", None)
         what_t = f"{name} batch {tb} at {ts} px"
+        if sz.get("uan_compiled", True):
+            trained = with_compiled_uan(trained)
         rows += bench.compare("training step", what_t, {k: _train_step(m, xt) for k, m in trained.items()},
                               "original", reps)
     return {"title": "2. Whole models", "how": HOW, "kind": "speed", "rows": rows, "notes": notes}

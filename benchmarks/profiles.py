@@ -44,7 +44,7 @@ TINY = copy.deepcopy(QUICK)
 TINY.update({
     "repeats": 2, "warmup": 0, "layer_repeats": 2, "layer_batch": 1, "layer_hw": 8, "channel_div": 16,
     "vit_batch": 1, "vit_tokens": 9, "compile": [],
-    "models": {"tiny_resnet": [1, 32]}, "train": [2, 32], "model_repeats": 2, "memory_child": False,
+    "models": {"tiny_resnet": [1, 32]}, "train": [2, 32], "model_repeats": 2, "memory_child": False, "uan_compiled": False,
     "convert_model": "tiny_resnet", "tool_model": "tiny_resnet", "tool_size": 32, "calib_samples": 4, "eval_samples": 4,
     "tool_repeats": 2,
     "fmnist_overrides": ["finetune.steps=2", "strength.span=1", "eval.every=2", "eval.samples=16",

@@ -8,4 +8,6 @@ from normswap.variants.uan.variant import (  # noqa: F401  (the folder's public 
     UAN, UANChannel, UANConfig, UANSample,
 )
 
-__all__ = ["UAN", "UANChannel", "UANConfig", "UANSample"]
+from normswap.variants.uan.fused import compiled_enabled, set_compiled  # noqa: E402  (the opt-in compiled kernel)
+
+__all__ = ["UAN", "UANChannel", "UANConfig", "UANSample", "compiled_enabled", "set_compiled"]
