@@ -78,3 +78,9 @@ class RecipeError(UsageError):
 def one_line(text: str) -> str:
     """``text`` with line breaks and other control characters escaped: a message stays one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def a_type(value: object) -> str:
+    """``value``'s type name with its article: ``an int``, ``a list``."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"

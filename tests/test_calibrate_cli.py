@@ -81,7 +81,7 @@ def test_calibrate_and_eval_commands_with_json(workdir):
     (("eval", "u.safetensors", "--data", "data.safetensors", "--strengths", "0,x"), 2,
      "Error: Invalid value for '--strengths': expected comma-separated numbers, got '0,x'"),
     (("eval", "u.safetensors", "--data", "data.safetensors", "--strengths", "2", "--trust-source"), 2,
-     "Error: strength must be in [0, 1]; got 2.0"),
+     "Error: Invalid value for '--strengths': each strength must be in [0, 1], got 2"),
     (("calibrate", "u.safetensors", "--data", "data.safetensors", "--calib-strength", "0"), 2,
      "Error: Invalid value for '--calib-strength'"),
     (("calibrate", "u.safetensors", "--data", "data.safetensors", "--em-init", "random"), 2,

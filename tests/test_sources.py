@@ -314,7 +314,7 @@ def test_python_factory(tmp_path, monkeypatch):
     assert _keys_shapes(rebuild(source, allow_code=True)) == _keys_shapes(model)
     with pytest.raises(UsageError, match=r"^'my_models' has no attribute 'mak' \(did you mean 'make'\?\)"):
         load_model("my_models:mak")
-    with pytest.raises(UsageError, match=r"^'my_models:NUMBER' is not callable \(it is a int\)"):
+    with pytest.raises(UsageError, match=r"^'my_models:NUMBER' is not callable \(it is an int\)"):
         load_model("my_models:NUMBER")
     with pytest.raises(NormswapError, match=r"^factory 'my_models:not_a_model' returned a list, not a torch.nn.Module"):
         load_model("my_models:not_a_model")

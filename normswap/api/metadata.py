@@ -22,7 +22,7 @@ import re
 import typing
 from typing import TYPE_CHECKING, Any, Callable
 
-from normswap.errors import FileFormatError, NormswapError, one_line
+from normswap.errors import FileFormatError, NormswapError, a_type, one_line
 from normswap.compat import import_torchvision
 from normswap.sources import KINDS, WEIGHT_SUFFIXES, SourceSpec, optional_module
 from normswap.core.plan import Plan
@@ -260,7 +260,7 @@ def plan_from_file(data: Any, path: str | os.PathLike) -> Plan:
                 raise fail(f"field '{key}' has a bad value {_short(data[key])}")
         for i, site in enumerate(data.get("sites") or []):
             if not isinstance(site, dict):
-                raise fail(f"site {i} is a {type(site).__name__}, not an object")
+                raise fail(f"site {i} is {a_type(site)}, not an object")
             for key, check in _SITE_TYPES.items():
                 if key in site and not check(site[key]):
                     raise fail(f"site {i} ({_short(site.get('name'))}): field '{key}' has a bad value "

@@ -30,6 +30,15 @@ def _floats(text: str | None, name: str, count: int | None = None) -> list[float
     return values
 
 
+def _strengths(text: str | None) -> list[float] | None:
+    """``--strengths``: comma-separated numbers, each in [0, 1]."""
+    values = _floats(text, "--strengths")
+    for v in values or []:
+        if not 0.0 <= v <= 1.0:
+            raise click.BadParameter(f"each strength must be in [0, 1], got {v:g}", param_hint="'--strengths'")
+    return values
+
+
 def data_options(func: Callable) -> Callable:
     """The options every data-driven command takes (split, preprocessing)."""
     options = [
@@ -77,7 +86,7 @@ def split_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     data_opts = {"image_size": kw.pop("image_size"), "mean": _floats(kw.pop("mean"), "--mean", 3),
                  "std": _floats(kw.pop("std"), "--std", 3)}
     out = {"eval_samples": kw.pop("eval_samples"), "batch_size": kw.pop("batch_size"), "seed": kw.pop("seed"),
-           "strengths": _floats(kw.pop("strengths"), "--strengths"),
+           "strengths": _strengths(kw.pop("strengths")),
            "data_options": {k: v for k, v in data_opts.items() if v is not None}}
     if "calib_strength" in kw:
         out.update(calib_samples=kw.pop("calib_samples"), strength=kw.pop("calib_strength"), reestimate_bn=kw.pop("reestimate_bn"),

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from normswap.compat import import_torchvision
-from normswap.errors import (FileFormatError, NormswapError, UnknownModelError, UsageError,
+from normswap.errors import (FileFormatError, a_type, NormswapError, UnknownModelError, UsageError,
                              WeightsError)
 from normswap.sources.weights import first_line as _first_line
 from normswap.sources.weights import load_weights_file
@@ -247,14 +247,14 @@ def _call_factory(source: SourceSpec) -> nn.Module:
             raise UsageError(f"'{target}' has no attribute '{attr}'{hint} (source '{source.spec}')")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise UsageError(f"'{source.spec}' is not callable (it is a {type(obj).__name__}); name a function or class "
+        raise UsageError(f"'{source.spec}' is not callable (it is {a_type(obj)}); name a function or class "
                          "that returns an nn.Module")
     try:
         model = obj(**source.kwargs)
     except Exception as exc:
         raise NormswapError(f"factory '{source.spec}' failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
-        raise NormswapError(f"factory '{source.spec}' returned a {type(model).__name__}, not a torch.nn.Module")
+        raise NormswapError(f"factory '{source.spec}' returned {a_type(model)}, not a torch.nn.Module")
     return model
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from normswap.errors import FileFormatError
+from normswap.errors import FileFormatError, a_type
 from normswap.io import read_file, write_file
 
 __all__ = ["load_state", "save_state"]
@@ -37,7 +37,7 @@ def _split(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
                 "tuple": isinstance(value, tuple)}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise FileFormatError(f"cannot store a {type(value).__name__} in a training checkpoint")
+    raise FileFormatError(f"cannot store {a_type(value)} in a training checkpoint")
 
 
 def _key(k: Any) -> Any:
