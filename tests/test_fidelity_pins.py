@@ -38,7 +38,7 @@ def exact_start(report: normswap.FidelityReport, strengths: tuple[float, ...] = 
     for state in ("before calibration", "after calibration"):
         for s in strengths:
             row = report.row(state, s)
-            assert row.agreement == 1.0 and row.rel_error < 1e-6, (state, s, row)
+            assert row.agreement == 1.0 and row.rel_error < 1e-5, (state, s, row)  # PatchNorm's folded BN: ~1e-6
 
 
 # ------------------------------------------------------------------------------------------ README: exact start
