@@ -357,3 +357,19 @@ def test_example_inputs_for_unknown_models(resnet18):
     first, again = example_input(resnet18, parse_spec("resnet18")), example_input(resnet18, parse_spec("resnet18"))
     assert first.args[0].shape == (2, 3, 224, 224) and torch.equal(first.args[0], again.args[0])
     assert example_input(resnet18, parse_spec("inception_v3")).args[0].shape == (2, 3, 299, 299)
+
+
+def test_misfit_message_says_when_it_lists_only_some_keys(tmp_path):
+    """A weights file missing seven keys names three of them and says there are more."""
+    from safetensors.torch import save_file
+
+    from normswap.sources import load_weights_file
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    state = {k: v for k, v in model.state_dict().items() if k == "0.weight"}
+    path = tmp_path / "part.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(WeightsError) as err:
+        load_weights_file(model, str(path), "the model")
+    assert str(err.value) == (f"weights file {path} does not fit the model: 7 missing keys "
+                              "(0.bias, 1.weight, 1.bias, ...)")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from normswap.errors import FileFormatError, NormswapError, a_type, one_line
 from normswap.compat import import_torchvision
 from normswap.sources import KINDS, WEIGHT_SUFFIXES, SourceSpec, optional_module
+from normswap.sources.weights import first_three
 from normswap.core.plan import Plan
 
 if TYPE_CHECKING:
@@ -300,8 +301,8 @@ def replay(path: str | os.PathLike, model: "nn.Module", plan: Plan, tensors: dic
             pass
     if miss or extra:
         raise FileFormatError(one_line(
-            f"{path} does not fit the rebuilt model: {len(miss)} missing key(s) ({', '.join(miss[:3])}), "
-            f"{len(extra)} unexpected key(s) ({', '.join(extra[:3])})"))
+            f"{path} does not fit the rebuilt model: {len(miss)} missing key(s) ({first_three(miss)}), "
+            f"{len(extra)} unexpected key(s) ({first_three(extra)})"))
     shapes = [f"'{k}' is {_shape(v)} in the file, {_shape(own[k])} in the model"
               for k, v in tensors.items() if tuple(v.shape) != tuple(own[k].shape)]
     if shapes:

@@ -25,6 +25,11 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def first_three(items: list[str], sep: str = ", ") -> str:
+    """The first three of ``items`` joined by ``sep``, with ``...`` when there are more (a message's examples)."""
+    return sep.join(items[:3]) + (f"{sep}..." if len(items) > 3 else "")
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A state_dict from ``.safetensors`` or ``torch.load(weights_only=True)``: bare, or under ``state_dict`` /
     ``model`` / ``model_state_dict``; a uniform ``module.`` / ``_orig_mod.`` prefix is stripped."""
@@ -74,7 +79,7 @@ def load_weights_file(model: nn.Module, path: str, label: str) -> None:
     extra = [k for k in state if k not in own]
     shapes = [f"{k}: file {'x'.join(map(str, state[k].shape))}, model {'x'.join(map(str, v.shape))}"
               for k, v in own.items() if k in state and state[k].shape != v.shape]
-    problems = [f"{len(items)} {one if len(items) == 1 else many} ({sep.join(items[:3])})" for items, one, many, sep
+    problems = [f"{len(items)} {one if len(items) == 1 else many} ({first_three(items, sep)})" for items, one, many, sep
                 in [(missing, "missing key", "missing keys", ", "), (extra, "unexpected key", "unexpected keys", ", "),
                     (shapes, "shape mismatch", "shape mismatches", "; ")] if items]
     if problems:
