@@ -123,7 +123,7 @@ def test_cli_exit_1_for_weights_that_do_not_fit(workdir):
     res = run("convert", "models.py:small", "--weights", "w.safetensors", "--to", "uan", "-o", "out.safetensors")
     assert res.exit_code == 1, res.output
     assert res.stderr == (f"Error: weights file w.safetensors does not fit {workdir}/models.py:small: 7 missing keys "
-                          "(0.bias, 1.weight, 1.bias), 1 unexpected key (9.bias)\n")
+                          "(0.bias, 1.weight, 1.bias, ...), 1 unexpected key (9.bias)\n")
     assert not (workdir / "out.safetensors").exists()
 
 
