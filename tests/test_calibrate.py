@@ -12,8 +12,7 @@ from torch import nn
 
 import normswap
 from normswap.calibration.report import measure
-from normswap.calibration.runner import run_calibration
-from normswap.calibration.runner import execution_order
+from normswap.calibration.runner import execution_order, run_calibration
 from normswap.variants import strengths_of
 from normswap.data import open_data
 from normswap.errors import NormswapError, OptionError, UsageError
@@ -271,3 +270,21 @@ def test_synthetic_data_is_said_loudly(recwarn):
     out = normswap.calibrate(r, "synthetic:3x10x10", calib_samples=8, eval_samples=8)
     assert any(issubclass(w.category, RandomDataWarning) for w in recwarn.list)
     assert "synthetic random inputs: these figures say nothing about real data" in out.report.render()
+
+
+def test_calibration_config_and_keywords_are_one_set_of_settings():
+    """``normswap.calibrate`` takes a typed CalibrationConfig; keywords override it; an unknown one is one line."""
+    from normswap.api.calibration import CalibrationConfig
+
+    base = CalibrationConfig(calib_samples=64, em_init="kmeans++")
+    merged = CalibrationConfig.build(base, seed=3, strengths=[0, 1])
+    assert (merged.calib_samples, merged.em_init, merged.seed, merged.strengths) == (64, "kmeans++", 3, (0, 1))
+    with pytest.raises(OptionError) as err:
+        CalibrationConfig.build(base, calib_sample=3)
+    assert str(err.value) == ("unknown calibration setting 'calib_sample'; valid settings: calib_samples, eval_samples, "
+                              "batch_size, seed, strength, strengths, reestimate_bn, em_init, em_samples, em_tol, "
+                              "layerwise")
+    with pytest.raises(OptionError, match=r"^em_init must be one of quantile, kmeans\+\+; got 'random'$"):
+        CalibrationConfig.build(None, em_init="random")
+    with pytest.raises(OptionError, match="^unknown calibration setting 'calib_sample'"):
+        normswap.calibrate(nn.Sequential(nn.Linear(2, 2)), None, calib_sample=3)
