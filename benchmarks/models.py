@@ -70,17 +70,16 @@ def configs(name: str, size: int, x: torch.Tensor, *, folded: bool = True) -> tu
 
 
 class _CompiledUAN(nn.Module):
-    """A UAN model run with the compiled channel-mode kernel on (``NORMSWAP_COMPILE=1``) for its calls only."""
+    """A UAN model run with the compiled channel-mode kernel on (``NORMSWAP_COMPILE=1``) for its calls only; built by
+    :func:`with_compiled_uan` only for models that have channel-mode sites."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from normswap.variants.uan import UANChannel, set_compiled
+        from normswap.variants.uan import set_compiled
 
-        if not any(isinstance(m, UANChannel) for m in self.model.modules()):
-            return self.model(x)
         set_compiled(True)
         try:
             return self.model(x)

@@ -19,6 +19,7 @@ from normswap.core.plan import Site
 from normswap.core.kinds import ACT_PARENTS
 from normswap.variants.patchnorm import adapters as _patch_adapters, layer as _patch
 from normswap.core.kinds import qualname
+from normswap.variants.patchnorm.examples import randomize_batchnorms
 from normswap.variants import CalibrationSettings
 from normswap.variants.patchnorm import NormActTail, PatchNorm, PatchNormConv, fit_gain, register_adapter
 from normswap.variants.uan import UAN
@@ -44,16 +45,7 @@ def adapters():
 
 def _stats(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial eval statistics in every BatchNorm (random init has mean 0, var 1: folding would be trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-    return model.eval()
+    return randomize_batchnorms(model, torch.Generator().manual_seed(seed))
 
 
 # ---- stand-ins for EfficientNet-PyTorch's convs (the package is not installed; code copied from its utils.py) ----

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from normswap.api.conversion import META_ATTR, ConvertResult, load, save
 from normswap.calibration.datacheck import check_batches, check_fits, class_mismatch, warn_mismatch
 from normswap.calibration.report import FidelityReport, SiteFidelity, measure
 from normswap.calibration.runner import CalibrationLog, run_calibration
@@ -94,16 +95,12 @@ class CalibrationResult:
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Save the calibrated model as a self-describing ``.safetensors`` file (see ``normswap.save``)."""
-        from normswap.api.conversion import save
-
         return save(self.model, path, plan=self.plan, source=self.source, force=force)
 
 
 def _resolve(model: Any, base_model: nn.Module | None, trust_source: bool
              ) -> tuple[nn.Module, Plan, SourceSpec | None, nn.Module | None]:
     """``(converted model, plan, source, original if known)`` from a ConvertResult, a module or a file."""
-    from normswap.api.conversion import META_ATTR, ConvertResult, load
-
     if isinstance(model, ConvertResult):
         return model.model, model.plan, model.source, model.original
     if isinstance(model, (str, os.PathLike)):

@@ -6,20 +6,23 @@ import torch
 from torch import nn
 
 
+def randomize_batchnorms(model: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Non-trivial running statistics (and affine parameters) in every BatchNorm, drawn from ``gen``; eval mode.
+    Random init has mean 0 and variance 1, with which folding a BatchNorm would prove nothing."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+    return model.eval()
+
+
 def examples() -> list[tuple[nn.Module, torch.Tensor]]:
     """Small eval-mode models with Conv/Linear -> BN pairs (non-trivial running statistics)."""
-
-    def stats(model: nn.Module, gen: torch.Generator) -> nn.Module:
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    c = m.num_features
-                    m.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
-                    m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-                    if m.affine:
-                        m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                        m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
-        return model.eval()
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -35,10 +38,10 @@ def examples() -> list[tuple[nn.Module, torch.Tensor]]:
         dw = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), nn.BatchNorm2d(6), nn.ReLU6(),
                            nn.Conv2d(6, 4, 1))
         out = [
-            (stats(cnn, gen), torch.randn(4, 3, 12, 12)),
-            (stats(mlp, gen), torch.randn(8, 10)),
-            (stats(seq, gen), torch.randn(2, 4, 20)),
-            (stats(dw, gen), torch.randn(2, 6, 10, 10)),
+            (randomize_batchnorms(cnn, gen), torch.randn(4, 3, 12, 12)),
+            (randomize_batchnorms(mlp, gen), torch.randn(8, 10)),
+            (randomize_batchnorms(seq, gen), torch.randn(2, 4, 20)),
+            (randomize_batchnorms(dw, gen), torch.randn(2, 6, 10, 10)),
         ]
         try:  # timm is optional: its adapters are then simply not exercised
             from normswap.compat import import_torchvision
@@ -54,4 +57,4 @@ def examples() -> list[tuple[nn.Module, torch.Tensor]]:
             nn.Conv2d(8, 4, 1, bias=False), BatchNormAct2d(4, apply_act=False),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
         )
-        return out + [(stats(effnet, gen), torch.randn(2, 3, 11, 13))]
+        return out + [(randomize_batchnorms(effnet, gen), torch.randn(2, 3, 11, 13))]
