@@ -15,7 +15,7 @@ QUICK: dict[str, Any] = {
     "models": {"resnet50": [4, 160], "mobilenet_v2": [8, 160], "vit_b_16": [1, 224]},
     "train": [2, 128], "model_repeats": 5, "memory_child": True,
     # 3. the tool
-    "convert_model": "resnet50", "tool_model": "mobilenet_v2", "tool_size": 160, "calib_samples": 64,
+    "convert_model": "resnet50", "tool_model": "mobilenet_v2", "tool_size": 160, "calib_samples": 256,
     "eval_samples": 64, "tool_repeats": 3, "tool_warmup": 0,
     # 4. accuracy retention: recipe overrides (the quick profile shortens the recipes and says so)
     "fmnist_overrides": ["finetune.steps=200", "strength.span=100", "eval.every=100", "calibrate.samples=512",
