@@ -61,9 +61,13 @@ def demo_target(sections: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def find_row(sections: dict[str, Any], section: str, group: str, what: str, candidate: str) -> dict[str, Any] | None:
+def find_row(sections: dict[str, Any], section: str, group: str, what: str, candidate: str,
+             variant: str | None = None) -> dict[str, Any] | None:
+    """The first row of ``section`` in ``group`` whose ``what`` starts with ``what``, for ``candidate`` (and, when
+    given, measured for ``variant``: the calibration rows share one group and one ``what``)."""
     for r in sections.get(section, {}).get("rows", []):
-        if r.get("group") == group and r.get("what", "").startswith(what) and r.get("candidate") == candidate:
+        if (r.get("group") == group and r.get("what", "").startswith(what) and r.get("candidate") == candidate
+                and (variant is None or r.get("variant") == variant)):
             return r
     return None
 
@@ -84,7 +88,7 @@ def evaluate(sections: dict[str, Any]) -> list[dict[str, Any]]:
                 row["today"] = f"skipped: {r.get('skipped')}"
             continue
         row["where"] = f"{r['what']}: {r['candidate']} / {r['baseline']}"
-        floor = find_row(sections, sel[0], sel[1], sel[2], "floor")
+        floor = find_row(sections, sel[0], sel[1], sel[2], "floor", variant=r.get("variant"))
         if reads == "min_throughput":
             row["today"] = f"{1 / r['ratio']:.2f}x throughput ({r['ratio']:.1f}x the time)"
             row["met"] = 1 / r["ratio"] >= limit
