@@ -6,7 +6,8 @@ buffers ``running_rho``, ``running_rho_prime``, ``running_mean``, ``num_batches_
 ``scale()`` / ``shift()``. The statistics never depend on the strength: they describe ``f`` and its
 input, so calibrating or training at strength 0 prepares the layer for strength 1.
 
-Statistics (no gradient; float32, float64 for float64 inputs) are one scalar per site, or per channel
+Statistics (no gradient; computed in float32, or float64 for float64 inputs, stored in the buffers' dtype, the
+model's) are one scalar per site, or per channel
 (``per_channel``: dim 1, BN layout; buffers of shape (C,)).
 
 - Training: the first batch (``num_batches_tracked == 0``) is taken as is, later ones by EMA
