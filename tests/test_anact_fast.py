@@ -160,3 +160,25 @@ def test_buffers_follow_the_model_dtype(dtype, per_channel):
     assert layer.strength.dtype == torch.float32  # by design, whatever the model
     with torch.no_grad():
         torch.testing.assert_close(r.model(x), model(x), atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("block", [7, 40, 1 << 17])  # several blocks per channel, several samples per block, one
+@pytest.mark.parametrize("channels", [None, 5])
+def test_block_sums_equal_the_float64_sums(dtype, block, channels, monkeypatch):
+    from normswap.variants.anact import stats
+    from normswap.variants.anact.activations import apply_activation, derivative
+
+    monkeypatch.setattr(stats, "BLOCK", block)
+    x = (torch.randn(3, 5, 4, 6, dtype=torch.float64) * 2 + 0.7).to(dtype)
+    shift, sums, count = stats.block_sums("gelu", {}, x, channels, None)
+    cols = x.double().transpose(0, 1).reshape(5, -1) if channels else x.double().reshape(1, -1)
+    ref_shift = cols[:, :cols.shape[1] // 3].mean(-1) if channels else cols[0, :block].mean().reshape(1)
+    torch.testing.assert_close(shift.reshape(-1), ref_shift, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    d = cols - shift.reshape(-1, 1)
+    f, fp = apply_activation("gelu", {}, cols), derivative("gelu", {}, cols)
+    ref = torch.stack([d.sum(-1), d.square().sum(-1), f.sum(-1), f.square().sum(-1), fp.square().sum(-1)])
+    ref = ref if channels else ref[:, 0]
+    assert sums.dtype == torch.float64 and sums.shape == ref.shape and count == cols.shape[1]
+    tol = dict(rtol=2e-6, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums, ref, **tol)
