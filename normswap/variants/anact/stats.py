@@ -134,18 +134,18 @@ class ANActStatistics(nn.Module):
 
 _STEP = ("relu", "relu6")  # f' is 0 or 1: f'^2 = f'
 SUM_KEYS = ("sum_x", "sum_x2", "sum_f", "sum_f2", "sum_fp2")
-BLOCK = 1 << 17  # values per block on the CPU: a block's temporaries stay in L2 (fastest here of 2^15..2^20)
+BLOCK = 1 << 17  # values per block and CPU thread: a thread's share of a block stays in its L2 (fastest of 2^15..2^20)
 
 
 def _blocks(x: torch.Tensor, channels: int | None) -> tuple[torch.Tensor, list[tuple[slice, torch.Tensor]], tuple]:
     """``(first values, [(channel slice, block)], reduced dims)``: ``x`` as ``(N, C, L)`` blocks of about
-    :data:`BLOCK` values (one block off the CPU), or flat blocks without ``channels``; ``first values`` (the first
-    sample's, ``(C, L)``, or the first block) set the shift of a first batch."""
-    limit = BLOCK if x.device.type == "cpu" else max(1, x.numel())
+    :data:`BLOCK` values per thread (one block off the CPU), or flat blocks without ``channels``; ``first values``
+    (the first sample's, ``(C, L)``, or the first :data:`BLOCK` values) set the shift of a first batch."""
+    limit = BLOCK * torch.get_num_threads() if x.device.type == "cpu" else max(1, x.numel())
     if channels is None:
         flat = x.reshape(-1)
         blocks = [(slice(None), flat[i:i + limit]) for i in range(0, flat.numel(), limit)]
-        return flat[:limit], blocks, (0,)
+        return flat[:BLOCK], blocks, (0,)  # the shift does not depend on the thread count
     v = x.reshape(x.shape[0], channels, -1)
     per_sample = max(1, channels * v.shape[2])
     if per_sample <= limit:
