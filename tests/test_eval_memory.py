@@ -37,3 +37,30 @@ def test_sliced_batches_give_the_same_figures_and_hold_bounded_activations(monke
     for label in whole[1]:
         assert whole[1][label] == pytest.approx(sliced[1][label], rel=1e-4)
         assert whole[1][label] and all(v > 0 for v in sliced[1][label].values())
+
+
+def test_evaluate_streams_the_evaluation_batches(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from normswap.data import open_data
+
+    r = normswap.convert(cnn(), to="anact", strength=0.5)
+    path = tmp_path / "inputs.safetensors"
+    save_file({"inputs": torch.randn(13, 3, 10, 10, generator=torch.Generator().manual_seed(2))}, str(path))
+    split = open_data(str(path), r.original, calib_samples=1, eval_samples=12, seed=0)
+    made, ahead = [], []
+    real = split.batches
+
+    def counted(part, batch_size=32, **kw):
+        for b in real(part, batch_size, **kw):
+            made.append(b[0].shape[0])
+            yield b
+
+    monkeypatch.setattr(split, "batches", counted)
+    hook = r.original.register_forward_pre_hook(lambda _m, args: ahead.append(len(made)))
+    rep = normswap.evaluate(r, split, original=r.original, eval_samples=12, batch_size=4)
+    hook.remove()
+    assert rep.samples == 12 and made == [1, 4, 4, 4]  # the one-sample data check, then the three batches
+    # the reference's forwards on evaluation batch k see k batches made (plus the check's): the batches are read
+    # as they are used, not all at once (which would show 4 everywhere)
+    assert ahead[0] == 1 and set(ahead[1:]) == {2, 3, 4}

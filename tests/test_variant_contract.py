@@ -122,9 +122,9 @@ def check_conversion(name: str, model: nn.Module, x: torch.Tensor, tmp: Path, ta
     tol = 1e-4 if x.dtype == torch.float32 else 1e-10
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     assert_bit_exact_claims(name, result, x)
-    for m in modules:  # the model's dtype is kept; scalars are exempt (strength buffers are float32 by design, and
-        # ANAct's scalar statistics are float32 whatever the model: an activation module has no dtype to copy)
-        tensors = [t for t in [*m.parameters(), *m.buffers()] if t.dim() > 0 and t.is_floating_point()]
+    for m in modules:  # the model's dtype is kept; the strength buffers are float32 by design, whatever the model
+        tensors = [t for n, t in [*m.named_parameters(), *m.named_buffers()]
+                   if t.is_floating_point() and n.rpartition(".")[2] != getattr(m, "strength_key", "strength")]
         assert all(t.dtype == x.dtype for t in tensors), (name, type(m).__name__, {t.dtype for t in tensors})
     for strength in (0.3, 1.0, 0.0):  # fx-traceable at every strength, and the strength is what was set
         set_all(modules, strength)

@@ -7,6 +7,7 @@ Orchestration only: the data comes from :mod:`normswap.data`, the fitting from
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import warnings
 from collections import Counter
@@ -223,13 +224,15 @@ def _report(reference: nn.Module, ref_label: str, models: dict[str, nn.Module], 
     if mismatch:
         warn_mismatch(mismatch)
         notes.append(mismatch)
-    batches = list(check_batches(split.batches("evaluation", batch_size), split.name, "evaluation", classes,
-                                 drop_labels=bool(mismatch)))
-    if not batches:
+    batches = check_batches(split.batches("evaluation", batch_size), split.name, "evaluation", classes,
+                            drop_labels=bool(mismatch))
+    first = next(batches, None)  # streamed: one batch in memory at a time, whatever eval_samples is
+    if first is None:
         raise UsageError("the evaluation split is empty: pass eval_samples >= 1 (--eval-samples)")
     counts: dict[str, int] = {}
-    rows, per_site, orig_acc, n = measure(reference, models, plan, batches, strengths, site_strength, progress,
-                                          counts)
+    total = -(-len(split.evaluation) // batch_size) if hasattr(split, "evaluation") else None
+    rows, per_site, orig_acc, n = measure(reference, models, plan, itertools.chain([first], batches), strengths,
+                                          site_strength, progress, counts, total)
     notes += nonfinite_notes(reference, rows, counts.get("reference_nonfinite", 0), n)
     labels = list(models)
     sites = []

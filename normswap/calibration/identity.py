@@ -18,9 +18,10 @@ __all__ = ["same_function"]
 
 _PLAIN = (bool, int, float, str, type(None))
 # compared separately (tensors, children), or not read by forward (a GraphModule's graph: its code is compared;
-# normswap's metadata of a converted model)
+# normswap's metadata of a converted model), or derived from the tensors and checked against them on every use
+# (ANAct's cached map)
 _SKIP = {"_parameters", "_buffers", "_modules", "training", "_graph", "_tracer_cls", "_tracer_extras", "meta",
-         "_normswap_meta"}
+         "_normswap_meta", "_map_cache"}
 
 
 def _plain_equal(u: Any, v: Any) -> bool:

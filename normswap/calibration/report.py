@@ -216,15 +216,16 @@ RECORD_BUDGET = 256 << 20  # bytes of reference activations that one recorded sl
 @torch.no_grad()
 def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
             batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], strengths: list[float],
-            site_strength: float | None, progress: bool = False, counts: dict[str, int] | None = None
-            ) -> tuple[list[EndToEnd], dict[str, dict[str, float]], float | None, int]:
+            site_strength: float | None, progress: bool = False, counts: dict[str, int] | None = None,
+            total: int | None = None) -> tuple[list[EndToEnd], dict[str, dict[str, float]], float | None, int]:
     """Run the reference and every model on ``batches`` at every strength (strengths restored afterwards).
 
     Per-site errors need the reference's activations at every compare point: a batch then runs in slices
     whose recorded activations fit :data:`RECORD_BUDGET` (sized on a first slice of one sample), so memory
     is bounded whatever the batch size and the number of sites; every forward still runs once per sample.
 
-    Returns the end-to-end rows, per model label the relative error of each site at ``site_strength``
+    ``batches`` is read once, as it comes (``total``: how many, for the progress bar only). Returns the
+    end-to-end rows, per model label the relative error of each site at ``site_strength``
     (``None``: no per-site figures), the reference's accuracy (``None`` without labels) and the sample count;
     ``counts["reference_nonfinite"]`` is set to the samples whose reference output holds NaN or inf."""
     points = {s.name: registry.get(s.variant).compare_points(s) for s in plan.converted}
@@ -245,7 +246,7 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
         per_sample = None  # bytes of recorded reference activations per sample, from the first slice
         alias = _aliases(reference, models, strengths)
         work: dict[str, torch.Tensor] = {}
-        for x, labels in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False):
+        for x, labels in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False, total=total):
             n = x.shape[0] if torch.is_tensor(x) and x.dim() > 0 else 1
             start = 0
             while start < n:  # slices of the batch whose recorded activations fit RECORD_BUDGET

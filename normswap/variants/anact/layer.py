@@ -11,11 +11,17 @@ with pre-activation ``X``::
     c     = lam + 0.3 tanh(alpha)         # alpha: learnable scalar, init 0
     f_hat = c * (f(X) - mu)               # mu: running mean of f(X)
 
-Statistics (no gradient; float32, float64 for float64 inputs; one scalar per site or, with
+Statistics (no gradient; computed in float32, or float64 for float64 inputs, and stored, like ``alpha``, in
+the model's floating dtype, which conversion gives them (:meth:`follow`); one scalar per site or, with
 ``per_channel``, one per channel of dim 1 while ``alpha`` stays a scalar): EMA with rejection in training,
 frozen in eval, exact sums in calibration, at every strength (:mod:`normswap.variants.anact.stats`).
 ``lam`` always uses the running values, so gradients flow through ``f`` and ``alpha`` only. Initial
 ``rho = rho' = 1, mu = 0`` give ``c = 1`` (normswap design).
+
+Speed (docs/speed.md): without gradients to ``alpha`` the map ``a f + b`` is cached per parameter and buffer
+version and applied in one vectorised pass, ``torch.add(b, f, alpha=a)`` (``addcmul`` with two broadcast
+operands runs as a scalar loop), in place on ``f`` when nothing else can read it: ``f`` is a fresh tensor,
+or ``reuse_input`` (set from the plan's facts) says the in-place activation's input has no other reader.
 
 Strength and exactness (docs/methods.md sections 0, 2.2 and 2.4; normswap design). The strength ``s`` in [0, 1] is the
 ``strength`` buffer (float32, in the state_dict) with a Python mirror ``_s`` that decides the
@@ -66,7 +72,8 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
 
     def __init__(self, act: nn.Module | str, *, per_channel: bool = False, channels: int | None = None,
                  momentum: float = 0.9, reject: float = 0.2, strength: float = 0.0, folded: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 reuse_input: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         act = make_activation(act) if isinstance(act, str) else act
         self.kind, self.act_params = resolve_activation(act)
@@ -85,6 +92,8 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
         self.init_strength(strength, like=self.running_mean)  # the mirror ``_s`` decides the branches in forward
         self.compensated, self._calibrating, self._acc, self._folded = False, False, None, None
         self._settings: CalibrationSettings | None = None
+        self.reuse_input = bool(reuse_input)
+        self._map_cache: tuple | None = None  # see _frozen
 
     # ---- the layer ---------------------------------------------------------------------------------
     def scale(self) -> torch.Tensor:
@@ -102,10 +111,24 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
         elif self.training:
             self._update(x)
         f = self.act(x)  # after the statistics: an in-place activation may overwrite x
-        s = self._s
-        if s == 0.0 and not self.folded:
+        if self._s == 0.0 and not self.folded:
             return f  # the source activation itself: no tensor value is read (torch.fx, torch.compile)
-        c, mu = self.scale().to(f.dtype), self.running_mean.to(f.dtype)
+        if not isinstance(f, torch.Tensor) or self.training or torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and self.alpha.requires_grad):
+            scale, shift = self._coefficients(f)  # traced, or gradients flow to alpha
+            return torch.addcmul(shift, f, scale)
+        scale, shift = self._frozen(f)
+        if (torch.is_grad_enabled() and f.requires_grad) or (f is x and not self.reuse_input):
+            out = torch.mul(f, scale) if torch.is_tensor(scale) else torch.add(shift, f, alpha=scale)
+            return out.add_(shift) if torch.is_tensor(scale) else out
+        if torch.is_tensor(scale):  # per channel: two passes in place
+            return f.mul_(scale).add_(shift)
+        return torch.add(shift, f, alpha=scale, out=f)  # one vectorised pass, in place
+
+    def _coefficients(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, b)`` of the map ``a f + b`` the layer applies now, in ``f``'s dtype, shaped to broadcast
+        along dim 1 when per channel; gradients flow to ``alpha``."""
+        c, mu, s = self.scale().to(f.dtype), self.running_mean.to(f.dtype), self._s
         if self.training:  # a module called twice updates running_mean in place between the calls: keep a copy
             mu = mu.clone()  # for the backward of c * mu
         if self.folded or s == 1.0:  # c (f - mu) = c f - c mu
@@ -116,7 +139,30 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
         if self.per_channel:  # (C,) along dim 1
             view = (-1,) + (1,) * (f.dim() - 2)
             scale, shift = scale.reshape(view), shift.reshape(view)
-        return torch.addcmul(shift, f, scale)  # one pass over f
+        return scale, shift
+
+    def _frozen(self, f: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor]:
+        """:meth:`_coefficients` without gradients, cached until ``alpha``, a statistic, the strength or
+        ``f``'s dtype, device, rank or inference mode changes (tensor versions; ``_apply`` and loading clear
+        it). The scale of a scalar site is a Python float, for the one-pass ``torch.add(b, f, alpha=a)``."""
+        src = (self.alpha, self.running_rho, self.running_rho_prime, self.running_mean)
+        inference = torch.is_inference_mode_enabled()
+        key = None
+        if not any(t.is_inference() for t in src):  # inference tensors have no version counter
+            key = (f.dtype, f.device, f.dim(), self._s, self.folded, inference, *(t._version for t in src))
+            hit = self._map_cache
+            if hit is not None and hit[0] == key and all(a is b for a, b in zip(hit[1], src)):
+                return hit[2], hit[3]
+        with torch.no_grad():
+            scale, shift = self._coefficients(f)
+        frozen = (scale if self.per_channel else float(scale), shift)
+        if key is not None:
+            self._map_cache = (key, src, *frozen)
+        return frozen
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def,override]
+        self._map_cache = None  # .to() / .half() replace tensor data without a version bump
+        return super()._apply(fn, recurse)
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(c_s, mu_s)`` of the map ``c_s (f - mu_s)`` the layer applies to ``f`` now: ``(c, mu)`` at a
@@ -130,11 +176,24 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
         cs = 1 + s * (c - 1)
         return cs, s * c * mu / cs
 
+    def follow(self, dtype: torch.dtype | None, device: torch.device | None) -> None:
+        """Move the layer to ``device`` and its statistics and ``alpha`` to the floating ``dtype`` (the model's:
+        an activation module has none to copy); ``strength`` stays float32. ``None`` leaves either as it is."""
+        if device is not None:
+            self.to(device=device)
+        if dtype is not None and dtype.is_floating_point:
+            with torch.no_grad():
+                self.alpha.data = self.alpha.data.to(dtype)
+                for name in ("running_rho", "running_rho_prime", "running_mean"):
+                    self._buffers[name] = self._buffers[name].to(dtype)
+        self._map_cache = None
+
     # ---- the variant contract -----------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[override]
                               unexpected_keys, error_msgs) -> None:
         """A file from before the ``strength`` buffer has no such key: an unfolded site there computed
         ``c (f - mu)``, which is strength 1; a folded site keeps its strength (the function does not depend on it)."""
+        self._map_cache = None
         key = prefix + "strength"
         old_layout = key not in state_dict
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

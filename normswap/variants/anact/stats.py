@@ -6,7 +6,8 @@ buffers ``running_rho``, ``running_rho_prime``, ``running_mean``, ``num_batches_
 ``scale()`` / ``shift()``. The statistics never depend on the strength: they describe ``f`` and its
 input, so calibrating or training at strength 0 prepares the layer for strength 1.
 
-Statistics (no gradient; float32, float64 for float64 inputs) are one scalar per site, or per channel
+Statistics (no gradient; computed in float32, or float64 for float64 inputs, stored in the buffers' dtype, the
+model's) are one scalar per site, or per channel
 (``per_channel``: dim 1, BN layout; buffers of shape (C,)).
 
 - Training: the first batch (``num_batches_tracked == 0``) is taken as is, later ones by EMA
@@ -100,21 +101,24 @@ class ANActStatistics(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
-        xs, f, fp = (t.to(torch.float64) for t in self._columns(x))
+        xs = x.detach()
+        if self.per_channel and (xs.dim() < 2 or xs.shape[1] != self.channels):
+            self._columns(x)  # the one-line shape error
         acc = self._acc
-        if acc is None:  # the first batch's mean shifts x, so that Var = E[d^2] - E[d]^2 does not cancel
-            acc = self._acc = {"shift": xs.mean(-1, keepdim=True), "count": 0, "batches": 0}
-        d = xs - acc["shift"]
-        for key, t in (("sum_x", d), ("sum_x2", d.square()), ("sum_f", f), ("sum_f2", f.square()),
-                       ("sum_fp2", fp.square())):
-            acc[key] = acc.get(key, 0) + t.sum(-1)
-        acc["count"] += xs.shape[-1]
+        if acc is None:
+            acc = self._acc = {"shift": None, "count": 0, "batches": 0}
+        acc["shift"], sums, count = block_sums(self.kind, self.act_params, xs, self.channels if self.per_channel
+                                               else None, acc["shift"])
+        acc["sums"] = sums if "sums" not in acc else acc["sums"] + sums
+        acc["count"] += count
         acc["batches"] += 1
 
     @torch.no_grad()
     def calibration_end(self) -> None:
         """Write rho, rho', mu from all calibration data (non-finite values keep the running ones)."""
         acc, self._calibrating, self._acc = self._acc, False, None
+        if acc is not None and "sums" in acc:
+            acc.update(zip(SUM_KEYS, acc.pop("sums")))
         if self._settings is not None and self._settings.reduce is not None:
             acc = sum_over_ranks(acc, self._settings, self.running_mean)
         if acc is None or acc["count"] == 0:
@@ -126,3 +130,58 @@ class ANActStatistics(nn.Module):
             buf.copy_(torch.where(torch.isfinite(est), est.to(buf), buf))
         self.num_batches_tracked.add_(acc["batches"])
         self.compensated = False
+
+
+_STEP = ("relu", "relu6")  # f' is 0 or 1: f'^2 = f'
+SUM_KEYS = ("sum_x", "sum_x2", "sum_f", "sum_f2", "sum_fp2")
+BLOCK = 1 << 17  # values per block and CPU thread: a thread's share of a block stays in its L2 (fastest of 2^15..2^20)
+
+
+def _blocks(x: torch.Tensor, channels: int | None) -> tuple[torch.Tensor, list[tuple[slice, torch.Tensor]], tuple]:
+    """``(first values, [(channel slice, block)], reduced dims)``: ``x`` as ``(N, C, L)`` blocks of about
+    :data:`BLOCK` values per thread (one block off the CPU), or flat blocks without ``channels``; ``first values``
+    (the first sample's, ``(C, L)``, or the first :data:`BLOCK` values) set the shift of a first batch."""
+    limit = BLOCK * torch.get_num_threads() if x.device.type == "cpu" else max(1, x.numel())
+    if channels is None:
+        flat = x.reshape(-1)
+        blocks = [(slice(None), flat[i:i + limit]) for i in range(0, flat.numel(), limit)]
+        return flat[:BLOCK], blocks, (0,)  # the shift does not depend on the thread count
+    v = x.reshape(x.shape[0], channels, -1)
+    per_sample = max(1, channels * v.shape[2])
+    if per_sample <= limit:
+        step = limit // per_sample
+        blocks = [(slice(None), v[i:i + step]) for i in range(0, v.shape[0], step)]
+    else:
+        cb = max(1, limit // max(1, v.shape[2]))
+        blocks = [(slice(j, j + cb), v[i:i + 1, j:j + cb]) for i in range(v.shape[0]) for j in range(0, channels, cb)]
+    return v[0], blocks, (0, 2)
+
+
+def block_sums(kind: str, params: dict[str, Any], x: torch.Tensor, channels: int | None,
+               shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """ANAct's calibration sums of one batch: ``(shift, sums, count)`` with ``sums`` the float64 ``(5,)`` or
+    ``(5, C)`` stack of :data:`SUM_KEYS` -- ``sum(x - shift)``, ``sum((x - shift)^2)``, ``sum f``, ``sum f^2``,
+    ``sum f'^2`` over everything (or per channel of dim 1) -- and ``count`` the values per channel. ``shift`` (a
+    first batch: the mean of its first values, rounded to the working dtype) keeps ``Var = E[d^2] - E[d]^2`` from
+    cancelling. The work is in blocks that stay in cache, in float32 (float64 for float64 inputs) with float32
+    cascade sums per block added up in float64: one read of ``x``, no full-size float64 copy."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    first, blocks, dims = _blocks(x, channels)
+    if shift is None:
+        mean = first.to(work).mean(-1).to(torch.float64)
+        shift = mean.reshape(-1, 1) if channels is not None else mean.reshape(1)  # the layout sum_over_ranks reads
+    sh = shift.to(work)
+    shape = (len(SUM_KEYS),) + ((channels,) if channels is not None else ())
+    total = torch.zeros(shape, dtype=torch.float64, device=x.device)
+    for cs, b in blocks:
+        b = b.to(work)
+        d = b - (sh[cs] if channels is not None else sh.reshape(()))
+        f, fp = apply_activation(kind, params, b), derivative(kind, params, b)
+        part = torch.stack([d.sum(dims), d.square_().sum(dims), f.sum(dims), f.square_().sum(dims),
+                            (fp if kind in _STEP else fp.square_()).sum(dims)])
+        if channels is None:
+            total += part
+        else:
+            total[:, cs] += part
+    count = x.numel() // channels if channels is not None else x.numel()
+    return shift, total, count

@@ -33,6 +33,18 @@ __all__ = ["ANAct", "ANActConfig", "KINDS", "UnsupportedActivationError", "activ
            "export_fold", "fold_into_consumer"]
 
 
+def _model_float(model: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
+    """The floating dtype and device of ``model``'s first floating tensor outside normswap's variant modules
+    (whose strength buffers are float32 whatever the model); ``(None, None)`` when it has none."""
+    for m in model.modules():
+        if getattr(m, "normswap_leaf", False):
+            continue
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+            if t.is_floating_point():
+                return t.dtype, t.device
+    return None, None
+
+
 @dataclass
 class ANActConfig(VariantConfig):
     """ANAct options. ``strength`` blends the layer in at unfolded sites (docs/methods.md section 2.4);
@@ -136,9 +148,11 @@ class ANAct(ANActLayer, Variant):
         config = ANActConfig.from_dict(site.config)
         config.validate(cls.name)
         p = next(iter(module.parameters()), None)
+        # an in-place activation's input buffer may take c (f - mu) only where nothing else reads it (fx's facts)
+        reuse = site.path == "fx" and site.facts.get("producer_exclusive") is True
         return cls(module, per_channel=config.per_channel, channels=site.config.get("channels"),
                    momentum=config.momentum, reject=config.reject, strength=config.strength, folded=folds(site),
-                   device=p.device if p is not None else None)
+                   reuse_input=reuse, device=p.device if p is not None else None)
 
     @classmethod
     def _consumers(cls, model: nn.Module, site: Site) -> list[nn.Module]:
@@ -163,9 +177,7 @@ class ANAct(ANActLayer, Variant):
         """Fold the current ``(c, mu)`` into a folded site's consumers (docs/methods.md section 2.2): exact sites
         become compensated. A fresh ANAct has ``c = 1, mu = 0``, so this only gives bias-less consumers their
         ``bias`` key (``load`` relies on that before its strict load); :meth:`after_calibration` refolds."""
-        ref = next(iter(model.parameters()), None)
-        if ref is not None:
-            module.to(device=ref.device)
+        module.follow(*_model_float(model))  # an activation has no dtype of its own: the model's
         with torch.no_grad():
             c, mu = module.scale().detach(), module.shift().detach()
         for consumer in cls._consumers(model, site):

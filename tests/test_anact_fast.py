@@ -1,0 +1,184 @@
+"""ANAct's fast paths (docs/speed.md): the cached map applied in one pass, in place where nothing else reads the
+tensor, equals the plain formula; the cache follows every change; the buffers follow the model's dtype."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import normswap
+from normswap.calibration.identity import same_function
+from normswap.variants.anact import ANAct
+
+
+def _layer(per_channel: bool, folded: bool, strength: float, act: nn.Module | None = None,
+           reuse_input: bool = False) -> ANAct:
+    m = ANAct(act or nn.SiLU(), per_channel=per_channel, channels=4, folded=folded, strength=strength,
+              reuse_input=reuse_input).eval()
+    g = torch.Generator().manual_seed(0)
+    shape = (4,) if per_channel else ()
+    with torch.no_grad():
+        m.running_rho.copy_(0.3 + torch.rand(shape, generator=g))
+        m.running_rho_prime.copy_(0.2 + torch.rand(shape, generator=g))
+        m.running_mean.copy_(torch.randn(shape, generator=g))
+        m.alpha.fill_(0.4)
+    return m
+
+
+def _plain(m: ANAct, x: torch.Tensor) -> torch.Tensor:
+    """``(1 - s) f + s c (f - mu)`` (folded: ``c (f - mu)``) in float64 from the module's own values."""
+    f = m.act(x.double().clone())
+    rho, rho_p = m.running_rho.double(), m.running_rho_prime.double()
+    c = torch.sqrt((rho + rho_p) / (2 * rho * rho_p)) + 0.3 * torch.tanh(m.alpha.double())
+    mu = m.running_mean.double()
+    if m.per_channel:
+        c, mu = c.reshape(-1, 1, 1), mu.reshape(-1, 1, 1)
+    s = 1.0 if m.folded else m.current_strength()
+    return (1 - s) * f + s * c * (f - mu)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("folded, strength", [(True, 0.0), (False, 0.3), (False, 1.0)])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad, alpha frozen"])
+def test_fast_path_equals_the_plain_formula(per_channel, folded, strength, mode):
+    m = _layer(per_channel, folded, strength)
+    x = torch.randn(3, 4, 5, 6)
+    with torch.no_grad():  # the autograd path (gradients would flow to alpha) as the second reference
+        m.alpha.requires_grad_(True)
+    with torch.enable_grad():
+        slow = m(x).detach()
+    if mode == "grad, alpha frozen":
+        m.alpha.requires_grad_(False)
+        xg = x.clone().requires_grad_(True)
+        out = m(xg)
+        assert out.requires_grad and xg.grad is None
+    else:
+        with (torch.no_grad() if mode == "no_grad" else torch.inference_mode()):
+            out, again = m(x), m(x)  # the second call takes the cached map
+        assert torch.equal(out, again)
+    torch.testing.assert_close(out.detach().double(), _plain(m, x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.detach(), slow, atol=1e-6, rtol=1e-6)
+
+
+def test_gradient_to_the_input_with_alpha_frozen_matches_autograd_of_the_formula():
+    m = _layer(True, False, 0.3).double()
+    m.alpha.requires_grad_(False)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x).square().sum(), x)
+    x2 = x.detach().clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(_plain(m, x2).square().sum(), x2)
+    torch.testing.assert_close(g, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_in_place_only_where_nothing_else_reads_the_tensor():
+    x0 = torch.randn(2, 4, 3, 3) * 4
+    f0 = nn.functional.relu6(x0)
+    # an in-place activation whose input others may read: x becomes f (as in the original), the output is new
+    m = _layer(False, True, 0.0, act=nn.ReLU6(inplace=True))
+    x = x0.clone()
+    with torch.no_grad():
+        out = m(x)
+    assert torch.equal(x, f0) and out.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(out.double(), _plain(m, x0))
+    # reuse_input (the plan's facts: the producer's only reader is the activation): the map goes into x
+    m.reuse_input = True
+    x = x0.clone()
+    with torch.inference_mode():
+        out = m(x)
+    assert out.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(out.double(), _plain(m, x0))
+    # an out-of-place activation: its fresh output takes the map, the input is untouched
+    m = _layer(True, True, 0.0, act=nn.ReLU6())
+    x = x0.clone()
+    with torch.no_grad():
+        out = m(x)
+    assert torch.equal(x, x0)
+    torch.testing.assert_close(out.double(), _plain(m, x0))
+
+
+def test_the_cached_map_follows_every_change():
+    m = _layer(False, False, 0.3)
+    x = torch.randn(2, 4, 3, 3)
+
+    def check() -> None:
+        with torch.no_grad():
+            out = m(x)
+        torch.testing.assert_close(out.double(), _plain(m, x).to(out.dtype).double(), atol=1e-6, rtol=1e-6)
+
+    check()
+    with torch.no_grad():
+        m.alpha.add_(0.5)  # an optimiser step
+    check()
+    with torch.no_grad():
+        m.running_mean.add_(1.0)
+    check()
+    m.set_strength(0.8)
+    check()
+    m.load_state_dict({**m.state_dict(), "running_rho": torch.tensor(2.5)})
+    check()
+    x = x.double()
+    m.double()
+    check()
+    x = x.float()
+    m.float()
+    check()
+    m.half().float()  # .to() replaces the data without a version bump: same dtype and versions, rounded values
+    check()
+    m.train()  # training updates the statistics and takes the autograd path; eval again
+    with torch.no_grad():
+        m(x * 3)
+    m.eval()
+    check()
+
+
+def test_copies_with_a_cached_map_are_still_provably_the_same_function():
+    m = _layer(False, True, 0.0)
+    twin = copy.deepcopy(m)
+    with torch.no_grad():
+        m(torch.randn(2, 4, 3, 3))
+    assert m._map_cache is not None and same_function(m, twin) and same_function(twin, m)
+
+
+def _net(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU6(inplace=True), nn.Conv2d(6, 5, 1)).eval().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_buffers_follow_the_model_dtype(dtype, per_channel):
+    model = _net(dtype)
+    x = torch.randn(2, 3, 4, 4, dtype=dtype)
+    r = normswap.convert(model, to="anact", options={"per_channel": per_channel}, example_inputs=x)
+    (layer,) = [m for m in r.model.modules() if isinstance(m, ANAct)]
+    assert layer.folded and layer.reuse_input  # BatchNorm -> ReLU6 (in place) -> conv, traced by fx
+    assert {layer.alpha.dtype, layer.running_rho.dtype, layer.running_rho_prime.dtype,
+            layer.running_mean.dtype} == {dtype}
+    assert layer.strength.dtype == torch.float32  # by design, whatever the model
+    with torch.no_grad():
+        torch.testing.assert_close(r.model(x), model(x), atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("block", [7, 40, 1 << 17])  # several blocks per channel, several samples per block, one
+@pytest.mark.parametrize("channels", [None, 5])
+def test_block_sums_equal_the_float64_sums(dtype, block, channels, monkeypatch):
+    from normswap.variants.anact import stats
+    from normswap.variants.anact.activations import apply_activation, derivative
+
+    monkeypatch.setattr(stats, "BLOCK", block)
+    x = (torch.randn(3, 5, 4, 6, dtype=torch.float64) * 2 + 0.7).to(dtype)
+    shift, sums, count = stats.block_sums("gelu", {}, x, channels, None)
+    cols = x.double().transpose(0, 1).reshape(5, -1) if channels else x.double().reshape(1, -1)
+    ref_shift = cols[:, :cols.shape[1] // 3].mean(-1) if channels else cols[0, :block].mean().reshape(1)
+    torch.testing.assert_close(shift.reshape(-1), ref_shift, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    d = cols - shift.reshape(-1, 1)
+    f, fp = apply_activation("gelu", {}, cols), derivative("gelu", {}, cols)
+    ref = torch.stack([d.sum(-1), d.square().sum(-1), f.sum(-1), f.square().sum(-1), fp.square().sum(-1)])
+    ref = ref if channels else ref[:, 0]
+    assert sums.dtype == torch.float64 and sums.shape == ref.shape and count == cols.shape[1]
+    tol = dict(rtol=2e-6, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums, ref, **tol)
