@@ -78,10 +78,17 @@ def _seed(model: nn.Module, memo: dict[int, Any]) -> list[torch.Tensor]:
 
 
 def _copy_value(value: Any, memo: dict[int, Any]) -> Any:
-    if type(value) in _ATOMIC:
+    """``copy.deepcopy(value, memo)``, short-cut for the attributes every module has (hyper-parameters, empty
+    hook dicts, tuples, lists and sets of numbers or names)."""
+    kind = type(value)
+    if kind in _ATOMIC:
         return value
-    if type(value) in (dict, OrderedDict) and not value:
-        return type(value)()
+    if kind in (dict, OrderedDict) and not value:
+        return kind()
+    if kind in (tuple, frozenset) and all(type(v) in _ATOMIC for v in value):
+        return value
+    if kind in (list, set) and all(type(v) in _ATOMIC for v in value):
+        return kind(value)
     return copy.deepcopy(value, memo)
 
 
