@@ -154,12 +154,25 @@ def test_where_the_argument_does_not_hold_both_models_run(small_cnn, control_flo
     assert half.report.method == "forward" and "claims no exact start" in half.report.local_skipped
 
 
-def test_patchnorm_pairs_are_checked_as_chains(small_cnn):
+class ReadsBias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.bn.bias.view(1, -1, 1, 1)  # a parameter read, not a call
+
+
+def test_a_site_whose_parameters_the_forward_reads_is_not_checked_locally():
+    rep = normswap.convert(randomize_bn(ReadsBias()), to="uan", example_inputs=torch.randn(2, 3, 8, 8)).report
+    assert rep.ok and rep.method == "forward" and "reads 'bn.bias' itself" in rep.local_skipped
+
+
+def test_folded_pairs_are_compared_inside_the_network(small_cnn):
     x = torch.randn(2, 3, 16, 16)
-    result = normswap.convert(small_cnn, to="patchnorm", example_inputs=x)
-    rep = result.report
-    assert rep.ok and rep.method == "site-local" and rep.end_to_end is not None and not rep.end_to_end_derived
-    assert {c.name for c in rep.sites} == {"stem.0", "head.1"}
+    rep = normswap.convert(small_cnn, to="patchnorm", example_inputs=x).report
+    assert rep.ok and rep.method == "forward" and "folds 'stem.1' into it" in rep.local_skipped
+    assert {c.name for c in rep.sites} == {"stem.0", "head.1"} and 0 < rep.end_to_end < 1e-4
 
 
 def _storages(model: nn.Module) -> set[int]:

@@ -9,17 +9,24 @@ original, so the converted model's output on the probe is bit-identical to the o
 run the same deterministic kernels on the same values). A site whose output is within tolerance but not
 identical proves nothing downstream of it, so then the converted model is run end to end as well.
 
-The argument needs facts that :func:`regions` checks before any forward and :func:`check_sites` during it;
+The argument needs facts that :func:`sites` checks before any forward and :func:`check_sites` during it;
 where one fails, verification falls back to comparing both models end to end:
 
-- the model was traced by torch.fx (the module walk has no graph: which modules feed which is unknown);
+- the model was traced by torch.fx (the module walk has no graph: which modules feed which is unknown), and the
+  graph uses each site only by calling it (no ``get_attr`` of its parameters: the forward would read the
+  replacement's instead);
 - no site is a graph rewrite (a functional call turned into a module changes the graph itself);
-- every site claims an exact start and is compared where it is built (the variant's compare point is the last
-  module it replaces; ANAct's folded sites are exact only at their consumers, which it changes);
-- a site that absorbs modules (a Conv->BN pair) is a chain the graph proves exclusive: each absorbed module is
-  fed by the previous one alone, and that output has no other user;
+- every site claims an exact start and is compared where it is built (the variant's compare point is its own
+  output; ANAct's folded sites are exact only at their consumers, which it changes);
+- no site absorbs modules: a folded Conv->BN pair computes the pair only to rounding, never bit for bit, so the
+  end-to-end forward would run anyway, and then comparing each site inside that forward costs nothing more;
 - nothing outside the sites changed since the copy (no module replaced, no tensor replaced or written in place);
-- no site module, original or replacement, writes into its input (other users of that tensor would see it).
+- no site module, original or replacement, writes into its input or returns storage of its input or weights
+  (other users of that tensor, or an in-place op after the site, would see a difference the output does not show).
+
+One assumption is not checked: that the forward's Python code does not branch on a site module's type or
+attributes (fx evaluates such code while tracing, so the graph does not show it). The end-to-end forward would
+see the effect of such a branch on the probe; this proof does not.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from normswap.surgery.copying import Snapshot
 from normswap.variants import registry
 from normswap.variants.base import Variant
 
-__all__ = ["Recording", "check_sites", "record", "regions"]
+__all__ = ["Recording", "check_sites", "record", "sites"]
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -81,15 +88,13 @@ def _written(versions: list[tuple[torch.Tensor, int | None]]) -> bool:
     return any(v is None or t._version != v for t, v in versions)
 
 
-def regions(plan: Plan, converted: nn.Module, graph: ModelGraph | None, snapshot: Snapshot | None
-            ) -> dict[str, list[str]] | str:
-    """Each converted site's chain of original module names (the site, then what it absorbs), or why the
-    site-local argument does not hold for this conversion (a one-line reason)."""
+def sites(plan: Plan, converted: nn.Module, graph: ModelGraph | None, snapshot: Snapshot | None) -> list[str] | str:
+    """The converted sites' names, or why the site-local argument does not hold for this conversion (one line)."""
     if graph is None or graph.path != "fx":
         return "no torch.fx graph of the model (module walk): which modules feed which is not established"
     if snapshot is None:
         return "the converted model is not a checked copy of the original"
-    chains: dict[str, list[str]] = {}
+    names: list[str] = []
     covered: set[str] = set()
     for site in plan.converted:
         if site.facts.get("graph_rewrite"):
@@ -97,19 +102,21 @@ def regions(plan: Plan, converted: nn.Module, graph: ModelGraph | None, snapshot
         module = converted.get_submodule(site.name)
         if not (isinstance(module, Variant) and module.claims_exact()):
             return f"site {site.name} claims no exact start"
-        chain = [site.name, *site.absorbs]
-        if registry.get(site.variant).compare_points(site) != [(chain[-1], site.name)]:
+        if site.absorbs:
+            return (f"site {site.name} folds '{site.absorbs[-1]}' into it: a fold is exact only to rounding, so "
+                    "the end-to-end forward would run anyway")
+        if registry.get(site.variant).compare_points(site) != [(site.name, site.name)]:
             return f"site {site.name} is exact only where its variant compares it, not at its own output"
-        for prev, cur in zip(chain, chain[1:]):
-            info = graph.info(cur)
-            if info is None or info.producer != prev or not info.producer_exclusive:
-                return f"site {site.name}: the graph does not prove that '{prev}' alone feeds '{cur}'"
-        chains[site.name] = chain
-        covered |= {*chain, *site.facts.get("aliases", [])}
+        names.append(site.name)
+        covered |= {site.name, *site.facts.get("aliases", [])}
+    read = next((str(n.target) for n in graph.graph.nodes if n.op == "get_attr" and any(
+        str(n.target).startswith(f"{name}.") for name in covered)), None) if graph.graph is not None else None
+    if read is not None:
+        return f"the forward reads '{read}' itself, not only by calling the site"
     changed = snapshot.unchanged_outside(converted, covered)
     if changed:
         return f"the conversion changed modules outside its sites ({', '.join(changed[:3])})"
-    return chains
+    return names
 
 
 @dataclass
@@ -121,41 +128,38 @@ class Recording:
     outputs: dict[str, list[Any]] = field(default_factory=dict)
     unsafe: dict[str, str] = field(default_factory=dict)  # site -> why its original module breaks the argument
 
-    def last_outputs(self, chains: dict[str, list[str]]) -> dict[str, Any]:
-        """The last call's output of each site's compare module, by its name (what the end-to-end check uses)."""
-        return {chains[s][-1]: outs[-1] for s, outs in self.outputs.items() if outs}
+    def last_outputs(self) -> dict[str, Any]:
+        """Each site's last output (what the end-to-end method compares with)."""
+        return {name: outs[-1] for name, outs in self.outputs.items() if outs}
 
 
-def record(original: nn.Module, probe: ProbeInput, chains: dict[str, list[str]]) -> Recording:
-    """Run ``original`` once on ``probe`` (eval mode, no_grad; modes restored) recording every call of each
-    site: its inputs and its output (clones: an in-place op may follow), and whether a module wrote its input."""
+def record(original: nn.Module, probe: ProbeInput, names: list[str]) -> Recording:
+    """Run ``original`` once on ``probe`` (eval mode, no_grad; modes restored) recording every call of each named
+    site: its inputs and its output (clones: an in-place op may follow), and whether it wrote or aliased its input."""
     rec = Recording()
     handles = []
     modes = {m: m.training for m in original.modules()}
 
-    def watch(site: str, module: nn.Module, first: bool, last: bool) -> None:
+    def watch(name: str, module: nn.Module) -> None:
         pending: list[list[tuple[torch.Tensor, int | None]]] = []
+        rec.inputs[name], rec.outputs[name] = [], []
 
         def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             pending.append(_versions((args, kwargs)))
-            if first:
-                rec.inputs[site].append((_clone(args), _clone(kwargs)))
+            rec.inputs[name].append((_clone(args), _clone(kwargs)))
 
         def post(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             if _written(pending.pop()):
-                rec.unsafe.setdefault(site, f"site {site}'s original module writes into its input")
+                rec.unsafe.setdefault(name, f"site {name}'s original module writes into its input")
             elif _aliasing(out, (args, kwargs), [m]):
-                rec.unsafe.setdefault(site, f"site {site}'s original module returns storage of its input or weights")
-            if last:
-                rec.outputs[site].append(_clone(out))
+                rec.unsafe.setdefault(name, f"site {name}'s original module returns storage of its input or weights")
+            rec.outputs[name].append(_clone(out))
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
 
-    for site, chain in chains.items():
-        rec.inputs[site], rec.outputs[site] = [], []
-        for i, name in enumerate(chain):
-            watch(site, original.get_submodule(name), i == 0, i == len(chain) - 1)
+    for name in names:
+        watch(name, original.get_submodule(name))
     try:
         original.eval()
         with torch.no_grad():
@@ -168,37 +172,33 @@ def record(original: nn.Module, probe: ProbeInput, chains: dict[str, list[str]])
     return rec
 
 
-def check_sites(converted: nn.Module, chains: dict[str, list[str]], rec: Recording
-                ) -> dict[str, list[tuple[Any, Any]]] | str:
-    """Run each site's chain of converted modules on every recorded input of the original's site: per site, the
-    ``(original output, converted output)`` pairs, or why the site-local argument fails (a module writes its
-    input, or the calls do not pair up)."""
+def check_sites(converted: nn.Module, names: list[str], rec: Recording) -> dict[str, list[tuple[Any, Any]]] | str:
+    """Run each named site's converted module on every input recorded at the original's: per site, the
+    ``(original output, converted output)`` pairs, or why the site-local argument fails (a module writes into
+    or returns its input, or an original module was left mid-call)."""
     if rec.unsafe:
         return rec.unsafe[sorted(rec.unsafe)[0]]
     pairs: dict[str, list[tuple[Any, Any]]] = {}
-    for site, chain in chains.items():
-        modules = [converted.get_submodule(n) for n in chain]
-        modes = {m: m.training for mod in modules for m in mod.modules()}
-        calls, outs = rec.inputs[site], rec.outputs[site]
-        if len(calls) != len(outs):
-            return f"site {site}: {len(calls)} call(s) of '{chain[0]}' but {len(outs)} of '{chain[-1]}'"
+    for name in names:
+        module = converted.get_submodule(name)
+        modes = {m: m.training for m in module.modules()}
+        calls, outs = rec.inputs[name], rec.outputs[name]
+        if len(calls) != len(outs):  # a call that raised inside the original's forward (caught by its caller)
+            return f"site {name}: {len(calls)} call(s) began but {len(outs)} returned"
+        got = []
         try:
-            for mod in modules:
-                mod.eval()
+            module.eval()
             with torch.no_grad():
-                got = []
                 for args, kwargs in calls:
                     before = _versions((args, kwargs))
-                    y = modules[0](*args, **kwargs)
-                    for mod in modules[1:]:
-                        y = mod(y)
+                    y = module(*args, **kwargs)
                     if _written(before):
-                        return f"site {site}: the converted module writes into its input"
-                    if _aliasing(y, (args, kwargs), modules):
-                        return f"site {site}: the converted module returns storage of its input or weights"
+                        return f"site {name}: the converted module writes into its input"
+                    if _aliasing(y, (args, kwargs), [module]):
+                        return f"site {name}: the converted module returns storage of its input or weights"
                     got.append(y)
         finally:
             for m, mode in modes.items():
                 m.training = mode
-        pairs[site] = list(zip(outs, got))
+        pairs[name] = list(zip(outs, got))
     return pairs

@@ -200,13 +200,13 @@ def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeIn
     if probe is None:
         return VerifyReport("none", plan.strength, [], None, None, False, True,
                             note="no probe input could be inferred for this model; pass example inputs to verify")
-    chains = local.regions(plan, converted, graph, snapshot)
-    if isinstance(chains, str):
-        return _forward_compare(original, converted, plan, probe, rtol, why=chains if snapshot is not None else "")
-    rec = local.record(original, probe, chains)
-    pairs = local.check_sites(converted, chains, rec)
+    names = local.sites(plan, converted, graph, snapshot)
+    if isinstance(names, str):
+        return _forward_compare(original, converted, plan, probe, rtol, why=names if snapshot is not None else "")
+    rec = local.record(original, probe, names)
+    pairs = local.check_sites(converted, names, rec)
     if isinstance(pairs, str):
-        return _forward_compare(original, converted, plan, probe, rtol, (rec.output, rec.last_outputs(chains)), pairs)
+        return _forward_compare(original, converted, plan, probe, rtol, (rec.output, rec.last_outputs()), pairs)
     checks = [_site_check(site, converted.get_submodule(site.name), pairs[site.name], rtol) for site in plan.converted]
     identical = all(c.max_abs_diff == 0.0 for c in checks if c.max_abs_diff is not None)
     if identical and all(c.ok for c in checks) and _finite(rec.output):
