@@ -47,7 +47,11 @@ class SiteCheck:
 
 @dataclass
 class VerifyReport:
-    """Outcome of the probe comparison. ``ok`` is False only when an exact claim is broken."""
+    """Outcome of the probe comparison. ``ok`` is False only when an exact claim is broken.
+
+    ``method``: ``"site-local"`` (each site on its recorded inputs; ``end_to_end_derived`` when the end-to-end 0
+    is proven rather than measured) or ``"forward"`` (both models run; ``local_skipped`` says why, when the
+    site-local method was considered). See the module docstring."""
 
     probe: str
     strength: float
