@@ -227,3 +227,14 @@ def test_snapshot_sees_replacements_and_inplace_writes(small_cnn):
     small_cnn.stem[2] = nn.ReLU()
     assert snap.unchanged_outside(small_cnn, set()) == ["bn.running_mean", "stem.2"]
     assert snap.unchanged_outside(small_cnn, {"bn", "stem.2"}) == []
+
+
+def test_graph_modules_and_inplace_conversion_are_proven_site_by_site(small_cnn):
+    x = torch.randn(2, 3, 16, 16)
+    gm = fx.symbolic_trace(small_cnn)
+    rep = normswap.convert(gm, to="uan", example_inputs=x).report  # copied through GraphModule's own deepcopy
+    assert rep.ok and rep.method == "site-local" and rep.end_to_end_derived
+    ref = small_cnn(x)
+    same = normswap.convert(small_cnn, to="uan", example_inputs=x, inplace=True)  # checked against a copy
+    assert same.model is small_cnn and same.report.method == "site-local" and same.report.end_to_end_derived
+    assert torch.equal(small_cnn(x), ref)
