@@ -168,6 +168,14 @@ def test_a_site_whose_parameters_the_forward_reads_is_not_checked_locally():
     assert rep.ok and rep.method == "forward" and "reads 'bn.bias' itself" in rep.local_skipped
 
 
+def test_a_site_with_hooks_of_its_own_is_not_checked_locally(small_cnn):
+    small_cnn.bn.register_forward_pre_hook(lambda m, args: (args[0] * 2,))  # part of the site's function
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(VerificationError) as err:  # the replacement does not inherit the hook
+        normswap.convert(small_cnn, to="uan", example_inputs=x)
+    assert err.value.report.method == "forward" and "bn's original module has hooks" in err.value.report.local_skipped
+
+
 def test_folded_pairs_are_compared_inside_the_network(small_cnn):
     x = torch.randn(2, 3, 16, 16)
     rep = normswap.convert(small_cnn, to="patchnorm", example_inputs=x).report

@@ -21,6 +21,8 @@ where one fails, verification falls back to comparing both models end to end:
 - no site absorbs modules: a folded Conv->BN pair computes the pair only to rounding, never bit for bit, so the
   end-to-end forward would run anyway, and then comparing each site inside that forward costs nothing more;
 - nothing outside the sites changed since the copy (no module replaced, no tensor replaced or written in place);
+- no site module, original or replacement, has forward hooks of its own (a pre-hook changes what the module
+  sees; a replacement does not inherit them);
 - no site module, original or replacement, writes into its input or returns storage of its input or weights
   (other users of that tensor, or an in-place op after the site, would see a difference the output does not show).
 
@@ -88,7 +90,14 @@ def _written(versions: list[tuple[torch.Tensor, int | None]]) -> bool:
     return any(v is None or t._version != v for t, v in versions)
 
 
-def sites(plan: Plan, converted: nn.Module, graph: ModelGraph | None, snapshot: Snapshot | None) -> list[str] | str:
+def _hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward (pre-)hooks of its own: they belong to the site's function (a pre-hook
+    can change the input the module sees), and a replacement does not carry them over."""
+    return bool(module._forward_pre_hooks or module._forward_hooks)
+
+
+def sites(plan: Plan, original: nn.Module, converted: nn.Module, graph: ModelGraph | None,
+          snapshot: Snapshot | None) -> list[str] | str:
     """The converted sites' names, or why the site-local argument does not hold for this conversion (one line)."""
     if graph is None or graph.path != "fx":
         return "no torch.fx graph of the model (module walk): which modules feed which is not established"
@@ -105,6 +114,9 @@ def sites(plan: Plan, converted: nn.Module, graph: ModelGraph | None, snapshot: 
         if site.absorbs:
             return (f"site {site.name} folds '{site.absorbs[-1]}' into it: a fold is exact only to rounding, so "
                     "the end-to-end forward would run anyway")
+        hooked = next((m for m in (module, original.get_submodule(site.name)) if _hooks(m)), None)
+        if hooked is not None:
+            return f"site {site.name}'s {'original' if hooked is not module else 'new'} module has hooks of its own"
         if registry.get(site.variant).compare_points(site) != [(site.name, site.name)]:
             return f"site {site.name} is exact only where its variant compares it, not at its own output"
         names.append(site.name)

@@ -204,7 +204,7 @@ def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeIn
     if probe is None:
         return VerifyReport("none", plan.strength, [], None, None, False, True,
                             note="no probe input could be inferred for this model; pass example inputs to verify")
-    names = local.sites(plan, converted, graph, snapshot)
+    names = local.sites(plan, original, converted, graph, snapshot)
     if isinstance(names, str):
         return _forward_compare(original, converted, plan, probe, rtol, why=names if snapshot is not None else "")
     rec = local.record(original, probe, names)
