@@ -40,22 +40,23 @@ import torch
 from torch import nn
 
 from normswap.core.graph import ModelGraph
-from normswap.core.plan import Plan, Site
+from normswap.core.plan import Plan
 from normswap.core.probe import ProbeInput
 from normswap.surgery.copying import Snapshot
 from normswap.variants import registry
 from normswap.variants.base import Variant
 
-__all__ = ["Recording", "check_sites", "record", "sites"]
+__all__ = ["Recording", "check_sites", "output_tensors", "record", "sites"]
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if torch.is_tensor(value):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors in a model output (a tensor, or dicts, lists and tuples of them), in order."""
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, dict) or hasattr(out, "items"):
+        return [t for v in out.values() for t in output_tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in output_tensors(v)]
     return []
 
 
@@ -71,11 +72,11 @@ def _clone(value: Any) -> Any:
 
 
 def _versions(value: Any) -> list[tuple[torch.Tensor, int | None]]:
-    return [(t, None if t.is_inference() else t._version) for t in _tensors(value)]
+    return [(t, None if t.is_inference() else t._version) for t in output_tensors(value)]
 
 
 def _storages(value: Any) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in _tensors(value) if t.numel() and t.layout == torch.strided}
+    return {t.untyped_storage().data_ptr() for t in output_tensors(value) if t.numel() and t.layout == torch.strided}
 
 
 def _aliasing(out: Any, inputs: Any, modules: list[nn.Module]) -> bool:

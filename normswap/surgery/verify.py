@@ -27,6 +27,7 @@ from normswap.core.graph import ModelGraph
 from normswap.core.plan import Plan
 from normswap.core.probe import ProbeInput
 from normswap.surgery import local
+from normswap.surgery.local import output_tensors
 from normswap.surgery.copying import Snapshot
 from normswap.variants import registry
 from normswap.variants.base import Variant
@@ -95,17 +96,6 @@ class VerifyReport:
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
-
-
-def output_tensors(out: Any) -> list[torch.Tensor]:
-    """The tensors in a model output (a tensor, or dicts, lists and tuples of them), in order."""
-    if torch.is_tensor(out):
-        return [out]
-    if isinstance(out, dict) or hasattr(out, "items"):
-        return [t for v in out.values() for t in output_tensors(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in output_tensors(v)]
-    return []
 
 
 def dtype_rtol(out: Any, rtol: float) -> float:
