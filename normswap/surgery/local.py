@@ -6,8 +6,9 @@ forward is the original's forward with each site's function swapped. If every re
 input the original site received on the probe (every call of it), returns bit for bit the output the original
 produced there, then by induction over the forward every later module receives the same input as in the
 original, so the converted model's output on the probe is bit-identical to the original's (0 difference: both
-run the same deterministic kernels on the same values). A site whose output is within tolerance but not
-identical proves nothing downstream of it, so then the converted model is run end to end as well.
+run the same deterministic kernels on the same values; on a GPU with ``cudnn.benchmark`` the convolution
+algorithm may change between runs, so there the converted model is run anyway). A site whose output is within
+tolerance but not identical proves nothing downstream of it, so then the converted model is run end to end too.
 
 The argument needs facts that :func:`sites` checks before any forward and :func:`check_sites` during it;
 where one fails, verification falls back to comparing both models end to end:
