@@ -133,31 +133,41 @@ class Snapshot:
 
     @classmethod
     def of(cls, model: nn.Module) -> "Snapshot":
-        return cls(dict(model.named_modules(remove_duplicate=False)), _tensors(model))
+        modules = dict(model.named_modules(remove_duplicate=False))
+        return cls(modules, _tensors(modules))
 
     def unchanged_outside(self, model: nn.Module, regions: set[str]) -> list[str]:
         """Names outside ``regions`` (module names, each with everything under it) where ``model`` no longer
         holds the snapshot's module or tensor objects, or a tensor was written in place since; [] when none."""
-        def outside(name: str, owner_depth: int) -> bool:
-            parts = name.split(".")
-            return not any(".".join(parts[:i]) in regions for i in range(1, len(parts) + 1 - owner_depth))
+        memo: dict[str, bool] = {"": False}
+
+        def inside(name: str) -> bool:  # ``name`` or a module above it is a region
+            found = memo.get(name)
+            if found is None:
+                found = memo[name] = name in regions or inside(name.rpartition(".")[0])
+            return found
 
         changed = []
         now = dict(model.named_modules(remove_duplicate=False))
         for name in {*self.modules, *now}:
-            if name and outside(name, 0) and self.modules.get(name) is not now.get(name):
+            if name and not inside(name) and self.modules.get(name) is not now.get(name):
                 changed.append(name)
-        tensors = _tensors(model)
+        tensors = _tensors(now)
         for name in {*self.tensors, *tensors}:
-            if outside(name, 1):
+            if not inside(name.rpartition(".")[0]):
                 old, new = self.tensors.get(name), tensors.get(name)
                 if old is None or new is None or old[0] is not new[0] or old[1] is None or old[1] != new[1]:
                     changed.append(name)
         return sorted(changed)
 
 
-def _tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, int | None]]:
+def _tensors(modules: dict[str, nn.Module]) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """Every parameter and buffer under each of the named modules, as ``named_parameters(remove_duplicate=False)``
+    names them, with its version (None for an inference tensor, whose writes are not counted)."""
     out = {}
-    for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
-        out[name] = (t, None if t.is_inference() else t._version)
+    for prefix, module in modules.items():
+        for own in (module._parameters, module._buffers):
+            for key, t in own.items():
+                if t is not None:
+                    out[f"{prefix}.{key}" if prefix else key] = (t, None if t.is_inference() else t._version)
     return out

@@ -80,11 +80,15 @@ def _storages(value: Any) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in output_tensors(value) if t.numel() and t.layout == torch.strided}
 
 
-def _aliasing(out: Any, inputs: Any, modules: list[nn.Module]) -> bool:
-    """Whether ``out`` shares storage with ``inputs`` or the modules' own tensors (then an in-place op after the
-    site would write into them: a side effect the output comparison does not see)."""
-    own = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-    return bool(_storages(out) & (_storages(inputs) | _storages(own)))
+def _own_storages(module: nn.Module) -> set[int]:
+    return _storages([*module.parameters(), *module.buffers()])
+
+
+def _aliasing(out: Any, inputs: Any, own: set[int]) -> bool:
+    """Whether ``out`` shares storage with ``inputs`` or with ``own`` (the module's tensors' storages): then an
+    in-place op after the site would write into them, a side effect the output comparison does not see."""
+    found = _storages(out)
+    return bool(found & own or found & _storages(inputs))
 
 
 def _written(versions: list[tuple[torch.Tensor, int | None]]) -> bool:
@@ -107,16 +111,18 @@ def sites(plan: Plan, original: nn.Module, converted: nn.Module, graph: ModelGra
         return "the converted model is not a checked copy of the original"
     names: list[str] = []
     covered: set[str] = set()
+    new_modules = dict(converted.named_modules(remove_duplicate=False))
+    old_modules = dict(original.named_modules(remove_duplicate=False))
     for site in plan.converted:
         if site.facts.get("graph_rewrite"):
             return f"site {site.name} rewrites the graph (a functional call became a module)"
-        module = converted.get_submodule(site.name)
+        module = new_modules[site.name]
         if not (isinstance(module, Variant) and module.claims_exact()):
             return f"site {site.name} claims no exact start"
         if site.absorbs:
             return (f"site {site.name} folds '{site.absorbs[-1]}' into it: a fold is exact only to rounding, so "
                     "the end-to-end forward would run anyway")
-        hooked = next((m for m in (module, original.get_submodule(site.name)) if _hooks(m)), None)
+        hooked = next((m for m in (module, old_modules[site.name]) if _hooks(m)), None)
         if hooked is not None:
             return f"site {site.name}'s {'original' if hooked is not module else 'new'} module has hooks of its own"
         if registry.get(site.variant).compare_points(site) != [(site.name, site.name)]:
@@ -157,23 +163,25 @@ def record(original: nn.Module, probe: ProbeInput, names: list[str]) -> Recordin
     def watch(name: str, module: nn.Module) -> None:
         pending: list[list[tuple[torch.Tensor, int | None]]] = []
         rec.inputs[name], rec.outputs[name] = [], []
+        own = _own_storages(module)
 
         def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             pending.append(_versions((args, kwargs)))
             rec.inputs[name].append((_clone(args), _clone(kwargs)))
 
-        def post(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        def post(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             if _written(pending.pop()):
                 rec.unsafe.setdefault(name, f"site {name}'s original module writes into its input")
-            elif _aliasing(out, (args, kwargs), [m]):
+            elif _aliasing(out, (args, kwargs), own):
                 rec.unsafe.setdefault(name, f"site {name}'s original module returns storage of its input or weights")
             rec.outputs[name].append(_clone(out))
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
 
+    modules = dict(original.named_modules(remove_duplicate=False))
     for name in names:
-        watch(name, original.get_submodule(name))
+        watch(name, modules[name])
     try:
         original.eval()
         with torch.no_grad():
@@ -193,9 +201,11 @@ def check_sites(converted: nn.Module, names: list[str], rec: Recording) -> dict[
     if rec.unsafe:
         return rec.unsafe[sorted(rec.unsafe)[0]]
     pairs: dict[str, list[tuple[Any, Any]]] = {}
+    modules = dict(converted.named_modules(remove_duplicate=False))
     for name in names:
-        module = converted.get_submodule(name)
+        module = modules[name]
         modes = {m: m.training for m in module.modules()}
+        own = _own_storages(module)
         calls, outs = rec.inputs[name], rec.outputs[name]
         if len(calls) != len(outs):  # a call that raised inside the original's forward (caught by its caller)
             return f"site {name}: {len(calls)} call(s) began but {len(outs)} returned"
@@ -208,7 +218,7 @@ def check_sites(converted: nn.Module, names: list[str], rec: Recording) -> dict[
                     y = module(*args, **kwargs)
                     if _written(before):
                         return f"site {name}: the converted module writes into its input"
-                    if _aliasing(y, (args, kwargs), [module]):
+                    if _aliasing(y, (args, kwargs), own):
                         return f"site {name}: the converted module returns storage of its input or weights"
                     got.append(y)
         finally:
