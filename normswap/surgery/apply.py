@@ -1,4 +1,5 @@
-"""Apply: replay a Plan by module name on a copy of the model (in place only when asked).
+"""Apply: replay a Plan by module name on a copy of the model (in place only when asked; the copy:
+:func:`normswap.surgery.copying.copy_model`).
 
 Every check and every replacement module is built before the first mutation, so a failure never
 leaves a half-converted model. Replaced modules keep their names (so the user's class and the
@@ -6,8 +7,8 @@ state_dict key prefixes stay), modules folded into a neighbour become ``nn.Ident
 reachable under several names (a shared instance) is replaced under all of them by one new module.
 
 Functional calls (``F.relu(x)``) have no module to replace. A site marked ``facts["graph_rewrite"]``
-names the fx node of such a call (``facts["node"]``): the model is re-traced with the finder's tracer
-(node names are deterministic, so they match the plan), the call becomes a ``call_module`` of a new
+names the fx node of such a call (``facts["node"]``): the finder's graph is reused (or the model re-traced
+with its tracer: node names are deterministic, so they match the plan), the call becomes a ``call_module`` of a new
 top-level submodule ``site.name``, and the result is a ``torch.fx.GraphModule`` (it keeps the original's
 module paths, so the state_dict keys stay; modules the forward never calls are not carried over).
 
