@@ -17,8 +17,9 @@ from normswap.errors import FileFormatError, NormswapError, UsageError, Verifica
 from normswap.io import check_output, read_file, state_tensors, write_file
 from normswap.api.metadata import plan_from_file, replay, source_from_file
 from normswap.sources import SourceSpec, load_model, rebuild
-from normswap.surgery.apply import apply_plan
-from normswap.surgery.find import find
+from normswap.surgery.apply import apply_checked
+from normswap.surgery.copying import copy_model
+from normswap.surgery.find import find, find_graph
 from normswap.core.graph import ModelGraph, build_graph
 from normswap.core.kinds import is_activation, is_norm
 from normswap.core.plan import FOLDED, Plan
@@ -118,15 +119,15 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
         (True, 20)
     """
     module, source = _resolve(model, weights, trust_source)
-    the_plan = find(module, to, targets, exclude, strength, options, strict_trace=strict_trace)
+    the_plan, graph = find_graph(module, to, targets, exclude, strength, options, strict_trace=strict_trace)
     require_sites(the_plan, module)
-    reference = copy.deepcopy(module) if (inplace and check) else module
-    converted = apply_plan(module, the_plan, inplace=inplace)
+    reference = copy_model(module) if (inplace and check) else module
+    converted, snapshot = apply_checked(module, the_plan, inplace=inplace, graph=graph.graph)  # one trace for all
     probe = _probe(example_inputs) or example_input(reference, source)
     if probe is not None:  # variants whose exact start needs statistics (ANAct) fit them on the probe
         run_calibration(converted, the_plan, [probe], only_required=True)
     if check:
-        report = verify(reference, converted, the_plan, probe, rtol=rtol)
+        report = verify(reference, converted, the_plan, probe, rtol=rtol, graph=graph, snapshot=snapshot)
     else:
         report = VerifyReport("none", the_plan.strength, [], None, None, False, True, note="verification disabled")
     if not report.ok and nonfinite_tensors(reference):  # the original is broken, not the conversion
@@ -317,7 +318,7 @@ def export(model: nn.Module | ConvertResult | str | os.PathLike, output: str | o
         the_plan, source = getattr(module, META_ATTR)["plan"], getattr(module, META_ATTR)["source"]
     else:
         raise NormswapError(f"expected a converted model or a file path, got {type(model).__name__}")
-    exported = copy.deepcopy(module)
+    exported = copy_model(module)
     folded, kept = [], {}
     by_variant: dict[str, list] = {}
     for site in the_plan.converted:

@@ -1,4 +1,5 @@
-"""Apply: replay a Plan by module name on a copy of the model (in place only when asked).
+"""Apply: replay a Plan by module name on a copy of the model (in place only when asked; the copy:
+:func:`normswap.surgery.copying.copy_model`).
 
 Every check and every replacement module is built before the first mutation, so a failure never
 leaves a half-converted model. Replaced modules keep their names (so the user's class and the
@@ -6,8 +7,8 @@ state_dict key prefixes stay), modules folded into a neighbour become ``nn.Ident
 reachable under several names (a shared instance) is replaced under all of them by one new module.
 
 Functional calls (``F.relu(x)``) have no module to replace. A site marked ``facts["graph_rewrite"]``
-names the fx node of such a call (``facts["node"]``): the model is re-traced with the finder's tracer
-(node names are deterministic, so they match the plan), the call becomes a ``call_module`` of a new
+names the fx node of such a call (``facts["node"]``): the finder's graph is reused (or the model re-traced
+with its tracer: node names are deterministic, so they match the plan), the call becomes a ``call_module`` of a new
 top-level submodule ``site.name``, and the result is a ``torch.fx.GraphModule`` (it keeps the original's
 module paths, so the state_dict keys stay; modules the forward never calls are not carried over).
 
@@ -26,6 +27,7 @@ from normswap.core.graph import call_name, trace
 from normswap.core.plan import CONVERT, FOLDED, Plan, Site
 from normswap.variants import registry
 from normswap.core.kinds import qualname
+from normswap.surgery.copying import Snapshot, copy_model
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -41,11 +43,14 @@ def _get(model: nn.Module, name: str, what: str) -> nn.Module:
         raise FileFormatError(f"the plan does not fit this model: it has no module '{name}' ({what})") from None
 
 
-def rewrite_functional(model: nn.Module, sites: list[Site]) -> fx.GraphModule:
+def rewrite_functional(model: nn.Module, sites: list[Site], graph: fx.Graph | None = None) -> fx.GraphModule:
     """A GraphModule of ``model`` in which each site's functional call is a call of module ``site.name``
-    (built by the site's variant: :meth:`Variant.functional_module`). ``model``'s modules are shared."""
+    (built by the site's variant: :meth:`Variant.functional_module`). ``model``'s modules are shared.
+
+    ``graph``: the finder's trace of ``model`` or of the model it was copied from (its nodes name modules, not
+    objects); a copy of it is rewritten instead of tracing again."""
     try:
-        graph = trace(model)
+        graph = copy.deepcopy(graph) if graph is not None else trace(model)
     except Exception as exc:  # fx raises many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise FileFormatError(f"the plan rewrites functional calls, but torch.fx cannot trace this model "
@@ -75,18 +80,27 @@ def rewrite_functional(model: nn.Module, sites: list[Site]) -> fx.GraphModule:
     return gm
 
 
-def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
-    """Return ``model`` converted as ``plan`` says (a deep copy unless ``inplace``).
+def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False, *, graph: fx.Graph | None = None) -> nn.Module:
+    """Return ``model`` converted as ``plan`` says (a copy unless ``inplace``).
 
-    The result is a ``torch.fx.GraphModule`` when the plan rewrites functional calls."""
+    The result is a ``torch.fx.GraphModule`` when the plan rewrites functional calls (``graph``: the finder's
+    trace of ``model``, reused for that instead of tracing again)."""
+    return apply_checked(model, plan, inplace, graph=graph)[0]
+
+
+def apply_checked(model: nn.Module, plan: Plan, inplace: bool = False, *, graph: fx.Graph | None = None
+                  ) -> tuple[nn.Module, Snapshot]:
+    """:func:`apply_plan`, also returning a :class:`Snapshot` of the model taken just before the first site was
+    replaced (the copy, or ``model`` itself when ``inplace``): what the site-local verification checks against."""
     rewrites = [s for s in plan.sites if s.facts.get("graph_rewrite") and s.action in (CONVERT, FOLDED)]
     if rewrites and inplace:
         raise NormswapError(
             f"cannot convert in place: {len(rewrites)} functional call(s) (first: node "
             f"'{rewrites[0].facts.get('node')}') need a new torch.fx.GraphModule; convert a copy or exclude them")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     if rewrites:
-        target = rewrite_functional(target, rewrites)
+        target = rewrite_functional(target, rewrites, graph)
+    snapshot = Snapshot.of(target)
     names_of: dict[int, list[str]] = {}
     for name, mod in target.named_modules(remove_duplicate=False):
         names_of.setdefault(id(mod), []).append(name)
@@ -121,4 +135,4 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module
         cls.after_apply(target, site, new)
     for site in folded:
         registry.get(site.variant).apply_folded(target, site)
-    return target
+    return target, snapshot

@@ -74,7 +74,14 @@ def _patterns(value: Iterable[str] | str | None, what: str) -> list[str]:
     return [p for p in items if p]
 
 
-def find(
+def find(model: nn.Module, to: str, targets: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+         strength: float = 0.0, options: Mapping[str, Any] | None = None, strict_trace: bool = False,
+         graph: ModelGraph | None = None) -> Plan:
+    """Plan the conversion of ``model`` to variant ``to`` without changing the model (see :func:`find_graph`)."""
+    return find_graph(model, to, targets, exclude, strength, options, strict_trace, graph)[0]
+
+
+def find_graph(
     model: nn.Module,
     to: str,
     targets: Iterable[str] | None = None,
@@ -83,8 +90,9 @@ def find(
     options: Mapping[str, Any] | None = None,
     strict_trace: bool = False,
     graph: ModelGraph | None = None,
-) -> Plan:
-    """Plan the conversion of ``model`` to variant ``to`` without changing the model.
+) -> tuple[Plan, ModelGraph]:
+    """Plan the conversion of ``model`` to variant ``to`` without changing the model; also return the
+    :class:`ModelGraph` it was planned on (for apply and verify to share one trace).
 
     Args:
         model: the model (any ``nn.Module``, a ``torch.fx.GraphModule`` included).
@@ -142,4 +150,4 @@ def find(
         trace_path=graph.path,
         trace_error=graph.trace_error,
         sites=sites,
-    )
+    ), graph

@@ -5,6 +5,13 @@ output is compared with the output of the last original module it replaces (a fo
 is compared at the BN). A claim fails when ``max |diff| > rtol * max(1, max |reference|)``, where ``rtol`` is
 at least :data:`DTYPE_ULPS` machine epsilons of the compared tensors' dtype (float32 and float64 keep the
 given ``rtol``; bfloat16 and float16 models are checked to what their precision can hold).
+
+Two methods (``VerifyReport.method``). ``site-local`` (:mod:`normswap.surgery.local`, when its conditions hold:
+the caller passes the fx graph and a :class:`~normswap.surgery.copying.Snapshot` of the copy): one recorded
+forward of the original, each replacement run on its site's recorded inputs; when every site is bit-identical
+the end-to-end difference is 0 by induction over the forward, and the converted model is not run end to end
+(``end_to_end_derived``); otherwise it is. ``forward`` (everything else): both models run on the probe, each
+site compared at its variant's compare points inside the converted network, and end to end.
 """
 
 from __future__ import annotations
@@ -16,8 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from normswap.core.graph import ModelGraph
 from normswap.core.plan import Plan
 from normswap.core.probe import ProbeInput
+from normswap.surgery import local
+from normswap.surgery.local import output_tensors
+from normswap.surgery.copying import Snapshot
 from normswap.variants import registry
 from normswap.variants.base import Variant
 
@@ -37,7 +48,11 @@ class SiteCheck:
 
 @dataclass
 class VerifyReport:
-    """Outcome of the probe comparison. ``ok`` is False only when an exact claim is broken."""
+    """Outcome of the probe comparison. ``ok`` is False only when an exact claim is broken.
+
+    ``method``: ``"site-local"`` (each site on its recorded inputs; ``end_to_end_derived`` when the end-to-end 0
+    is proven rather than measured) or ``"forward"`` (both models run; ``local_skipped`` says why, when the
+    site-local method was considered). See the module docstring."""
 
     probe: str
     strength: float
@@ -47,6 +62,9 @@ class VerifyReport:
     end_to_end_claimed: bool
     ok: bool
     note: str = ""
+    method: str = "forward"  # "site-local" or "forward" (module docstring)
+    local_skipped: str = ""  # why the site-local method was not used, when it was tried
+    end_to_end_derived: bool = False  # end_to_end (0) follows from bit-identical sites; the forward was not run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,13 +78,17 @@ class VerifyReport:
         if not self.sites and self.end_to_end is None:
             return f"verification skipped: {self.note}"
         width = max([len(s.name) for s in self.sites] + [4])
-        lines = [f"verification on probe {self.probe} (strength {self.strength:g})",
+        how = "; each site run on its inputs recorded in one forward of the original" if self.method == "site-local" else ""
+        lines = [f"verification on probe {self.probe} (strength {self.strength:g}{how})",
                  f"  {'site'.ljust(width)}  {'exact claim':<11}  {'max |diff|':>10}  status"]
         for s in self.sites:
             diff = "n/a" if s.max_abs_diff is None else f"{s.max_abs_diff:.3e}"
             status = ("ok" if s.ok else "FAILED") if s.claims_exact else "-"
             lines.append(f"  {s.name.ljust(width)}  {'yes' if s.claims_exact else 'no':<11}  {diff:>10}  {status}")
-        if self.end_to_end is not None:
+        if self.end_to_end_derived:
+            lines.append("  end to end: max |output diff| 0, proven without running the converted model: every "
+                         "site is bit-identical on its recorded inputs and every other module is the unchanged copy: ok")
+        elif self.end_to_end is not None:
             claim = "exact claimed" if self.end_to_end_claimed else "no exact claim"
             verdict = ("ok" if self.ok else "FAILED") if self.end_to_end_claimed else "-"
             lines.append(f"  end to end: max |output diff| {self.end_to_end:.3e} ({claim}, tolerance "
@@ -74,17 +96,6 @@ class VerifyReport:
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
-
-
-def output_tensors(out: Any) -> list[torch.Tensor]:
-    """The tensors in a model output (a tensor, or dicts, lists and tuples of them), in order."""
-    if torch.is_tensor(out):
-        return [out]
-    if isinstance(out, dict) or hasattr(out, "items"):
-        return [t for v in out.values() for t in output_tensors(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in output_tensors(v)]
-    return []
 
 
 def dtype_rtol(out: Any, rtol: float) -> float:
@@ -132,33 +143,78 @@ def run_recording(model: nn.Module, probe: ProbeInput, names: list[str]) -> tupl
     return out, store
 
 
-def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeInput | None,
-           rtol: float = DEFAULT_RTOL) -> VerifyReport:
-    """Compare ``converted`` with ``original`` on ``probe`` at every converted site and end to end."""
-    sites = plan.converted
-    if probe is None:
-        return VerifyReport("none", plan.strength, [], None, None, False, True,
-                            note="no probe input could be inferred for this model; pass example inputs to verify")
-    points = [registry.get(s.variant).compare_points(s) for s in sites]
-    out_a, acts_a = run_recording(original, probe, sorted({a for pts in points for a, _ in pts}))
-    out_b, acts_b = run_recording(converted, probe, sorted({b for pts in points for _, b in pts}))
-    checks = []
-    for site, pts in zip(sites, points):
-        module = converted.get_submodule(site.name)
-        claims = isinstance(module, Variant) and module.claims_exact()
-        found = [(acts_a[a], acts_b[b]) for a, b in pts if a in acts_a and b in acts_b]
-        if found:
-            diffs = [_diff(x, y) for x, y in found]
-            diff, ref = max(d for d, _ in diffs), max(r for _, r in diffs)
-            tol = max(dtype_rtol(x, rtol) for x, _ in found) * max(1.0, ref)
-            checks.append(SiteCheck(site.name, site.variant, claims, diff, tol, (diff <= tol) or not claims))
-        else:
-            checks.append(SiteCheck(site.name, site.variant, claims, None, None, True))
+def _site_check(site: Any, module: nn.Module, found: list[tuple[Any, Any]], rtol: float) -> SiteCheck:
+    """One site's verdict from its ``(original, converted)`` output pairs (none: the probe never reached it)."""
+    claims = isinstance(module, Variant) and module.claims_exact()
+    if not found:
+        return SiteCheck(site.name, site.variant, claims, None, None, True)
+    diffs = [_diff(x, y) for x, y in found]
+    diff, ref = max(d for d, _ in diffs), max(r for _, r in diffs)
+    tol = max(dtype_rtol(x, rtol) for x, _ in found) * max(1.0, ref)
+    return SiteCheck(site.name, site.variant, claims, diff, tol, (diff <= tol) or not claims)
+
+
+def _report(probe: ProbeInput, plan: Plan, checks: list[SiteCheck], out_a: Any, out_b: Any, rtol: float,
+            method: str) -> VerifyReport:
     diff, ref = _diff(out_a, out_b)
     tol = dtype_rtol(out_a, rtol) * max(1.0, ref)
     all_claim = bool(checks) and all(c.claims_exact for c in checks)
     ok = all(c.ok for c in checks) and (diff <= tol or not all_claim)
-    return VerifyReport(probe.describe(), plan.strength, checks, diff, tol, all_claim, ok)
+    return VerifyReport(probe.describe(), plan.strength, checks, diff, tol, all_claim, ok, method=method)
+
+
+def _forward_compare(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeInput, rtol: float,
+                     recorded: tuple[Any, dict[str, Any]] | None = None, why: str = "") -> VerifyReport:
+    """The ``forward`` method (``recorded``: the original's output and compare-point outputs, if already run)."""
+    sites = plan.converted
+    points = [registry.get(s.variant).compare_points(s) for s in sites]
+    names_a = sorted({a for pts in points for a, _ in pts})
+    out_a, acts_a = recorded if recorded is not None else run_recording(original, probe, names_a)
+    out_b, acts_b = run_recording(converted, probe, sorted({b for pts in points for _, b in pts}))
+    checks = [_site_check(site, converted.get_submodule(site.name),
+                          [(acts_a[a], acts_b[b]) for a, b in pts if a in acts_a and b in acts_b], rtol)
+              for site, pts in zip(sites, points)]
+    report = _report(probe, plan, checks, out_a, out_b, rtol, "forward")
+    report.local_skipped = why
+    return report
+
+
+def _repeatable(out: Any) -> bool:
+    """Whether a second forward on the same values gives the same bits: not with ``cudnn.benchmark`` on a GPU
+    (it may pick another convolution algorithm per run), so there the converted model runs end to end."""
+    return not (torch.backends.cudnn.benchmark and any(t.is_cuda for t in output_tensors(out)))
+
+
+def _finite(out: Any) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in output_tensors(out) if t.is_floating_point())
+
+
+def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeInput | None,
+           rtol: float = DEFAULT_RTOL, *, graph: ModelGraph | None = None, snapshot: Snapshot | None = None
+           ) -> VerifyReport:
+    """Compare ``converted`` with ``original`` on ``probe`` at every converted site and end to end.
+
+    ``graph`` (the finder's fx graph of ``original``) and ``snapshot`` (of ``converted`` when it was a fresh copy
+    of ``original``, before any site was replaced) allow the site-local method (module docstring); without
+    them, or where its conditions fail, both models run end to end."""
+    if probe is None:
+        return VerifyReport("none", plan.strength, [], None, None, False, True,
+                            note="no probe input could be inferred for this model; pass example inputs to verify")
+    names = local.sites(plan, original, converted, graph, snapshot)
+    if isinstance(names, str):
+        return _forward_compare(original, converted, plan, probe, rtol, why=names if snapshot is not None else "")
+    rec = local.record(original, probe, names)
+    pairs = local.check_sites(converted, names, rec)
+    if isinstance(pairs, str):
+        return _forward_compare(original, converted, plan, probe, rtol, (rec.output, rec.last_outputs()), pairs)
+    checks = [_site_check(site, converted.get_submodule(site.name), pairs[site.name], rtol) for site in plan.converted]
+    identical = all(c.max_abs_diff == 0.0 for c in checks if c.max_abs_diff is not None)
+    if identical and all(c.ok for c in checks) and _finite(rec.output) and _repeatable(rec.output):
+        tol = dtype_rtol(rec.output, rtol) * max(1.0, _diff(rec.output, rec.output)[1])
+        return VerifyReport(probe.describe(), plan.strength, checks, 0.0, tol, bool(checks), True,
+                            method="site-local", end_to_end_derived=True)
+    out_b, _ = run_recording(converted, probe, [])
+    return _report(probe, plan, checks, rec.output, out_b, rtol, "site-local")
 
 
 def nonfinite_tensors(model: nn.Module) -> dict[str, int]:
