@@ -20,7 +20,8 @@ from .timing import Bench, peak_rise_mib
 
 HOW = ("Public API calls timed whole, interleaved with their baseline. Conversion: `normswap.plan` (find), "
        "`normswap.convert` (find, copy, apply, verify on the probe batch), and convert + `save` to a temporary "
-       "file, against `torch.fx.symbolic_trace` of the same model (random init). Calibration: "
+       "file, against `torch.fx.symbolic_trace` of the same model (random init); its `floor` is what a conversion "
+       "that proves its exact start cannot avoid: one trace, one copy of every tensor, one forward of the probe. Calibration: "
        "`normswap.calibrate(..., evaluate=False)` on N inputs stored in a `.safetensors` file (batches of 16), "
        "against plain forwards of the original over the same batches: the ratio is time per sample, its inverse "
        "the throughput (UAN and ANAct converted at strength 0, PatchNorm at 1, the strength each is calibrated "
@@ -49,6 +50,20 @@ def _chain(*fns: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
+def _convert_floor(model: torch.nn.Module) -> Callable[[], object]:
+    """What a conversion that proves its exact start cannot avoid: one trace, one copy of every tensor (the
+    converted model owns its weights), one forward of the probe batch (the original's outputs to compare with)."""
+    probe = normswap.sources.example_input(model)
+
+    def run() -> object:
+        torch.fx.symbolic_trace(model)
+        [t.clone() for t in model.state_dict().values()]
+        with torch.no_grad():
+            model(*probe.args, **probe.kwargs)
+        return None
+    return run
+
+
 def run(bench: Bench) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="normswap-bench-") as tmp:
         return _run(bench, Path(tmp))
@@ -67,7 +82,7 @@ def _run(bench: Bench, tmp: Path) -> dict[str, Any]:
            "convert (uan)": lambda: normswap.convert(model, to="uan"),
            "convert + save (uan)": lambda: normswap.convert(model, to="uan").save(out, force=True),
            "convert (patchnorm)": lambda: normswap.convert(model, to="patchnorm"),
-           "convert (anact)": lambda: normswap.convert(model, to="anact")}
+           "convert (anact)": lambda: normswap.convert(model, to="anact"), "floor": _convert_floor(model)}
     rows += bench.compare("conversion", f"{name} (random init)", fns, "fx.symbolic_trace", reps, warmup=warm)
 
     name, size, n = sz["tool_model"], sz["tool_size"], sz["calib_samples"]
