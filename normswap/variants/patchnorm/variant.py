@@ -56,7 +56,7 @@ from torch import nn
 
 from normswap.errors import NormswapError, OptionError
 from normswap.core.plan import Site
-from normswap.variants.patchnorm import adapters as _patch_adapters, layer as _patch
+from normswap.variants.patchnorm import adapters as _patch_adapters, fast as _fast, layer as _patch
 from normswap.variants.patchnorm.layer import fold_batchnorm
 from normswap.variants.patchnorm.adapters import ADAPTERS, NormActTail, register_adapter
 from normswap.variants.patchnorm.calib import GainCalibration, fit_gain
@@ -278,6 +278,8 @@ class PatchNormLinear(PatchNorm):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._s == 0.0:
             return F.linear(x, self.weight, self.bias)
+        if _fast.inference_path(self):
+            return _fast.linear_inference(self, x)
         n2 = self._sq_norm(x)
         g, off = self._gains(n2)
         corrected = self.form == "corrected"
@@ -342,18 +344,15 @@ class PatchNormConv(PatchNorm):
         self._init_common(weight, bias, g.out_channels, form, eps, offset, strength, groups=g.groups)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._s != 0.0 and _fast.inference_path(self):  # cached gain-scaled weight, chunked batch
+            return _fast.conv_inference(self, x)
         x_in, padding = self.geom.prepare(x)
         if self._s == 0.0:
             return self.geom.conv(x_in, self.weight, self.bias, padding)
         corrected = self.form == "corrected"
-        if corrected and not self.training and not torch.is_grad_enabled():
-            # inference: 1 / sqrt(lam n2 + 1) with lam and 1 folded into the box filter, rsqrt in place
-            m = _patch.prepared_sq_norm(x_in, self.geom, affine=(self._s, 1.0)).rsqrt_()
-            g, off = self._gains(m)  # (n2 is only read in training)
-        else:
-            n2 = _patch.prepared_sq_norm(x_in, self.geom)  # (N, G, *out)
-            g, off = self._gains(n2)
-            m = self._factor(n2, self.lam)
+        n2 = _patch.prepared_sq_norm(x_in, self.geom)  # (N, G, *out)
+        g, off = self._gains(n2)
+        m = self._factor(n2, self.lam)
         w = self.weight * g.view(-1, *([1] * (self.dims + 1)))
         b = self.bias * g if corrected and self.bias is not None else None
         v = self.geom.conv(x_in, w, b, padding)
