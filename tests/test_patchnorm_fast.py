@@ -180,3 +180,19 @@ def test_depthwise_gradients_in_float64_match_autograd_of_the_plain_formula(geo)
     ref = torch.autograd.grad(_patch._reference_forward(m, x).square().sum(), [x, *params])
     for a, b in zip(grads, ref):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_calibration_terms_take_the_chunked_patch_norms(monkeypatch):
+    """The observer's n2 of a depthwise conv, one sample per chunk, is the unfold reference's (and its terms
+    those of the unchunked run)."""
+    conv = nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=4).to(D)
+    m = PatchNormConv.from_conv(conv, strength=0.0)
+    x = torch.randn(3, 4, 9, 9, dtype=D)
+    with torch.no_grad():
+        whole = m._calib_terms(x, 1.0)
+        monkeypatch.setattr(_fast, "CHUNK_BYTES", 1)
+        assert _fast.chunk_step(x, m.geom) == 1
+        chunked = m._calib_terms(x, 1.0)
+    assert (chunked[3] - _patch._reference_n2(x, m.geom)).abs().max() < 1e-10
+    for a, b in zip(whole, chunked):
+        assert (a is None and b is None) or (a - b).abs().max() < 1e-10

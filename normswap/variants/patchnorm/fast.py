@@ -27,7 +27,7 @@ import torch
 
 from normswap.variants.patchnorm import layer as _patch
 
-__all__ = ["CHUNK_BYTES", "conv_inference", "frozen_terms", "inference_path", "linear_inference"]
+__all__ = ["CHUNK_BYTES", "chunk_step", "conv_inference", "frozen_terms", "inference_path", "linear_inference", "sq_norm"]
 
 CHUNK_BYTES = 2 << 20  # input bytes per chunk: one 144 x 56 x 56 float32 sample is 1.8 MB
 
@@ -85,17 +85,31 @@ def factor(module: Any, n2_affine: Callable[[tuple[float, float]], torch.Tensor]
     return m.add_(1.0 - lam) if lam != 1.0 else m
 
 
+def chunk_step(x_in: torch.Tensor, geom: _patch.ConvGeometry) -> int:
+    """Samples per chunk: about :data:`CHUNK_BYTES` of input where the patch norm needs a full-size box filter
+    (one channel per group, a kernel wider than 1), else the whole batch (a groups=1 conv's norm is a channel
+    sum, one small map, and its conv is faster on the whole batch)."""
+    n = x_in.shape[0]
+    per = x_in[0].numel() * x_in.element_size() if n else 0
+    boxed = geom.in_channels == geom.groups and any(k > 1 for k in geom.kernel_size)
+    return n if per == 0 or not boxed else max(1, CHUNK_BYTES // per)
+
+
+def sq_norm(x_in: torch.Tensor, geom: _patch.ConvGeometry) -> torch.Tensor:
+    """``n2`` of a prepared input with autograd off, chunk by chunk where :func:`chunk_step` says so (the
+    calibration observer's patch norms)."""
+    step, n = chunk_step(x_in, geom), x_in.shape[0]
+    if step >= n or torch.is_grad_enabled():
+        return _patch.prepared_sq_norm(x_in, geom)
+    return torch.cat([_patch.prepared_sq_norm(x_in[i:i + step], geom) for i in range(0, n, step)])
+
+
 def conv_inference(module: Any, x: torch.Tensor) -> torch.Tensor:
     """A :class:`PatchNormConv`'s output at a non-zero strength on the inference path (module docstring)."""
     geom = module.geom
     w, b, post = frozen_terms(module, lambda: scaled_terms(module, (-1, *([1] * geom.dims))))
     x_in, padding = geom.prepare(x)
-    n = x_in.shape[0]
-    per = x_in[0].numel() * x_in.element_size() if n else 0
-    # chunks where the patch norm needs a full-size box filter (one channel per group, a kernel wider than 1);
-    # a groups=1 conv's norm is a channel sum (one small map) and its conv is faster on the whole batch
-    boxed = geom.in_channels == geom.groups and any(k > 1 for k in geom.kernel_size)
-    step = n if per == 0 or not boxed else max(1, CHUNK_BYTES // per)
+    n, step = x_in.shape[0], chunk_step(x_in, geom)
     out = None
     for i in range(0, max(n, 1), step):
         xc = x_in[i:i + step]

@@ -376,7 +376,7 @@ class PatchNormConv(PatchNorm):
         corrected = self.form == "corrected"
         v = self.geom.conv(x_in, self.weight, self.bias if corrected else None, padding)
         bias = self.bias.view(-1, *([1] * self.dims)) if self.bias is not None else None
-        return _calib_split(self, v, _patch.prepared_sq_norm(x_in, self.geom), t, source, bias,
+        return _calib_split(self, v, _fast.sq_norm(x_in, self.geom), t, source, bias,
                             lambda v, f: _patch.scale_by_group(v, f, self.groups),
                             lambda v, f: _patch.scale_by_group(v, f, self.groups, inplace=True))
 
