@@ -106,3 +106,13 @@ def test_failed_calibration_restores_every_state_entry_and_copies_only_calibrate
         for k, v in before[name].items():
             assert torch.equal(state[k], v), (name, k)
     assert early.weight is weight and early.current_strength() == 1.0
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_factor_without_autograd_is_bitwise_the_autograd_one(form):
+    m = PatchNormConv(2, 2, 3, form=form)
+    n2 = torch.rand(2, 1, 5, 5) * 100
+    for lam in (1.0, 0.3, torch.tensor(0.6)):
+        with_grad = m._factor(n2, lam)
+        with torch.no_grad():
+            assert torch.equal(m._factor(n2, lam), with_grad), (form, lam)

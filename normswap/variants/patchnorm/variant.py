@@ -218,9 +218,11 @@ class PatchNorm(StrengthMirror, GainCalibration, ScaleTracking, Variant):
     def _factor(self, n2: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
         """The per-patch factor from the patch norms: ``1/s`` (corrected) or the normaliser blend."""
         lam = lam.to(n2.dtype) if isinstance(lam, torch.Tensor) else lam
-        if self.form == "corrected":
-            return torch.rsqrt(n2 * lam + 1)
-        return torch.rsqrt(n2 + self.eps) * (lam * self._r) + (1 - lam)
+        corrected = self.form == "corrected"
+        if not torch.is_grad_enabled():  # the same operations, all but the first in place (one temporary)
+            f = n2 * lam if corrected else n2 + self.eps
+            return f.add_(1).rsqrt_() if corrected else f.rsqrt_().mul_(lam * self._r).add_(1 - lam)
+        return torch.rsqrt(n2 * lam + 1) if corrected else torch.rsqrt(n2 + self.eps) * (lam * self._r) + (1 - lam)
 
     def _gains(self, n2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Training mode tracks ``n2``; returns the blended gain times the scale ``k(lam)``, and the offset."""
