@@ -83,28 +83,17 @@ def test_linear_inference_matches_the_training_path(form):
         assert (lin(x) - plain).abs().max() < 1e-12
 
 
+def _inplace(name: str, op: str, value: float):
+    """An in-place change of the tensor ``name`` (what an optimiser or a calibration write does)."""
+    def change(m):
+        with torch.no_grad():
+            getattr(getattr(m, name), op)(value)
+    change.__name__ = name
+    return change
+
+
 def _changes() -> list:
     """In-place changes of each tensor the cached terms come from, and the strength."""
-    def weight(m):
-        with torch.no_grad():
-            m.weight.mul_(1.5)
-
-    def bias(m):
-        with torch.no_grad():
-            m.bias.add_(0.3)
-
-    def gain(m):
-        with torch.no_grad():
-            m.gain.mul_(0.5)
-
-    def offset(m):
-        with torch.no_grad():
-            m.offset.add_(1.0)
-
-    def n2_mean(m):
-        with torch.no_grad():
-            m.n2_mean.mul_(3.0)
-
     def strength(m):
         m.set_strength(0.5)
 
@@ -123,7 +112,9 @@ def _changes() -> list:
         opt.step()
         m.eval()
 
-    return [weight, bias, gain, offset, n2_mean, strength, state_dict, replaced, train_step]
+    return [_inplace("weight", "mul_", 1.5), _inplace("bias", "add_", 0.3), _inplace("gain", "mul_", 0.5),
+            _inplace("offset", "add_", 1.0), _inplace("n2_mean", "mul_", 3.0), strength, state_dict, replaced,
+            train_step]
 
 
 @pytest.mark.parametrize("change", _changes(), ids=lambda f: f.__name__)
