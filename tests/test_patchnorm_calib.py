@@ -20,7 +20,8 @@ from tests.test_patchnorm import D, FORMS, _perturb
 @pytest.mark.parametrize("bias", [True, False])
 def test_terms_without_the_source_equal_the_terms_with_it(form, bias):
     torch.manual_seed(0)
-    for m, x in ((PatchNormConv(4, 6, 3, padding=1, groups=2, bias=bias, form=form, dtype=D), torch.randn(2, 4, 7, 7, dtype=D)),
+    conv = PatchNormConv(4, 6, 3, padding=1, groups=2, bias=bias, form=form, dtype=D)
+    for m, x in ((conv, torch.randn(2, 4, 7, 7, dtype=D)),
                  (PatchNormLinear(5, 3, bias=bias, form=form, dtype=D), torch.randn(4, 5, dtype=D))):
         with torch.no_grad():
             w, base, source, n2 = m._calib_terms(x, 0.7)

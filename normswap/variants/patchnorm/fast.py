@@ -27,7 +27,8 @@ import torch
 
 from normswap.variants.patchnorm import layer as _patch
 
-__all__ = ["CHUNK_BYTES", "chunk_step", "conv_inference", "frozen_terms", "inference_path", "linear_inference", "sq_norm"]
+__all__ = ["CHUNK_BYTES", "chunk_step", "conv_inference", "frozen_terms", "inference_path", "linear_inference",
+           "sq_norm"]
 
 CHUNK_BYTES = 2 << 20  # input bytes per chunk: one 144 x 56 x 56 float32 sample is 1.8 MB
 
