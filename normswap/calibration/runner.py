@@ -112,6 +112,14 @@ def _capture(model: nn.Module, batch: ProbeInput, name: str, what: str) -> torch
     return got[0] if got else None
 
 
+def _calibrated_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the state entries calibration may write: those ``module.calibrated_state()`` names where the
+    variant has that method, else its whole state_dict."""
+    state = module.state_dict()
+    keys = module.calibrated_state() if hasattr(module, "calibrated_state") else list(state)
+    return {k: state[k].clone() for k in keys if k in state}
+
+
 def execution_order(model: nn.Module, names: list[str], batch: ProbeInput) -> list[str]:
     """``names`` sorted by when each module is first called on ``batch`` (modules never called come last)."""
     seen: list[str] = []
@@ -193,8 +201,9 @@ def run_calibration(model: nn.Module, plan: Plan, batches: Iterable[Any], *, ref
     modes = {m: m.training for m in model.modules()}
     saved_strengths = strengths_of(model)
     bn_state = {k: v.clone() for k, v in model.state_dict().items()} if reestimate_bn else None
-    # an error midway must not leave the layers solved before it calibrated: their state comes back too
-    variant_states = [(m, {k: v.clone() for k, v in m.state_dict().items()}) for _, _, m in sites]
+    # an error midway must not leave the layers solved before it calibrated: their state comes back too (only
+    # what calibration writes, where the variant names it: PatchNorm's gains, not its conv weights)
+    variant_states = [(m, _calibrated_state(m)) for _, _, m in sites]
     begun: list[Variant] = []
     total = len(data) * (int(reestimate_bn) + int(bool(collect)) + len(ordered))
     bar = tqdm(total=total, desc="calibrating", unit="batch", disable=not progress, leave=False)
@@ -227,7 +236,7 @@ def run_calibration(model: nn.Module, plan: Plan, batches: Iterable[Any], *, ref
         for module in begun:
             module.calibration_abort()
         for module, state in variant_states:
-            module.load_state_dict(state)
+            module.load_state_dict(state, strict=False)
         if bn_state is not None:
             model.load_state_dict(bn_state)
         raise
@@ -261,8 +270,8 @@ def _network_order(model: nn.Module, ordered: list[tuple[Any, Site, Variant]], d
     how = "layer by layer" if layerwise else "streaming"
     try:
         reference.eval()
-        names = execution_order(model, list(by_name), data[0])
         if layerwise:
+            names = execution_order(model, list(by_name), data[0])
             for name in names:
                 module = by_name[name][2]
                 bar.set_postfix_str(f"network order: {name}")
@@ -277,8 +286,9 @@ def _network_order(model: nn.Module, ordered: list[tuple[Any, Site, Variant]], d
                 begun.remove(module)
                 module.calibration_end()
                 module.set_strength(settings.strength)  # the layers after it see it calibrated
-        else:
-            _streaming(model, reference, [by_name[n][2] for n in names], names, targets, data, settings, begun, bar)
+        else:  # the execution order is recorded by the first pass (no forward of its own)
+            names = _streaming(model, reference, {n: m for n, (_, _, m) in by_name.items()}, targets, data, settings,
+                               begun, bar)
         for name in names:
             log.sites[name] = {"variant": by_name[name][1].variant,
                                "method": f"network order ({how}) against {source}, output of '{targets[name]}'"}
@@ -287,13 +297,16 @@ def _network_order(model: nn.Module, ordered: list[tuple[Any, Site, Variant]], d
             m.training = mode
 
 
-def _streaming(model: nn.Module, reference: nn.Module, modules: list[Any], names: list[str], targets: dict[str, str],
-               data: list[ProbeInput], settings: CalibrationSettings, begun: list[Variant], bar: Any) -> None:
+def _streaming(model: nn.Module, reference: nn.Module, by_name: dict[str, Any], targets: dict[str, str],
+               data: list[ProbeInput], settings: CalibrationSettings, begun: list[Variant], bar: Any) -> list[str]:
     """Network order in two forward passes per batch: the reference's outputs at every target are recorded,
     then the converted model runs with every layer at the calibration strength; just before a layer runs it
     adds the batch (its input, the reference's output) to its sums and re-solves its gains, so the layers after
-    it see it calibrated on all data so far. The last batch leaves each layer fitted on every batch."""
+    it see it calibrated on all data so far. The last batch leaves each layer fitted on every batch. Returns
+    the names in the order the modules first ran (those that never ran last)."""
     store: dict[str, Any] = {}
+    seen: list[str] = []
+    modules, names = list(by_name.values()), list(by_name)
 
     def keep(name: str, out: Any) -> None:  # returns None: a forward hook's return value replaces the output
         if name not in store:
@@ -305,6 +318,8 @@ def _streaming(model: nn.Module, reference: nn.Module, modules: list[Any], names
             lambda _m, _a, out, name=name: keep(name, out)))
     for module, name in zip(modules, names):
         def pre(mod: Any, args: tuple, name: str = name) -> None:
+            if name not in seen:
+                seen.append(name)
             y = store.pop(targets[name], None)
             if y is not None and mod.collecting():
                 mod.observe(args[0], y)
@@ -327,3 +342,4 @@ def _streaming(model: nn.Module, reference: nn.Module, modules: list[Any], names
     finally:
         for h in handles:
             h.remove()
+    return seen + [n for n in names if n not in seen]

@@ -2,7 +2,8 @@
 
 Files: ``variant.py`` (the registered variant, Linear and Conv layers), ``layer.py`` (patch norms and
 convolution geometry), ``scale.py`` (the strength-aware scale), ``calib.py`` (the gain fit),
-``adapters.py`` (source types, timm norm+act layers), ``examples.py`` (contract-suite models).
+``adapters.py`` (source types, timm norm+act layers), ``examples.py`` (contract-suite models), ``fast.py`` (the
+inference path: cached gain-scaled weights, chunked depthwise layers).
 """
 
 from normswap.variants.patchnorm.variant import (  # noqa: F401  (the folder's public names)

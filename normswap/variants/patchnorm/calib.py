@@ -47,7 +47,7 @@ class GainCalibration:
             raise NormswapError("observe() needs calibration_begin() first")
         t = self._calib["t"]
         with torch.no_grad():
-            w, base, source, n2 = self._calib_terms(x, t)
+            w, base, source, n2 = self._calib_terms(x, t, source=y is None)
             self._calib["last"] = (x, w, base)  # the forward on this x at strength t reuses them
             self.scale_accumulate(self._calib, n2, channels_last=not self._conv_layout)
             target = source if y is None else y
@@ -55,7 +55,7 @@ class GainCalibration:
             if target.shape != w.shape:
                 raise NormswapError(f"calibration target has shape {tuple(target.shape)}, expected {tuple(w.shape)}")
             ch = 1 if self._conv_layout else w.dim() - 1
-            lsq_accumulate(self._calib, w, target - base, ch)
+            lsq_accumulate(self._calib, w, target if base is None else target - base, ch)
 
     def reuse_observation(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's output on ``x`` from the terms :meth:`observe` just computed on this same tensor, when
@@ -72,8 +72,13 @@ class GainCalibration:
         g, off = self._blend()
         gk = (g * self.scale_per_output(self.lam)).to(w.dtype)
         shape = (-1,) + (1,) * (w.dim() - 2) if self._conv_layout else (-1,)
-        out = w.mul_(gk.view(shape)).add_(base)
+        out = w.mul_(gk.view(shape))
+        out = out if base is None else out.add_(base)
         return out if off is None else out.add_(off.to(w.dtype).view(shape))
+
+    def calibrated_state(self) -> list[str]:
+        """The state_dict keys calibration writes (the runner restores only these after a failure)."""
+        return ["gain", "n2_mean", "n2_batches"] + (["offset"] if self.offset is not None else [])
 
     def calibration_abort(self) -> None:
         self._calib = None
@@ -125,10 +130,10 @@ def lsq_accumulate(acc: dict, w: torch.Tensor, r: torch.Tensor, ch: int) -> None
     w, r = w.to(cdt), r.to(cdt)
     n = w.numel() // w.shape[ch]
     mw, mr = w.mean(dims, keepdim=True), r.mean(dims, keepdim=True)
-    dw, dr = w - mw, r - mr
+    dw, dr = w - mw, r - mr  # the only two new activation-sized tensors; the products are taken in place
     sdw, sdr = dw.sum(dims).double(), dr.sum(dims).double()  # what the float32 means missed
-    cww = (dw * dw).sum(dims).double() - sdw * sdw / n  # centred on the exact mean
-    cwr = dw.mul_(dr).sum(dims).double() - sdw * sdr / n
+    cwr = dr.mul_(dw).sum(dims).double() - sdw * sdr / n  # centred on the exact mean
+    cww = dw.square_().sum(dims).double() - sdw * sdw / n
     mw, mr = mw.reshape(-1).double() + sdw / n, mr.reshape(-1).double() + sdr / n
     stats = {"ww": cww + n * mw * mw, "wr": cwr + n * mw * mr, "w": n * mw, "r": n * mr}
     for k, v in stats.items():

@@ -13,7 +13,9 @@ dilation). PatchNorm needs ``n2[n, j, q] = sum over P_jq of x^2`` (docs/methods.
    average pooling with ``divisor_override=1`` (an exact sum, ``count_include_pad``; ``"box"``,
    dilation 1 only). On CPU (batch 8, 2 threads) the ones-kernel conv measured faster: 1.4x for
    one channel at 56x56 and 224x224, 2-5x for 8-64 channels; pooling won only on small maps
-   (one channel at 28x28), where both take under 0.2 ms.
+   (one channel at 28x28), where both take under 0.2 ms. A separable box sum (``k - 1`` adds of shifted
+   slices per spatial dim) measured slower still on the depthwise layer of docs/patchnorm.md (1.9-2.0x
+   Conv+BN against 1.66x with the ones-kernel conv, both on the inference path's chunks, 2 threads).
 
 ``"direct"`` is the literal statement of docs/methods.md section 1.3.1 (a conv of ``x^2`` with an all-ones kernel of
 shape ``(G, C_in / G, *k)``), kept as a cross-check. A 1x1 unpadded kernel needs no filter at all:
@@ -40,6 +42,10 @@ __all__ = ["ConvGeometry", "patch_sq_norm", "scale_by_group"]
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
 METHODS = ("auto", "box", "conv", "direct")
+# the channel sum of a groups=1 conv as an addcmul chain (autograd off): up to this many channels, per-channel
+# slices of at least this many elements (below, the per-call overhead of the chain outweighs the saved pass)
+CHAIN_MAX_CHANNELS = 1024
+CHAIN_MIN_SLICE = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -179,10 +185,16 @@ def prepared_sq_norm(x_in: torch.Tensor, geom: ConvGeometry, method: str = "auto
     ``a n2 + b`` instead, folded into the box filter's kernel and bias where there is one (no extra pass)."""
     if affine is None:
         return _sq_norm(x_in, geom, method)
-    a, b = affine
     if method in ("auto", "conv") and not (all(k == 1 for k in geom.kernel_size) and not any(map(any, geom.pads))):
         return _sq_norm(x_in, geom, method, affine)
-    return _sq_norm(x_in, geom, method).mul_(a).add_(b)
+    return affine_(_sq_norm(x_in, geom, method), *affine)
+
+
+def affine_(t: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """``t`` replaced by ``a t + b`` in place (no pass for ``a = 1`` or ``b = 0``)."""
+    if a != 1.0:
+        t.mul_(a)
+    return t.add_(b) if b != 0.0 else t
 
 
 def _sq_norm(x_in: torch.Tensor, geom: ConvGeometry, method: str = "auto",
@@ -226,6 +238,13 @@ def _group_sq_sum(x: torch.Tensor, groups: int, cg: int) -> torch.Tensor:
     if cg == 1:
         return x.square()
     if groups == 1:
+        if not torch.is_grad_enabled() and cg <= CHAIN_MAX_CHANNELS and x[:, 0].numel() >= CHAIN_MIN_SLICE:
+            # one addcmul per channel into a slice-sized sum that stays in the cache: a single read of x
+            # (vecdot multiplies into a full-size temporary, then reduces it: 2-3x slower on large maps)
+            acc = x[:, :1].square()
+            for c in range(1, cg):
+                acc.addcmul_(x[:, c:c + 1], x[:, c:c + 1])
+            return acc
         return torch.linalg.vecdot(x, x, dim=1).unsqueeze(1)  # no full-size x^2 temporary
     x = x.unflatten(1, (groups, cg))
     return torch.linalg.vecdot(x, x, dim=2)
@@ -245,13 +264,17 @@ def _box_sum(q: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
                               count_include_pad=True, divisor_override=1)
 
 
-def scale_by_group(v: torch.Tensor, m: torch.Tensor, groups: int, inplace: bool = False) -> torch.Tensor:
-    """``v[n, c, q] * m[n, group(c), q]``: one broadcast multiply of the conv output by the per-patch factor."""
+def scale_by_group(v: torch.Tensor, m: torch.Tensor, groups: int, inplace: bool = False,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """``v[n, c, q] * m[n, group(c), q]``: one broadcast multiply of the conv output by the per-patch factor
+    (in place, into ``out`` (a tensor of ``v``'s shape), or a new tensor)."""
     if groups == 1:
-        return v.mul_(m) if inplace else v * m
-    out = v.unflatten(1, (groups, -1))
-    out = out.mul_(m.unsqueeze(2)) if inplace else out * m.unsqueeze(2)
-    return out.flatten(1, 2)
+        return v.mul_(m) if inplace else torch.mul(v, m, out=out) if out is not None else v * m
+    vg, mg = v.unflatten(1, (groups, -1)), m.unsqueeze(2)
+    if out is not None:
+        torch.mul(vg, mg, out=out.unflatten(1, (groups, -1)))
+        return out
+    return (vg.mul_(mg) if inplace else vg * mg).flatten(1, 2)
 
 
 # ---- the straightforward im2col references (tests and benchmark only) ---------------------------------

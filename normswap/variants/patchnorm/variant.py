@@ -56,7 +56,7 @@ from torch import nn
 
 from normswap.errors import NormswapError, OptionError
 from normswap.core.plan import Site
-from normswap.variants.patchnorm import adapters as _patch_adapters, layer as _patch
+from normswap.variants.patchnorm import adapters as _patch_adapters, fast as _fast, layer as _patch
 from normswap.variants.patchnorm.layer import fold_batchnorm
 from normswap.variants.patchnorm.adapters import ADAPTERS, NormActTail, register_adapter
 from normswap.variants.patchnorm.calib import GainCalibration, fit_gain
@@ -209,17 +209,20 @@ class PatchNorm(StrengthMirror, GainCalibration, ScaleTracking, Variant):
         g = self.gain * lam + (1 - lam)
         return g, (self.offset * lam if self.offset is not None else None)
 
-    def _calib_terms(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _calib_terms(self, x: torch.Tensor, t: float, source: bool = True) -> tuple[torch.Tensor, ...]:
         """``(w, base, source, n2)``: the layer at strength t is ``g * k(t) * w + base + t * o`` (``k``: the
-        strength-aware scale, a constant per group); ``source`` = lam 0; ``n2`` the patch norms."""
+        strength-aware scale, a constant per group; ``base`` the normaliser forms' bias, shaped to broadcast
+        against ``w``, or None); ``source`` = lam 0 (None unless asked for); ``n2`` the patch norms."""
         raise NotImplementedError
 
     def _factor(self, n2: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
         """The per-patch factor from the patch norms: ``1/s`` (corrected) or the normaliser blend."""
         lam = lam.to(n2.dtype) if isinstance(lam, torch.Tensor) else lam
-        if self.form == "corrected":
-            return torch.rsqrt(n2 * lam + 1)
-        return torch.rsqrt(n2 + self.eps) * (lam * self._r) + (1 - lam)
+        corrected = self.form == "corrected"
+        if not torch.is_grad_enabled():  # the same operations, all but the first in place (one temporary)
+            f = n2 * lam if corrected else n2 + self.eps
+            return f.add_(1).rsqrt_() if corrected else f.rsqrt_().mul_(lam * self._r).add_(1 - lam)
+        return torch.rsqrt(n2 * lam + 1) if corrected else torch.rsqrt(n2 + self.eps) * (lam * self._r) + (1 - lam)
 
     def _gains(self, n2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Training mode tracks ``n2``; returns the blended gain times the scale ``k(lam)``, and the offset."""
@@ -239,6 +242,17 @@ class PatchNorm(StrengthMirror, GainCalibration, ScaleTracking, Variant):
 
     def extra_repr(self) -> str:
         return f"form={self.form}, lam={self._s:g}, eps={self.eps}, offset={self.offset is not None}"
+
+
+def _calib_split(layer: PatchNorm, v: torch.Tensor, n2: torch.Tensor, t: float, source: bool,
+                 bias: torch.Tensor | None, scale: Any, scale_: Any) -> tuple[torch.Tensor, ...]:
+    """:meth:`PatchNorm._calib_terms` from the plain layer's ``v`` (with the bias in the corrected form) and
+    ``n2``: ``w = v * factor`` (in place on ``v`` where the source is not asked for or is a new tensor)."""
+    f = layer._factor(n2, t).to(v.dtype)
+    if layer.form == "corrected" or bias is None:
+        return (scale(v, f), None, v, n2) if source else (scale_(v, f), None, None, n2)
+    src = v + bias if source else None
+    return scale_(v, f), bias, src, n2
 
 
 class PatchNormLinear(PatchNorm):
@@ -278,6 +292,8 @@ class PatchNormLinear(PatchNorm):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._s == 0.0:
             return F.linear(x, self.weight, self.bias)
+        if _fast.inference_path(self):
+            return _fast.linear_inference(self, x)
         n2 = self._sq_norm(x)
         g, off = self._gains(n2)
         corrected = self.form == "corrected"
@@ -286,13 +302,10 @@ class PatchNormLinear(PatchNorm):
             z = z + self.bias
         return z if off is None else z + off
 
-    def _calib_terms(self, x, t):
+    def _calib_terms(self, x, t, source=True):
         corrected = self.form == "corrected"
         v = F.linear(x, self.weight, self.bias if corrected else None)
-        n2 = self._sq_norm(x)
-        w = v * self._factor(n2, t).to(v.dtype)
-        base = self.bias if not corrected and self.bias is not None else torch.zeros_like(self.gain)
-        return w, base.expand_as(w), (v if corrected else F.linear(x, self.weight, self.bias)), n2
+        return _calib_split(self, v, self._sq_norm(x), t, source, self.bias, lambda v, f: v * f, lambda v, f: v.mul_(f))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()
@@ -342,18 +355,15 @@ class PatchNormConv(PatchNorm):
         self._init_common(weight, bias, g.out_channels, form, eps, offset, strength, groups=g.groups)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._s != 0.0 and _fast.inference_path(self):  # cached gain-scaled weight, chunked batch
+            return _fast.conv_inference(self, x)
         x_in, padding = self.geom.prepare(x)
         if self._s == 0.0:
             return self.geom.conv(x_in, self.weight, self.bias, padding)
         corrected = self.form == "corrected"
-        if corrected and not self.training and not torch.is_grad_enabled():
-            # inference: 1 / sqrt(lam n2 + 1) with lam and 1 folded into the box filter, rsqrt in place
-            m = _patch.prepared_sq_norm(x_in, self.geom, affine=(self._s, 1.0)).rsqrt_()
-            g, off = self._gains(m)  # (n2 is only read in training)
-        else:
-            n2 = _patch.prepared_sq_norm(x_in, self.geom)  # (N, G, *out)
-            g, off = self._gains(n2)
-            m = self._factor(n2, self.lam)
+        n2 = _patch.prepared_sq_norm(x_in, self.geom)  # (N, G, *out)
+        g, off = self._gains(n2)
+        m = self._factor(n2, self.lam)
         w = self.weight * g.view(-1, *([1] * (self.dims + 1)))
         b = self.bias * g if corrected and self.bias is not None else None
         v = self.geom.conv(x_in, w, b, padding)
@@ -363,16 +373,14 @@ class PatchNormConv(PatchNorm):
             z = z + self.bias.view(shape)
         return z if off is None else z + off.view(shape)
 
-    def _calib_terms(self, x, t):
+    def _calib_terms(self, x, t, source=True):
         x_in, padding = self.geom.prepare(x)
         corrected = self.form == "corrected"
         v = self.geom.conv(x_in, self.weight, self.bias if corrected else None, padding)
-        n2 = _patch.prepared_sq_norm(x_in, self.geom)
-        w = _patch.scale_by_group(v, self._factor(n2, t).to(v.dtype), self.groups)
-        if corrected or self.bias is None:
-            return w, torch.zeros_like(w), v, n2
-        b = self.bias.view(-1, *([1] * self.dims)).expand_as(w)
-        return w, b, v + b, n2
+        bias = self.bias.view(-1, *([1] * self.dims)) if self.bias is not None else None
+        return _calib_split(self, v, _fast.sq_norm(x_in, self.geom), t, source, bias,
+                            lambda v, f: _patch.scale_by_group(v, f, self.groups),
+                            lambda v, f: _patch.scale_by_group(v, f, self.groups, inplace=True))
 
     def extra_repr(self) -> str:
         g = self.geom

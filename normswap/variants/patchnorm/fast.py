@@ -1,0 +1,135 @@
+"""PatchNorm's inference path: eval mode with autograd off (``torch.no_grad`` / ``torch.inference_mode``).
+
+What the training path recomputes on every call and inference need not (measured in docs/patchnorm.md, "Speed"):
+
+- **frozen terms**: the blended gain times the strength-aware scale ``g k(lam)`` folded into the weight and the
+  bias (``W' = g k W``, ``b' = g k b``), plus what is added after the multiply (the normaliser forms' bias, the
+  offset). Computed once and cached on the module, keyed on the identity, storage, version counter, dtype and
+  device of every tensor they come from (``weight``, ``bias``, ``gain``, ``offset``, ``lam``, ``n2_mean``) and on
+  the strength mirror: any in-place change (an optimiser step, ``load_state_dict``, calibration's ``copy_``),
+  a replaced parameter or ``.to()`` gives a new key and the terms are rebuilt. Tensors without a version
+  counter (parameters created under ``torch.inference_mode``) are never cached.
+- **chunks**: a batch whose samples are large is processed a few samples at a time (about :data:`CHUNK_BYTES`
+  of input per chunk): the conv, the patch norms of the chunk and the multiply, written straight into the
+  output. The squares, the box filter and the factor of one chunk stay in the cache, and no batch-sized
+  temporary is allocated (fresh large buffers cost page faults on every call); peak memory is the output plus
+  one chunk's temporaries.
+
+The result is the plain formula's up to float rounding (tests/test_patchnorm_fast.py compares every geometry
+with the unfold reference and the training path).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from normswap.variants.patchnorm import layer as _patch
+
+__all__ = ["CHUNK_BYTES", "chunk_step", "conv_inference", "frozen_terms", "inference_path", "linear_inference",
+           "sq_norm"]
+
+CHUNK_BYTES = 2 << 20  # input bytes per chunk: one 144 x 56 x 56 float32 sample is 1.8 MB
+
+
+def inference_path(module: torch.nn.Module) -> bool:
+    """True where the cached, chunked path applies: eval mode and autograd off."""
+    return not module.training and not torch.is_grad_enabled()
+
+
+def _key(tensors: tuple[torch.Tensor | None, ...]) -> tuple | None:
+    try:
+        return tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    except RuntimeError:  # an inference tensor has no version counter: nothing safe to key on
+        return None
+
+
+def frozen_terms(module: Any, build: Callable[[], tuple]) -> tuple:
+    """``build()``, cached on ``module`` until one of the tensors it reads changes (module docstring)."""
+    key = _key((module.weight, module.bias, module.gain, module.offset, module.lam, module.n2_mean))
+    if key is not None:
+        key += (module._s,)
+        cached = module.__dict__.get("_frozen")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable outside inference mode too
+        terms = build()
+    if key is not None:
+        module.__dict__["_frozen"] = (key, terms)
+    return terms
+
+
+def scaled_terms(module: Any, lead: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(W', b', post)`` of a PatchNorm layer: ``W' = g k W``, ``b' = g k b`` (corrected form), ``post`` what is
+    added after the multiply (the normaliser forms' bias plus ``lam o``, shaped ``lead``), or None."""
+    g, off = module._blend()
+    gk = g * module.scale_per_output(module.lam)
+    w = module.weight * gk.view(-1, *([1] * (module.weight.dim() - 1)))
+    corrected = module.form == "corrected"
+    b = module.bias * gk if corrected and module.bias is not None else None
+    post = module.bias if not corrected and module.bias is not None else None
+    if off is not None:
+        post = off if post is None else post + off
+    return w, b, (post.view(lead) if post is not None else None)
+
+
+def factor(module: Any, n2_affine: Callable[[tuple[float, float]], torch.Tensor]) -> torch.Tensor:
+    """The per-patch factor at the module's strength, from ``n2_affine((a, b)) = a n2 + b`` (a new tensor, worked
+    on in place): ``1 / sqrt(lam n2 + 1)`` (corrected) or ``lam r / sqrt(n2 + eps) + (1 - lam)``."""
+    lam = module._s
+    if module.form == "corrected":
+        return n2_affine((lam, 1.0)).rsqrt_()
+    m = n2_affine((1.0, module.eps)).rsqrt_()
+    if lam * module._r != 1.0:
+        m.mul_(lam * module._r)
+    return m.add_(1.0 - lam) if lam != 1.0 else m
+
+
+def chunk_step(x_in: torch.Tensor, geom: _patch.ConvGeometry) -> int:
+    """Samples per chunk: about :data:`CHUNK_BYTES` of input where the patch norm needs a full-size box filter
+    (one channel per group, a kernel wider than 1), else the whole batch (a groups=1 conv's norm is a channel
+    sum, one small map, and its conv is faster on the whole batch)."""
+    n = x_in.shape[0]
+    per = x_in[0].numel() * x_in.element_size() if n else 0
+    boxed = geom.in_channels == geom.groups and any(k > 1 for k in geom.kernel_size)
+    return n if per == 0 or not boxed else max(1, CHUNK_BYTES // per)
+
+
+def sq_norm(x_in: torch.Tensor, geom: _patch.ConvGeometry) -> torch.Tensor:
+    """``n2`` of a prepared input with autograd off, chunk by chunk where :func:`chunk_step` says so (the
+    calibration observer's patch norms)."""
+    step, n = chunk_step(x_in, geom), x_in.shape[0]
+    if step >= n or torch.is_grad_enabled():
+        return _patch.prepared_sq_norm(x_in, geom)
+    return torch.cat([_patch.prepared_sq_norm(x_in[i:i + step], geom) for i in range(0, n, step)])
+
+
+def conv_inference(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """A :class:`PatchNormConv`'s output at a non-zero strength on the inference path (module docstring)."""
+    geom = module.geom
+    w, b, post = frozen_terms(module, lambda: scaled_terms(module, (-1, *([1] * geom.dims))))
+    x_in, padding = geom.prepare(x)
+    n, step = x_in.shape[0], chunk_step(x_in, geom)
+    out = None
+    for i in range(0, max(n, 1), step):
+        xc = x_in[i:i + step]
+        v = geom.conv(xc, w, b, padding)
+        m = factor(module, lambda ab: _patch.prepared_sq_norm(xc, geom, affine=ab)).to(v.dtype)
+        if step >= n:  # one chunk: in place
+            out = _patch.scale_by_group(v, m, geom.groups, inplace=True)
+            break
+        if out is None:
+            out = v.new_empty((n, *v.shape[1:]))
+        _patch.scale_by_group(v, m, geom.groups, out=out[i:i + step])
+    assert out is not None
+    return out if post is None else out.add_(post)
+
+
+def linear_inference(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """A :class:`PatchNormLinear`'s output at a non-zero strength on the inference path."""
+    w, b, post = frozen_terms(module, lambda: scaled_terms(module, (-1,)))
+    z = torch.nn.functional.linear(x, w, b)
+    m = factor(module, lambda ab: _patch.affine_(module._sq_norm(x), *ab))
+    z.mul_(m.to(z.dtype))
+    return z if post is None else z.add_(post)
