@@ -113,10 +113,11 @@ def _capture(model: nn.Module, batch: ProbeInput, name: str, what: str) -> torch
 
 
 def _calibrated_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the state entries calibration may write: those ``module.calibrated_state()`` names where the
-    variant has that method, else its whole state_dict."""
+    """Copies of the state entries calibration may write: those ``module.calibrated_state()`` names, or the
+    whole state_dict where the variant names none."""
     state = module.state_dict()
-    keys = module.calibrated_state() if hasattr(module, "calibrated_state") else list(state)
+    keys = module.calibrated_state()
+    keys = list(state) if keys is None else keys
     return {k: state[k].clone() for k in keys if k in state}
 
 

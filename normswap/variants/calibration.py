@@ -72,6 +72,12 @@ class CalibrationHooks:
     def calibration_abort(self) -> None:
         """Stop collecting and discard what was collected (an error interrupted calibration)."""
 
+    def calibrated_state(self) -> list[str] | None:
+        """The state_dict keys calibration may write, which the runner copies up front and restores if
+        calibration fails; ``None`` (the default): the whole state_dict (PatchNorm names its gains, so its conv
+        weights are not copied on every call)."""
+        return None
+
     def calibration_info(self) -> dict[str, float]:
         """Figures about the last calibration for the fidelity report (UAN: ``ll_gain``, the mean
         per-value log-likelihood gain of the K-component fit over K = 1); empty by default."""
