@@ -123,3 +123,25 @@ def test_cache_is_bypassed_where_gradients_flow_and_training_sees_each_step():
             outs.append(module(x))
             assert torch.equal(outs[-1], _fresh(module, x))
     assert not torch.equal(outs[0], outs[1])
+
+
+def test_the_eager_floor_is_chosen_only_where_tails_get_deep():
+    def coeffs(mu, var):
+        c = mu.shape[1]
+        return kernel.channel_coefficients(mu, var, torch.full_like(mu, -1.0986), 3, torch.tensor(1.0), None, None,
+                                           torch.zeros(c), torch.ones(c), one_dead=True)[:3]
+
+    zero, one = torch.zeros(4), torch.ones(4)
+    same = coeffs(torch.zeros(3, 4), torch.ones(3, 4))
+    mild = coeffs(torch.tensor([-1.5, 0.0, 1.5])[:, None].expand(3, 4), torch.full((3, 4), 1 / 3))
+    far = coeffs(torch.tensor([-2.0, 0.0, 2.0])[:, None].expand(3, 4), torch.full((3, 4), 0.05))
+    assert not kernel.needs_floor(*same, zero, one)
+    assert not kernel.needs_floor(*mild, zero, one)  # within 6 sd no exponent falls 60 nats below the top
+    assert kernel.needs_floor(*mild, zero, 2 * one)  # inputs twice as spread: it does
+    assert kernel.needs_floor(*far, zero, one)
+    x = torch.randn(2, 4, 9) * 4
+    for cs in (mild, far):  # a speed choice only: the output is the same either way
+        full = (*cs, cs[0] * 0 + 0.7, None, None)
+        with torch.no_grad():
+            assert torch.equal(kernel.channel_mixture(x, *full, k=3, floor=True),
+                               kernel.channel_mixture(x, *full, k=3, floor=False))

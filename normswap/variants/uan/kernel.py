@@ -33,7 +33,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from normswap.variants.uan.fused import compiled_enabled, exp_floor, pointwise_mixture, run_compiled
 
-__all__ = ["BLOCK", "channel_coefficients", "channel_mixture", "coincide", "tracing"]
+__all__ = ["BLOCK", "channel_coefficients", "channel_mixture", "coincide", "needs_floor", "tracing"]
 
 BLOCK = 1 << 16  # values per component in one block (K * 256 KiB of float32 temporaries)
 
@@ -233,3 +233,20 @@ def coincide(a: torch.Tensor, c: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the K components of every channel coincide (``a, c, b`` (K, C) equal over K): then every
     ``l_k`` is the same, the responsibilities are exactly 1/K and no exponent needs a floor."""
     return all(torch.equal(t, t[:1].expand_as(t)) for t in (a, c, b))
+
+
+FLOOR_SPAN, FLOOR_GAP = 6.0, 60.0  # see needs_floor
+
+
+def needs_floor(a: torch.Tensor, c: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor) -> bool:
+    """Whether the eager kernel should floor its exponents (a speed choice only: the output is the same
+    either way). False when, for inputs within ``FLOOR_SPAN`` standard deviations ``sd`` of ``mean`` (C,) (the
+    layer's running statistics), no ``l_k`` falls more than ``FLOOR_GAP`` nats below ``max_k l_k`` (float32's
+    exps turn subnormal, and 30-100x slower, below about -87): then the floor's two passes would buy nothing
+    for all but a few values. Checked on 65 points of that span per channel (``l_k`` differ by quadratics)."""
+    if coincide(a, c, b):
+        return False
+    t = torch.linspace(-FLOOR_SPAN, FLOOR_SPAN, 65, dtype=a.dtype, device=a.device)
+    x = mean[:, None] + sd[:, None] * t  # (C, 65)
+    l = b[..., None] - 0.5 * (a[..., None] * x + c[..., None]).square()  # (K, C, 65)
+    return bool(((l.amax(dim=0) - l.amin(dim=0)) > FLOOR_GAP).any())

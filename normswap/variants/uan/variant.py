@@ -58,7 +58,7 @@ from normswap.errors import NormswapError, OptionError
 from normswap.core.plan import Site
 from normswap.variants.uan.calib import UANCalibration
 from normswap.variants.uan.cache import TensorStateCache
-from normswap.variants.uan.kernel import channel_coefficients, channel_mixture, coincide, tracing
+from normswap.variants.uan.kernel import channel_coefficients, channel_mixture, needs_floor, tracing
 from normswap.core.kinds import qualname
 from normswap.variants.base import Variant
 from normswap.variants.bn import copy_batchnorm_state
@@ -229,7 +229,7 @@ class UANChannel(UAN):
         """Weight, bias and the single-Gaussian term folded into per-component coefficients, computed
         blockwise (:mod:`normswap.variants.uan.kernel`); at ``rho == 1`` the ``x_one`` term is skipped.
         Where no gradient flows to them the coefficients are cached (:mod:`normswap.variants.uan.cache`)
-        with whether the components coincide (the eager kernel then skips its exponent floor)."""
+        with whether the eager kernel needs its exponent floor (:func:`needs_floor`)."""
         cdt = torch.promote_types(x.dtype, torch.float32)
         if tracing():
             return channel_mixture(x, *self._coefficients(cdt, one_dead=False), k=self.k)
@@ -241,14 +241,15 @@ class UANChannel(UAN):
 
         def build() -> tuple:
             coeffs = self._coefficients(cdt, one_dead)
-            return coeffs, coincide(*coeffs[:3])
+            sd = (self.running_var.to(cdt) + self.eps).sqrt()
+            return coeffs, needs_floor(*coeffs[:3], self.running_mean.to(cdt), sd)
 
         extra = (cdt, one_dead, torch.is_inference_mode_enabled())
         cache = self.__dict__.get("_coefficient_cache")
         if cache is None:
             cache = self.__dict__["_coefficient_cache"] = TensorStateCache()
-        coeffs, same = cache.get(tensors, extra, build)
-        return channel_mixture(x, *coeffs, k=self.k, floor=not same)
+        coeffs, floor = cache.get(tensors, extra, build)
+        return channel_mixture(x, *coeffs, k=self.k, floor=floor)
 
     def claims_exact(self) -> bool:
         if self._rho_zero:
