@@ -11,6 +11,7 @@ import torch
 
 import normswap  # noqa: F401  (import guard before torchvision)
 from normswap.variants.uan import UANChannel, UANConfig, fused, kernel
+from normswap.variants.uan.cache import cache_for
 from test_uan_kernel import fast, params, plain
 
 
@@ -75,7 +76,7 @@ def _layer(rho: float = 1.0) -> UANChannel:
 def _fresh(module: UANChannel, x: torch.Tensor) -> torch.Tensor:
     """The output with nothing cached: a copy whose cache is empty."""
     twin = copy.deepcopy(module)
-    twin.__dict__.pop("_coefficient_cache", None)
+    assert cache_for(twin).key is None
     return twin(x)
 
 
@@ -96,6 +97,7 @@ def test_cached_coefficients_follow_every_change_of_the_layer():
     with torch.no_grad():
         before = module(x)
         assert torch.equal(module(x), before)  # served from the cache: the same numbers
+        assert cache_for(module).key is not None and "_coefficient_cache" not in vars(module)
         for name, change in changes:
             change(module)
             after = module(x)

@@ -7,15 +7,20 @@ changes. The key of a tensor is its identity, its version counter (every in-plac
 ``load_state_dict``, calibration's ``copy_``, an optimiser step, ``set_strength``), its data pointer,
 dtype and device (``.to()``, ``.data =``); the key also holds the caller's Python-side values (the
 strength's mirror, the compute dtype). Tensors made under ``torch.inference_mode`` have no version
-counter: then nothing is cached."""
+counter: then nothing is cached. The caches live in a weak table keyed by their owner
+(:func:`cache_for`), not on the module: a module's attributes stay its configuration (copies, identity
+proofs and pickles see no cache)."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Hashable
 
 import torch
 
-__all__ = ["TensorStateCache", "state_key"]
+__all__ = ["TensorStateCache", "cache_for", "state_key"]
+
+_CACHES: "weakref.WeakKeyDictionary[object, TensorStateCache]" = weakref.WeakKeyDictionary()
 
 
 def state_key(tensors: tuple[torch.Tensor | None, ...], *extra: Hashable) -> tuple | None:
@@ -44,3 +49,11 @@ class TensorStateCache:
         value = build()
         self.key, self.value, self.refs = (key, value, tensors) if key is not None else (None, None, ())
         return value
+
+
+def cache_for(owner: object) -> TensorStateCache:
+    """``owner``'s cache (made on first use, dropped with ``owner``)."""
+    cache = _CACHES.get(owner)
+    if cache is None:
+        cache = _CACHES[owner] = TensorStateCache()
+    return cache

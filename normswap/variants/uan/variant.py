@@ -57,7 +57,7 @@ from torch import nn
 from normswap.errors import NormswapError, OptionError
 from normswap.core.plan import Site
 from normswap.variants.uan.calib import UANCalibration
-from normswap.variants.uan.cache import TensorStateCache
+from normswap.variants.uan.cache import cache_for
 from normswap.variants.uan.kernel import channel_coefficients, channel_mixture, needs_floor, tracing
 from normswap.core.kinds import qualname
 from normswap.variants.base import Variant
@@ -245,10 +245,7 @@ class UANChannel(UAN):
             return coeffs, needs_floor(*coeffs[:3], self.running_mean.to(cdt), sd)
 
         extra = (cdt, one_dead, torch.is_inference_mode_enabled())
-        cache = self.__dict__.get("_coefficient_cache")
-        if cache is None:
-            cache = self.__dict__["_coefficient_cache"] = TensorStateCache()
-        coeffs, floor = cache.get(tensors, extra, build)
+        coeffs, floor = cache_for(self).get(tensors, extra, build)
         return channel_mixture(x, *coeffs, k=self.k, floor=floor)
 
     def claims_exact(self) -> bool:
