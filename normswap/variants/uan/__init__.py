@@ -1,7 +1,9 @@
 """UAN: Gaussian-mixture adaptive normalisation (docs/uan.md, docs/methods.md section 3).
 
-Files: ``variant.py`` (the registered variant, channel and sample modes), ``kernel.py`` (the fused mixture
-forward/backward), ``calib.py`` (the EM calibration protocol), ``examples.py`` (contract-suite models).
+Files: ``variant.py`` (the registered variant, channel and sample modes), ``kernel.py`` (the blocked mixture
+forward/backward), ``fused.py`` (the same as one pointwise expression, for the compiler), ``cache.py`` (eval-time
+coefficients kept until a tensor changes), ``calib.py`` (the EM calibration protocol), ``em.py`` and
+``reservoir.py`` (the EM and the value sampling it runs on), ``examples.py`` (contract-suite models).
 """
 
 from normswap.variants.uan.variant import (  # noqa: F401  (the folder's public names)

@@ -4,7 +4,8 @@ The layer's output, with the affine folded into per-component coefficients of sh
 
     z_k = a_k x + c_k                    a_k = 1 / sqrt(v_k),  c_k = -mu_k a_k
     l_k = b_k - z_k^2 / 2                b_k = log pi_k - log(v_k) / 2   (the 2 pi term cancels in tau)
-    tau = softmax_k l_k                  (the max over k subtracted: no 0/0 in the tails)
+    tau = softmax_k l_k                  (the max over k subtracted: no 0/0 in the tails; differences
+                                          below fused.EXP_FLOOR are floored there)
     y   = sum_k tau_k g_k z_k + p x + q  g_k = rho gamma / sqrt(K pi_k), p = (1 - rho) gamma / sqrt(s2),
                                          q = beta - p m
 
@@ -30,9 +31,9 @@ import math
 import torch
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from normswap.variants.uan.fused import compiled_enabled, pointwise_mixture, run_compiled
+from normswap.variants.uan.fused import compiled_enabled, exp_floor, pointwise_mixture, run_compiled
 
-__all__ = ["BLOCK", "channel_coefficients", "channel_mixture", "tracing"]
+__all__ = ["BLOCK", "channel_coefficients", "channel_mixture", "coincide", "needs_floor", "tracing"]
 
 BLOCK = 1 << 16  # values per component in one block (K * 256 KiB of float32 temporaries)
 
@@ -88,15 +89,24 @@ class _Work:
         return buf[:n].view(shape)
 
 
-def _mix(x: torch.Tensor, a, c, b, g, p, q, work: _Work, out: torch.Tensor | None = None) -> torch.Tensor:
+def _floor(l: torch.Tensor, work: _Work) -> torch.Tensor:
+    """``l`` (K, ...) raised in place to at least ``max_k l - floor`` (:func:`exp_floor`): the softmax over K
+    then never exponentiates below the floor. Skipped (``floor=False``) where the components coincide."""
+    top = torch.amax(l, dim=0, keepdim=True, out=work.get("top", (1,) + tuple(l.shape[1:])))
+    return torch.maximum(l, top.add_(exp_floor(l.dtype)), out=l)
+
+
+def _mix(x: torch.Tensor, a, c, b, g, p, q, work: _Work, out: torch.Tensor | None = None, *,
+         floor: bool = True) -> torch.Tensor:
     """The module docstring's ``y`` of one block ``x`` (n, C', ...) with coefficients viewed to
     broadcast: (K, 1, C', 1...) and (1, C', 1...); the temporaries are ``work``'s buffers and ``y``
     lands in ``out``. Each operation is a binary one or has one broadcast operand, so it runs
-    vectorised; the responsibilities are one softmax over K (max, exp, sum and divide in one kernel)."""
+    vectorised; the responsibilities are one softmax over K (max, exp, sum and divide in one kernel),
+    of ``l`` floored (:func:`_floor`) unless ``floor`` is False (coinciding components: all ``l_k`` equal)."""
     shape = (a.shape[0],) + tuple(x.shape)
     z = torch.mul(x.unsqueeze(0), a, out=work.get("z", shape)).add_(c)
     l = torch.addcmul(b, z, z, value=-0.5, out=work.get("l", shape))
-    tau = torch.ops.aten._softmax.out(l, 0, False, out=work.get("tau", shape))
+    tau = torch.ops.aten._softmax.out(_floor(l, work) if floor else l, 0, False, out=work.get("tau", shape))
     y = torch.sum(tau.mul_(z.mul_(g)), dim=0, out=out if out is not None else work.get("y", tuple(x.shape)))
     if p is not None:
         y.addcmul_(x, p)
@@ -124,12 +134,12 @@ def _block_coeffs(coeffs, cs: slice, ndim: int):
     return (*(_view(t, (t.shape[0], 1), ndim) for t in (a, c, b, g)), _view(p, (1,), ndim), _view(q, (1,), ndim))
 
 
-def _forward_blocks(x: torch.Tensor, coeffs, cdt: torch.dtype) -> torch.Tensor:
+def _forward_blocks(x: torch.Tensor, coeffs, cdt: torch.dtype, floor: bool = True) -> torch.Tensor:
     out = torch.empty_like(x)
     work = _Work(coeffs[0])
     for ns, cs in _blocks(x.shape):
         target = out[ns, cs]
-        y = _mix(x[ns, cs].to(cdt), *_block_coeffs(coeffs, cs, x.dim()), work=work,
+        y = _mix(x[ns, cs].to(cdt), *_block_coeffs(coeffs, cs, x.dim()), work=work, floor=floor,
                  out=target if x.dtype == cdt else None)
         if y is not target:
             target.copy_(y)
@@ -175,9 +185,8 @@ class _ChannelMixture(torch.autograd.Function):
             shape, one = (k,) + tuple(xb.shape), (1,) + tuple(xb.shape)
             tmp = work.get("tmp", shape)
             z = torch.mul(xb.unsqueeze(0), ab, out=work.get("z", shape)).add_(cb)
-            t = torch.addcmul(bb, z, z, value=-0.5, out=work.get("t", shape))
-            t = t.sub_(torch.amax(t, dim=0, keepdim=True, out=work.get("top", one))).exp_()
-            t = t.div_(torch.sum(t, dim=0, keepdim=True, out=work.get("total", one)))  # tau
+            t = _floor(torch.addcmul(bb, z, z, value=-0.5, out=work.get("t", shape)), work)
+            t = torch.ops.aten._softmax.out(t, 0, False, out=work.get("tau", shape))  # tau, as forward's
             w = torch.mul(z, gb, out=work.get("w", shape))
             m = torch.sum(torch.mul(t, w, out=tmp), dim=0, keepdim=True, out=work.get("m", one))
             ut = t.mul_(u)
@@ -199,11 +208,12 @@ class _ChannelMixture(torch.autograd.Function):
         return dx, acc["a"], acc["c"], acc["b"], acc["g"], dp, dq
 
 
-def channel_mixture(x: torch.Tensor, a, c, b, g, p, q, *, k: int) -> torch.Tensor:
+def channel_mixture(x: torch.Tensor, a, c, b, g, p, q, *, k: int, floor: bool = True) -> torch.Tensor:
     """``y`` of the module docstring for (N, C, ...) inputs and coefficients (K, C), (C,) of the compute
     dtype (``k`` = K as a Python int); returned in ``x``'s dtype. Traced (fx, ``torch.compile``) it is
     :func:`normswap.variants.uan.fused.pointwise_mixture`, which compiles to one fused loop; eagerly,
-    the blocked kernel below, or that expression compiled when ``NORMSWAP_COMPILE=1``."""
+    the blocked kernel below, or that expression compiled when ``NORMSWAP_COMPILE=1``. ``floor=False``
+    (components known to coincide, :func:`coincide`) lets the eager forward skip the exponent floor."""
     cdt = a.dtype
     if tracing():
         tail = (1,) * (x.dim() - 2)
@@ -216,4 +226,27 @@ def channel_mixture(x: torch.Tensor, a, c, b, g, p, q, *, k: int) -> torch.Tenso
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _ChannelMixture.apply(*tensors)
     with torch.no_grad():
-        return _forward_blocks(x, (a, c, b, g, p, q), cdt)
+        return _forward_blocks(x, (a, c, b, g, p, q), cdt, floor)
+
+
+def coincide(a: torch.Tensor, c: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the K components of every channel coincide (``a, c, b`` (K, C) equal over K): then every
+    ``l_k`` is the same, the responsibilities are exactly 1/K and no exponent needs a floor."""
+    return all(torch.equal(t, t[:1].expand_as(t)) for t in (a, c, b))
+
+
+FLOOR_SPAN, FLOOR_GAP = 6.0, 60.0  # see needs_floor
+
+
+def needs_floor(a: torch.Tensor, c: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor) -> bool:
+    """Whether the eager kernel should floor its exponents (a speed choice only: the output is the same
+    either way). False when, for inputs within ``FLOOR_SPAN`` standard deviations ``sd`` of ``mean`` (C,) (the
+    layer's running statistics), no ``l_k`` falls more than ``FLOOR_GAP`` nats below ``max_k l_k`` (float32's
+    exps turn subnormal, and 30-100x slower, below about -87): then the floor's two passes would buy nothing
+    for all but a few values. Checked on 65 points of that span per channel (``l_k`` differ by quadratics)."""
+    if coincide(a, c, b):
+        return False
+    t = torch.linspace(-FLOOR_SPAN, FLOOR_SPAN, 65, dtype=a.dtype, device=a.device)
+    x = mean[:, None] + sd[:, None] * t  # (C, 65)
+    l = b[..., None] - 0.5 * (a[..., None] * x + c[..., None]).square()  # (K, C, 65)
+    return bool(((l.amax(dim=0) - l.amin(dim=0)) > FLOOR_GAP).any())

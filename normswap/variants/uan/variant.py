@@ -57,7 +57,8 @@ from torch import nn
 from normswap.errors import NormswapError, OptionError
 from normswap.core.plan import Site
 from normswap.variants.uan.calib import UANCalibration
-from normswap.variants.uan.kernel import channel_coefficients, channel_mixture, tracing
+from normswap.variants.uan.cache import cache_for
+from normswap.variants.uan.kernel import channel_coefficients, channel_mixture, needs_floor, tracing
 from normswap.core.kinds import qualname
 from normswap.variants.base import Variant
 from normswap.variants.bn import copy_batchnorm_state
@@ -217,17 +218,35 @@ class UANChannel(UAN):
             y = self.act(y)
         return y
 
-    def _mixture(self, x: torch.Tensor) -> torch.Tensor:
-        """Weight, bias and the single-Gaussian term folded into per-component coefficients, computed
-        blockwise (:mod:`normswap.variants.uan.kernel`); at ``rho == 1`` the ``x_one`` term is skipped."""
-        cdt = torch.promote_types(x.dtype, torch.float32)
+    def _coefficients(self, cdt: torch.dtype, one_dead: bool) -> tuple:
+        """:func:`channel_coefficients` in ``cdt`` from the current parameters and buffers."""
         weight = None if self.weight is None else self.weight.to(cdt)
         bias = None if self.bias is None else self.bias.to(cdt)
-        coeffs = channel_coefficients(
-            *self._params(cdt), self.k, self.rho.to(cdt), weight, bias,
-            self.running_mean.to(cdt), self.running_var.to(cdt) + self.eps, one_dead=not tracing() and self._s == 1.0,
-        )
-        return channel_mixture(x, *coeffs, k=self.k)
+        return channel_coefficients(*self._params(cdt), self.k, self.rho.to(cdt), weight, bias,
+                                    self.running_mean.to(cdt), self.running_var.to(cdt) + self.eps, one_dead=one_dead)
+
+    def _mixture(self, x: torch.Tensor) -> torch.Tensor:
+        """Weight, bias and the single-Gaussian term folded into per-component coefficients, computed
+        blockwise (:mod:`normswap.variants.uan.kernel`); at ``rho == 1`` the ``x_one`` term is skipped.
+        Where no gradient flows to them the coefficients are cached (:mod:`normswap.variants.uan.cache`)
+        with whether the eager kernel needs its exponent floor (:func:`needs_floor`)."""
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        if tracing():
+            return channel_mixture(x, *self._coefficients(cdt, one_dead=False), k=self.k)
+        one_dead = self._s == 1.0
+        tensors = (self.mix_mean, self.mix_var, self.mix_logit, self.rho, self.weight, self.bias,
+                   self.running_mean, self.running_var)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return channel_mixture(x, *self._coefficients(cdt, one_dead), k=self.k)
+
+        def build() -> tuple:
+            coeffs = self._coefficients(cdt, one_dead)
+            sd = (self.running_var.to(cdt) + self.eps).sqrt()
+            return coeffs, needs_floor(*coeffs[:3], self.running_mean.to(cdt), sd)
+
+        extra = (cdt, one_dead, torch.is_inference_mode_enabled())
+        coeffs, floor = cache_for(self).get(tensors, extra, build)
+        return channel_mixture(x, *coeffs, k=self.k, floor=floor)
 
     def claims_exact(self) -> bool:
         if self._rho_zero:
