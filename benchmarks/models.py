@@ -17,13 +17,15 @@ import torch
 from torch import nn
 
 import normswap  # noqa: F401  (before torchvision: the import guard)
+from normswap.calibration.runner import run_calibration
 
 from .timing import Bench, peak_rise_mib
 
 HOW = ("Torchvision models, random init, eval mode, `torch.inference_mode`; every configuration of one model "
        "interleaved in the same rounds. `folded` is the original with every Conv->BN folded "
-       "(`torch.fx.experimental.optimization.fuse`), the floor for a normalisation layer's cost. UAN (K = 3) and "
-       "PatchNorm at strength 1 (the paper's layer); ANAct as converted (strength 0: folded sites compute "
+       "(`torch.fx.experimental.optimization.fuse`), the floor for a normalisation layer's cost. UAN (K = 3, "
+       "calibrated on the timed batch first: its layers' components coincide until calibration separates them, "
+       "and separated ones cost more, docs/speed.md) and PatchNorm at strength 1 (the paper's layer); ANAct as converted (strength 0: folded sites compute "
        "c (f - mu) at every strength, unfolded ones are the plain activation), and after `normswap.export`. "
        "Training step: forward, a logsumexp loss, backward, in training mode. Peak memory: the rise of the "
        "peak resident set (CUDA: allocator peak) over one forward, every configuration in one child process "
@@ -63,6 +65,8 @@ def configs(name: str, size: int, x: torch.Tensor, *, folded: bool = True) -> tu
         except normswap.NormswapError as e:
             skipped.append(f"{variant}: {str(e).splitlines()[0][:200]}")
             continue
+        if variant == "uan":  # fitted components: an uncalibrated UAN layer's coincide, and cost less than real ones
+            run_calibration(r.model, r.plan, x.split(max(1, len(x) // 2)))
         out[variant] = r.model.eval()
         if variant == "anact":
             out["anact exported"] = normswap.export(r, example_inputs=x[:2]).model.eval()
