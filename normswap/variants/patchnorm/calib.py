@@ -157,7 +157,7 @@ def lsq_solve(acc: dict, with_offset: bool) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def fit_gain(module: Any, inputs: Iterable[torch.Tensor], targets: Iterable[torch.Tensor] | None = None,
-             *, strength: float = 1.0) -> PatchNorm:
+             *, strength: float = 1.0) -> Any:
     """Fit one layer's ``gain`` (and ``offset``) from its input batches and, optionally, target batches
     (the original layer's outputs; default: the layer's own exact-start output). Returns ``module``."""
     module.calibration_begin(strength)
