@@ -20,11 +20,9 @@ import json
 import os
 import re
 import sys
-import urllib.error
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -33,6 +31,8 @@ from torch import nn
 from normswap.compat import import_torchvision
 from normswap.errors import (FileFormatError, a_type, NormswapError, UnknownModelError, UsageError,
                              WeightsError)
+from normswap.sources.hf import hf_build
+from normswap.sources.libs import download_errors, optional_module
 from normswap.sources.weights import first_line as _first_line
 from normswap.sources.weights import load_weights_file
 
@@ -79,14 +79,6 @@ class SourceSpec:
 
 # ----------------------------------------------------------------------------------------- parsing
 _tv = import_torchvision
-
-
-def optional_module(module: str, extra: str) -> ModuleType:
-    _tv()  # the torchvision guard must run before timm / transformers import it
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UsageError(f"{module} is not installed: pip install normswap[{extra}]") from None
 
 
 def _unknown(name: str, choices: list[str], label: str, where: str) -> UnknownModelError:
@@ -208,13 +200,6 @@ def cached_weights(name: str) -> list[str]:
     return [n for n, v in enum.__members__.items() if (hub / os.path.basename(v.url)).is_file()]
 
 
-def _download_errors() -> tuple[type[BaseException], ...]:
-    """URLError, socket/HTTP errors (all OSError) and the Hugging Face hub's offline / HTTP errors."""
-    hub = sys.modules.get("huggingface_hub.errors")
-    names = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "HfHubHTTPError")
-    return (OSError, urllib.error.URLError, *(getattr(hub, n) for n in names if hasattr(hub, n)))
-
-
 def _call_factory(source: SourceSpec) -> nn.Module:
     """Import (or exec, for ``file``) the user's module, then call ``factory(**kwargs)``; expect an nn.Module."""
     target, _, attr = source.name.rpartition(":")
@@ -258,58 +243,6 @@ def _call_factory(source: SourceSpec) -> nn.Module:
     return model
 
 
-HF_CODE_KWARGS = ("trust_remote_code", "code_revision", "revision", "custom_pipelines")
-TRUST_HINT = "--trust-source on the command line, trust_source=True in Python"
-
-
-def hf_custom_code(path: str | os.PathLike) -> str | None:
-    """Why loading the hf directory ``path`` would run code that ships with it (``auto_map`` in its config,
-    a ``*.py`` file next to it), or ``None`` when transformers' own classes build it."""
-    folder = Path(path)
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        config = None
-    if isinstance(config, dict) and config.get("auto_map"):
-        return "its config.json maps classes to custom code (auto_map)"
-    code = sorted(p.name for p in folder.glob("*.py")) if folder.is_dir() else []
-    return f"it holds Python code ({', '.join(code[:3])})" if code else None
-
-
-def _hf_build(source: SourceSpec, pretrained: bool, allow_code: bool = False) -> nn.Module:
-    """The directory's ``config.architectures[0]`` class when transformers has it (keeps task heads), else AutoModel.
-
-    A directory with custom code is built only with ``allow_code`` (then transformers runs it); code-enabling
-    kwargs are never taken from ``source.kwargs``."""
-    tr = optional_module("transformers", "hf")
-    path = source.name
-    if not (Path(path) / "config.json").is_file():
-        raise UsageError(f"hf source directory {path} not found (or has no config.json): pass the model itself")
-    bad = [k for k in source.kwargs if k in HF_CODE_KWARGS]
-    if bad:
-        raise UsageError(f"builder kwarg '{bad[0]}' is not accepted for hf:{path}: custom code runs only when you "
-                         f"allow it ({TRUST_HINT})")
-    why = hf_custom_code(path)
-    if why and not allow_code:
-        raise NormswapError(f"hf directory {path} is custom code ({why}); normswap runs it only when you allow it "
-                            f"({TRUST_HINT})")
-    code = {"trust_remote_code": True} if why else {}
-    try:
-        config = tr.AutoConfig.from_pretrained(path, local_files_only=True, **code)
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(tr, arch, None) if isinstance(arch, str) and not why else None
-        cls = cls if isinstance(cls, type) and issubclass(cls, nn.Module) else tr.AutoModel
-        if not pretrained:
-            return (getattr(cls, "from_config", None) or cls._from_config)(config, **code, **source.kwargs)
-    except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
-        raise UsageError(f"cannot build hf:{path}: {type(exc).__name__}: {_first_line(exc)}") from None
-    try:
-        return cls.from_pretrained(path, local_files_only=True, **code, **source.kwargs)
-    except _download_errors() as exc:
-        raise WeightsError(f"could not load the weights in hf directory {path}: {_first_line(exc)}; "
-                           "pass --weights FILE (.safetensors/.pt) or --weights none for random init") from None
-
-
 def _guard_build(label: str, build: Any, *args: Any, **kwargs: Any) -> nn.Module:
     """Run a library builder; bad builder kwargs (TypeError / ValueError) become one UsageError line."""
     try:
@@ -325,7 +258,7 @@ def _arch(source: SourceSpec, allow_code: bool = False) -> nn.Module:
     if source.kind == "timm":
         return optional_module("timm", "timm").create_model(source.name, pretrained=False, **source.kwargs)
     if source.kind == "hf":
-        return _hf_build(source, pretrained=False, allow_code=allow_code)
+        return hf_build(source.name, source.kwargs, pretrained=False, allow_code=allow_code)
     return _call_factory(source)
 
 
@@ -372,7 +305,7 @@ def load_model(spec: str | SourceSpec, weights: str | None = None, *, kwargs: di
         try:
             model = _guard_build(label, _tv_build, source.name, w,
                                  {k: v for k, v in merged.items() if k not in derived or derived[k] != v})
-        except _download_errors() as exc:
+        except download_errors() as exc:
             cached = cached_weights(source.name)
             also = f", a cached weights name ({', '.join(cached)})" if cached else ""
             raise WeightsError(f"could not download the {weights or 'DEFAULT'} weights for {label} ({w}): "
@@ -382,13 +315,13 @@ def load_model(spec: str | SourceSpec, weights: str | None = None, *, kwargs: di
     elif source.kind == "timm":
         try:
             model = _guard_build(label, optional_module("timm", "timm").create_model, source.name, pretrained=True, **merged)
-        except _download_errors() as exc:
+        except download_errors() as exc:
             raise WeightsError(f"could not download the pretrained weights for {label}: {_first_line(exc)}; "
                                f"{_OFFLINE_HINT}, or --weights none for random init") from None
         if isinstance(getattr(model, "num_classes", None), int):
             source.kwargs = {**merged, "num_classes": model.num_classes}
     else:
-        model = _hf_build(source, pretrained=True, allow_code=allow_code)
+        model = hf_build(source.name, source.kwargs, pretrained=True, allow_code=allow_code)
     if is_file:
         load_weights_file(model, weights, label)
     return model.eval(), source
