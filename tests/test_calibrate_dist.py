@@ -50,6 +50,9 @@ def _worker(rank: int, store: str, data: str, outdir: str) -> None:
         save_file(_calibrated("patchnorm", data, layerwise=True), os.path.join(outdir, f"layerwise-{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
+    from workers import leave
+
+    leave()
 
 
 @pytest.fixture(scope="module")

@@ -297,6 +297,9 @@ def _dist_worker(rank: int, store: str, outdir: str) -> None:
                     "info": module.calibration_info()}, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    from workers import leave
+
+    leave()
 
 
 def test_two_processes_fit_identically_and_like_one_process(tmp_path):
