@@ -1,4 +1,4 @@
-"""UAN channel mode's eval-time shortcuts: the coefficient cache (normswap/variants/uan/cache.py) must see
+"""UAN channel mode's eval-time shortcuts: the coefficient cache (normswap/variants/cache.py) must see
 every change of the layer's tensors, and the exponent floor (fused.EXP_FLOOR) must not move the output of
 far-separated components (where it is active) away from the plain formula (docs/methods.md section 3.1)."""
 
@@ -11,7 +11,7 @@ import torch
 
 import normswap  # noqa: F401  (import guard before torchvision)
 from normswap.variants.uan import UANChannel, UANConfig, fused, kernel
-from normswap.variants.uan.cache import cache_for
+from normswap.variants.cache import cache_for
 from test_uan_kernel import fast, params, plain
 
 

@@ -18,10 +18,9 @@ __all__ = ["same_function"]
 
 _PLAIN = (bool, int, float, str, type(None))
 # compared separately (tensors, children), or not read by forward (a GraphModule's graph: its code is compared;
-# normswap's metadata of a converted model), or derived from the tensors and checked against them on every use
-# (ANAct's cached map)
+# normswap's metadata of a converted model)
 _SKIP = {"_parameters", "_buffers", "_modules", "training", "_graph", "_tracer_cls", "_tracer_extras", "meta",
-         "_normswap_meta", "_map_cache"}
+         "_normswap_meta"}
 
 
 def _plain_equal(u: Any, v: Any) -> bool:

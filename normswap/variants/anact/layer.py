@@ -58,6 +58,7 @@ from torch import nn
 from normswap.errors import NormswapError
 from normswap.variants.anact.activations import make_activation, resolve_activation
 from normswap.variants.anact.stats import ANActStatistics
+from normswap.variants.cache import cache_for
 from normswap.variants.calibration import CalibrationSettings
 from normswap.variants.strength import StrengthMirror
 
@@ -93,7 +94,6 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
         self.compensated, self._calibrating, self._acc, self._folded = False, False, None, None
         self._settings: CalibrationSettings | None = None
         self.reuse_input = bool(reuse_input)
-        self._map_cache: tuple | None = None  # see _frozen
 
     # ---- the layer ---------------------------------------------------------------------------------
     def scale(self) -> torch.Tensor:
@@ -142,27 +142,17 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
         return scale, shift
 
     def _frozen(self, f: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor]:
-        """:meth:`_coefficients` without gradients, cached until ``alpha``, a statistic, the strength or
-        ``f``'s dtype, device, rank or inference mode changes (tensor versions; ``_apply`` and loading clear
-        it). The scale of a scalar site is a Python float, for the one-pass ``torch.add(b, f, alpha=a)``."""
+        """:meth:`_coefficients` without gradients, cached (:mod:`normswap.variants.cache`) until ``alpha``, a
+        statistic (replaced, moved or written in place), the strength or ``f``'s dtype, device, rank or inference
+        mode changes. The scale of a scalar site is a Python float, for the one-pass ``torch.add(b, f, alpha=a)``."""
         src = (self.alpha, self.running_rho, self.running_rho_prime, self.running_mean)
-        inference = torch.is_inference_mode_enabled()
-        key = None
-        if not any(t.is_inference() for t in src):  # inference tensors have no version counter
-            key = (f.dtype, f.device, f.dim(), self._s, self.folded, inference, *(t._version for t in src))
-            hit = self._map_cache
-            if hit is not None and hit[0] == key and all(a is b for a, b in zip(hit[1], src)):
-                return hit[2], hit[3]
-        with torch.no_grad():
-            scale, shift = self._coefficients(f)
-        frozen = (scale if self.per_channel else float(scale), shift)
-        if key is not None:
-            self._map_cache = (key, src, *frozen)
-        return frozen
+        extra = (f.dtype, f.device, f.dim(), self._s, self.folded, torch.is_inference_mode_enabled())
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def,override]
-        self._map_cache = None  # .to() / .half() replace tensor data without a version bump
-        return super()._apply(fn, recurse)
+        def build() -> tuple[torch.Tensor | float, torch.Tensor]:
+            with torch.no_grad():
+                scale, shift = self._coefficients(f)
+            return scale if self.per_channel else float(scale), shift
+        return cache_for(self).get(src, extra, build)
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(c_s, mu_s)`` of the map ``c_s (f - mu_s)`` the layer applies to ``f`` now: ``(c, mu)`` at a
@@ -186,14 +176,12 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
                 self.alpha.data = self.alpha.data.to(dtype)
                 for name in ("running_rho", "running_rho_prime", "running_mean"):
                     self._buffers[name] = self._buffers[name].to(dtype)
-        self._map_cache = None
 
     # ---- the variant contract -----------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[override]
                               unexpected_keys, error_msgs) -> None:
         """A file from before the ``strength`` buffer has no such key: an unfolded site there computed
         ``c (f - mu)``, which is strength 1; a folded site keeps its strength (the function does not depend on it)."""
-        self._map_cache = None
         key = prefix + "strength"
         old_layout = key not in state_dict
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -4,7 +4,7 @@ What the training path recomputes on every call and inference need not (measured
 
 - **frozen terms**: the blended gain times the strength-aware scale ``g k(lam)`` folded into the weight and the
   bias (``W' = g k W``, ``b' = g k b``), plus what is added after the multiply (the normaliser forms' bias, the
-  offset). Computed once and cached on the module, keyed on the identity, storage, version counter, dtype and
+  offset). Computed once and cached for the module (:mod:`normswap.variants.cache`), keyed on the identity, storage, version counter, dtype and
   device of every tensor they come from (``weight``, ``bias``, ``gain``, ``offset``, ``lam``, ``n2_mean``) and on
   the strength mirror: any in-place change (an optimiser step, ``load_state_dict``, calibration's ``copy_``),
   a replaced parameter or ``.to()`` gives a new key and the terms are rebuilt. Tensors without a version
@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from normswap.variants.cache import cache_for
 from normswap.variants.patchnorm import layer as _patch
 
 __all__ = ["CHUNK_BYTES", "chunk_step", "conv_inference", "frozen_terms", "inference_path", "linear_inference",
@@ -38,26 +39,15 @@ def inference_path(module: torch.nn.Module) -> bool:
     return not module.training and not torch.is_grad_enabled()
 
 
-def _key(tensors: tuple[torch.Tensor | None, ...]) -> tuple | None:
-    try:
-        return tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-    except RuntimeError:  # an inference tensor has no version counter: nothing safe to key on
-        return None
-
-
 def frozen_terms(module: Any, build: Callable[[], tuple]) -> tuple:
-    """``build()``, cached on ``module`` until one of the tensors it reads changes (module docstring)."""
-    key = _key((module.weight, module.bias, module.gain, module.offset, module.lam, module.n2_mean))
-    if key is not None:
-        key += (module._s,)
-        cached = module.__dict__.get("_frozen")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable outside inference mode too
-        terms = build()
-    if key is not None:
-        module.__dict__["_frozen"] = (key, terms)
-    return terms
+    """``build()``, cached for ``module`` until one of the tensors it reads changes
+    (:mod:`normswap.variants.cache`; module docstring)."""
+    tensors = (module.weight, module.bias, module.gain, module.offset, module.lam, module.n2_mean)
+
+    def make() -> tuple:
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable outside inference mode too
+            return build()
+    return cache_for(module).get(tensors, (module._s,), make)
 
 
 def scaled_terms(module: Any, lead: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -1,8 +1,7 @@
 """UAN: Gaussian-mixture adaptive normalisation (docs/uan.md, docs/methods.md section 3).
 
 Files: ``variant.py`` (the registered variant, channel and sample modes), ``kernel.py`` (the blocked mixture
-forward/backward), ``fused.py`` (the same as one pointwise expression, for the compiler), ``cache.py`` (eval-time
-coefficients kept until a tensor changes), ``calib.py`` (the EM calibration protocol), ``em.py`` and
+forward/backward), ``fused.py`` (the same as one pointwise expression, for the compiler), ``calib.py`` (the EM calibration protocol), ``em.py`` and
 ``reservoir.py`` (the EM and the value sampling it runs on), ``examples.py`` (contract-suite models).
 """
 

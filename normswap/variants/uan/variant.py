@@ -57,7 +57,7 @@ from torch import nn
 from normswap.errors import NormswapError, OptionError
 from normswap.core.plan import Site
 from normswap.variants.uan.calib import UANCalibration
-from normswap.variants.uan.cache import cache_for
+from normswap.variants.cache import cache_for
 from normswap.variants.uan.kernel import channel_coefficients, channel_mixture, needs_floor, tracing
 from normswap.core.kinds import qualname
 from normswap.variants.base import Variant
@@ -228,7 +228,7 @@ class UANChannel(UAN):
     def _mixture(self, x: torch.Tensor) -> torch.Tensor:
         """Weight, bias and the single-Gaussian term folded into per-component coefficients, computed
         blockwise (:mod:`normswap.variants.uan.kernel`); at ``rho == 1`` the ``x_one`` term is skipped.
-        Where no gradient flows to them the coefficients are cached (:mod:`normswap.variants.uan.cache`)
+        Where no gradient flows to them the coefficients are cached (:mod:`normswap.variants.cache`)
         with whether the eager kernel needs its exponent floor (:func:`needs_floor`)."""
         cdt = torch.promote_types(x.dtype, torch.float32)
         if tracing():

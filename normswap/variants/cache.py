@@ -1,10 +1,11 @@
 """A one-entry cache of values computed from a module's tensors, valid while none of them changed.
 
-UAN channel mode folds its parameters and buffers into per-component coefficients (about 15 small
-operations per call, :func:`normswap.variants.uan.kernel.channel_coefficients`); in eval and no-grad
-calls they depend on nothing else, so :class:`TensorStateCache` keeps them until a source tensor
-changes. The key of a tensor is its identity, its version counter (every in-place write bumps it:
-``load_state_dict``, calibration's ``copy_``, an optimiser step, ``set_strength``), its data pointer,
+Every variant folds its parameters and buffers into what its eval-time forward needs: UAN channel mode its
+per-component coefficients (about 15 small operations per call,
+:func:`normswap.variants.uan.kernel.channel_coefficients`), PatchNorm its gain-scaled weight and bias, ANAct
+the scale and shift of its map. In eval and no-grad calls they depend on nothing else, so
+:class:`TensorStateCache` keeps them until a source tensor changes. The key of a tensor is its identity,
+its version counter (every in-place write bumps it: ``load_state_dict``, calibration's ``copy_``, an optimiser step, ``set_strength``), its data pointer,
 dtype and device (``.to()``, ``.data =``); the key also holds the caller's Python-side values (the
 strength's mirror, the compute dtype). Tensors made under ``torch.inference_mode`` have no version
 counter: then nothing is cached. The caches live in a weak table keyed by their owner
