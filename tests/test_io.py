@@ -342,3 +342,22 @@ def test_save_keeps_tied_weights_and_leaves_the_model_alone(tmp_path):
     assert loaded[2].weight is loaded[0].weight
     x = torch.randn(3, 4)
     assert torch.equal(loaded(x), r.model(x))
+
+
+def test_load_converts_a_model_it_rebuilt_in_place_and_copies_a_given_one(r18_file, small_cnn_uan_file, monkeypatch):
+    """The architecture load builds from the file's source is its own: converted in place, not copied first. A
+    model passed in is the caller's: a copy is converted and the argument is left as it was."""
+    import normswap.surgery.apply as apply_mod
+
+    copies = []
+    real = apply_mod.copy_model
+    monkeypatch.setattr(apply_mod, "copy_model", lambda m, *a, **k: (copies.append(m), real(m, *a, **k))[1])
+    loaded = normswap.load(r18_file)
+    assert copies == [] and type(loaded.layer4[1].bn2).__name__ == "UANChannel"
+    path, model = small_cnn_uan_file
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    loaded = normswap.load(path, model=model)
+    assert copies == [model] and [type(m) for m in model.modules()] == types
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert any(type(m).__name__ == "UANChannel" for m in loaded.modules())

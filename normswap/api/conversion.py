@@ -185,6 +185,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trust_sourc
     tensors, meta = read_file(path)
     the_plan = plan_from_file(meta.get("plan"), path)
     source = source_from_file(meta.get("source"), path)
+    own = model is None  # built here for this load alone: converted in place, not copied first
     if model is None:
         if source is None:
             raise NormswapError(f"{path} was made from a model object, not a named source: pass model= "
@@ -193,7 +194,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trust_sourc
             model = rebuild(source, allow_code=trust_source)
         except UsageError as exc:  # a bad name or builder kwarg read from the file: the file is at fault
             raise FileFormatError(one_line(f"{path}: {exc}")) from None
-    converted = replay(path, model, the_plan, tensors)
+    rewrites = any(s.facts.get("graph_rewrite") for s in the_plan.sites)  # those make a new GraphModule anyway
+    converted = replay(path, model, the_plan, tensors, inplace=own and not rewrites)
     converted.eval()
     setattr(converted, META_ATTR, {"plan": the_plan, "source": source})
     return converted
