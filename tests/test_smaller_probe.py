@@ -108,3 +108,15 @@ def test_given_probes_and_calibrating_variants_are_never_shrunk():
     assert normswap.convert(_sized(), to="uan", example_inputs=x).report.probe == "(2, 3, 64, 64) float32"
     rep = normswap.convert(_sized(), to="anact").report  # the probe is ANAct's calibration batch
     assert rep.probe == "(2, 3, 64, 64) float32" and rep.shrunk_from == ""
+
+
+def test_a_replacement_that_raises_on_the_smaller_probe_is_not_hidden_by_the_full_one(monkeypatch):
+    """The original runs at 32 px, so an error of a replacement there is the conversion's, not the size's."""
+    def fragile(self, x):
+        if x.shape[-1] < SMALL:
+            raise RuntimeError("replacement broken on small inputs")
+        return _UAN_FORWARD(self, x)
+
+    monkeypatch.setattr(UANChannel, "forward", fragile)
+    with pytest.raises(RuntimeError, match="^replacement broken on small inputs$"):
+        normswap.convert(_sized(), to="uan")

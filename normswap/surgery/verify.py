@@ -200,7 +200,8 @@ def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeIn
     of ``original``, before any site was replaced) allow the site-local method (module docstring); without
     them, or where its conditions fail, both models run end to end. ``smaller`` (:mod:`normswap.surgery.probes`):
     tried first; its report stands when every site was reached on it, or when it shows a broken claim; where the
-    models do not run on it, or it leaves a site unreached, ``probe`` decides."""
+    original does not run on it, or it leaves a site unreached, ``probe`` decides (a replacement that raises on
+    an input the original runs on raises here, as on the full probe)."""
     if probe is None:
         return VerifyReport("none", plan.strength, [], None, None, False, True,
                             note="no probe input could be inferred for this model; pass example inputs to verify")
@@ -208,11 +209,22 @@ def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeIn
         try:
             report = _verify(original, converted, plan, smaller, rtol, graph, snapshot)
         except Exception:  # noqa: BLE001  (a model that does not run at that size: the full probe decides)
+            if _runs(original, smaller):  # the original does: a replacement failed on its input, which is no size issue
+                raise
             report = None
         if report is not None and (not report.ok or all(c.max_abs_diff is not None for c in report.sites)):
             report.shrunk_from = probe.describe()
             return report
     return _verify(original, converted, plan, probe, rtol, graph, snapshot)
+
+
+def _runs(model: nn.Module, probe: ProbeInput) -> bool:
+    """Whether ``model`` runs on ``probe`` without raising (eval mode, no_grad)."""
+    try:
+        run_recording(model, probe, [])
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 def _verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeInput, rtol: float,
