@@ -281,7 +281,7 @@ def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metada
     tensors = {k: v if v.device.type == "cpu" and v.is_contiguous() else v.detach().to("cpu").contiguous()
                for k, v in tensors.items()}  # copied once here, not once per reader below
     if sys.byteorder != "little":  # safetensors is little-endian: let its own writer swap the bytes
-        copies = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        copies = {k: v.clone() for k, v in tensors.items()}  # its writer refuses tensors that share storage
         meta[CHECKSUM_KEY] = checksum(copies, meta)
         write: Callable[[str], Any] = lambda tmp: save_file(copies, tmp, metadata=meta)  # noqa: E731
     else:
