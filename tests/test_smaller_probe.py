@@ -120,3 +120,25 @@ def test_a_replacement_that_raises_on_the_smaller_probe_is_not_hidden_by_the_ful
     monkeypatch.setattr(UANChannel, "forward", fragile)
     with pytest.raises(RuntimeError, match="^replacement broken on small inputs$"):
         normswap.convert(_sized(), to="uan")
+
+
+@pytest.mark.parametrize("broken", ["neighbour scaled", "hook on the site"])
+def test_broken_preconditions_are_caught_on_the_smaller_probe(monkeypatch, broken):
+    """The premises of the site-local proof are checked whatever the probe's size: where one fails, both models run
+    end to end on the smaller probe, and the difference fails there."""
+    from normswap.variants.uan.variant import UAN
+
+    model = _sized()
+    if broken == "neighbour scaled":
+        def after_apply(cls, converted, site, module):  # a wrong rewrite: the site is exact, its neighbour changed
+            with torch.no_grad():
+                converted.conv.weight.mul_(1.01)
+
+        monkeypatch.setattr(UAN, "after_apply", classmethod(after_apply))
+    else:
+        model.bn.register_forward_pre_hook(lambda m, args: (args[0] * 2,))  # part of the site's function
+    with pytest.raises(VerificationError) as err:
+        normswap.convert(model, to="uan")
+    rep = err.value.report
+    assert rep.method == "forward" and rep.local_skipped and not rep.ok
+    assert rep.probe == f"(2, 3, {SMALL}, {SMALL}) float32" and rep.shrunk_from == "(2, 3, 64, 64) float32"
