@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -183,12 +184,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state_dict as independent, contiguous CPU tensors (shared storage duplicated)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if torch.is_tensor(value):
-            out[key] = value.detach().to("cpu").contiguous().clone()
-    return out
+    """The model's state_dict tensors, detached (no copy: :func:`write_file` reads them as they are, copying only a
+    tensor that is not a contiguous CPU tensor)."""
+    return {key: value.detach() for key, value in model.state_dict().items() if torch.is_tensor(value)}
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes as a flat uint8 CPU tensor: a view of ``t`` when it is a contiguous CPU tensor, else a copy."""
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
 
 
 def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -196,26 +199,98 @@ def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     (key and JSON text, in key order; the checksum entry itself excluded)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
+        t = tensors[name]
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+            h.update(_bytes(t).numpy())
     for key in sorted(k for k in metadata if k != CHECKSUM_KEY):
         h.update(json.dumps([key, metadata[key]]).encode())
     return "sha256:" + h.hexdigest()
 
 
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "C64": "complex64",
+                "U64": "uint64", "U32": "uint32", "U16": "uint16", "F8_E4M3": "float8_e4m3fn",
+                "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz"}
+SAFETENSORS_DTYPES = {getattr(torch, attr): name for name, attr in _DTYPE_NAMES.items() if hasattr(torch, attr)}
+_PLACEHOLDER = "sha256:" + "0" * 64  # same length as a real checksum: the header's size does not change
+
+
+def _header(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> tuple[bytes, list[str]]:
+    """The safetensors header (8-byte little-endian length, JSON padded with spaces to a multiple of 8) and the order
+    of the tensors' data: widest element first, then by name, so every tensor starts aligned to its element size."""
+    for name, t in tensors.items():
+        if not torch.is_tensor(t):
+            raise UsageError(f"cannot save '{name}': it is a {type(t).__name__}, not a tensor")
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise UsageError(f"cannot save '{name}': safetensors has no dtype {str(t.dtype).replace('torch.', '')}")
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    head: dict[str, Any] = {"__metadata__": meta}
+    start = 0
+    for name in order:
+        t = tensors[name]
+        end = start + t.numel() * t.element_size()
+        head[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [start, end]}
+        start = end
+    text = json.dumps(head, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, order
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], tmp: str, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` and ``metadata`` (plus its checksum) to ``tmp`` as a safetensors file, straight from the tensors'
+    memory. The checksum (a second read of the same bytes) runs in a thread meanwhile (hashing and writing both
+    release the GIL); the header goes in first with a placeholder of the checksum's length and is rewritten after."""
+    meta = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
+    head, order = _header(tensors, {**meta, CHECKSUM_KEY: _PLACEHOLDER})
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["sum"] = checksum(tensors, meta)
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the writing thread)
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name="normswap-checksum", daemon=True)
+    worker.start()
+    with open(tmp, "wb") as f:
+        try:
+            f.write(head)
+            for name in order:
+                if tensors[name].numel():
+                    f.write(_bytes(tensors[name]).numpy())
+        finally:
+            worker.join()
+        if "error" in box:
+            raise box["error"]
+        final, _ = _header(tensors, {**meta, CHECKSUM_KEY: box["sum"]})
+        f.seek(0)
+        f.write(final)
+
+
 def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any],
                force: bool = False) -> Path:
-    """Atomically write ``tensors`` with JSON-encoded ``metadata`` values (and their checksum) into a safetensors file."""
+    """Atomically write ``tensors`` with JSON-encoded ``metadata`` values (and their checksum) into a safetensors file.
+
+    The tensors are written from their own memory (non-contiguous or non-CPU ones through a copy); tensors that
+    share storage are written each in full, as separate entries."""
     p = check_output(path, force=force)
     meta = {"format": FILE_FORMAT, **{k: json.dumps(v, sort_keys=True) for k, v in metadata.items()
                                       if k != CHECKSUM_KEY}}
-    meta[CHECKSUM_KEY] = checksum(tensors, meta)
+    _header(tensors, meta)  # a tensor safetensors cannot store fails here, before any file is made
+    tensors = {k: v if v.device.type == "cpu" and v.is_contiguous() else v.detach().to("cpu").contiguous()
+               for k, v in tensors.items()}  # copied once here, not once per reader below
+    if sys.byteorder != "little":  # safetensors is little-endian: let its own writer swap the bytes
+        copies = {k: v.clone() for k, v in tensors.items()}  # its writer refuses tensors that share storage
+        meta[CHECKSUM_KEY] = checksum(copies, meta)
+        write: Callable[[str], Any] = lambda tmp: save_file(copies, tmp, metadata=meta)  # noqa: E731
+    else:
+        write = lambda tmp: _write_safetensors(tensors, tmp, meta)  # noqa: E731
     try:
-        atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_write(p, write)
     except OSError as exc:
-        raise OutputError(f"cannot write {p}: {exc.strerror or exc}") from None
+        why = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise OutputError(f"cannot write {p}: {why}") from None
     except SafetensorError as exc:  # the Rust writer's own error type: disk full, I/O errors
         text = str(exc)
         why = "no space left on device" if "StorageFull" in text or "No space left" in text else \

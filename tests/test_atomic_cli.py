@@ -76,7 +76,7 @@ def test_a_write_failing_halfway_keeps_the_old_file_and_leaves_no_temp(workdir, 
         assert normswap.load(out, trust_source=True) is not None  # a whole, loadable file to lose
     listing = sorted(p.name for p in workdir.iterdir())
     written: list = []
-    monkeypatch.setattr("normswap.io.save_file", half_then_fail(written))
+    monkeypatch.setattr("normswap.io._write_safetensors", half_then_fail(written))
     res = run(*COMMANDS[command], "-o", str(out), *(["--force"] if force else []))
     assert res.exit_code == 1, res.output
     assert res.output == f"Error: cannot write {out}: Input/output error\n"

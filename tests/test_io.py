@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -160,16 +161,20 @@ def test_files_without_checksum_still_load(saved, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ faults
-def test_disk_full_and_long_names_are_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", ["oserror", "safetensors"])
+def test_disk_full_and_long_names_are_one_line(tmp_path, monkeypatch, error):
+    """Disk full is one line whether the OS says it (normswap's writer) or safetensors' does (big-endian hosts)."""
     from safetensors import SafetensorError
 
     def full(tensors, tmp, metadata=None):
         with open(tmp, "wb") as f:
             f.write(b"x" * 100)
+        if error == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
                               'message: "No space left on device" })')
 
-    monkeypatch.setattr("normswap.io.save_file", full)
+    monkeypatch.setattr("normswap.io._write_safetensors", full)
     out = tmp_path / "x.safetensors"
     with pytest.raises(OutputError) as err:
         write_file(out, {"a": torch.zeros(2)}, {"plan": {}})
@@ -191,7 +196,7 @@ def test_failed_force_overwrite_keeps_the_old_file(saved, monkeypatch):
             f.write(b"half a file")
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr("normswap.io.save_file", half)
+    monkeypatch.setattr("normswap.io._write_safetensors", half)
     with pytest.raises(OutputError, match=r"^cannot write .*cnn\.safetensors: Input/output error$"):
         write_file(path, {"a": torch.zeros(2)}, {"plan": {}}, force=True)
     assert path.read_bytes() == before
@@ -231,7 +236,7 @@ def slow(tensors, tmp, metadata=None):
         f.write(b"partial")
     print("writing", flush=True)
     time.sleep(120)
-io.save_file = slow
+io._write_safetensors = slow
 io.write_file(sys.argv[1], {"a": torch.zeros(3)}, {"plan": {}}, force=True)
 """
 
@@ -269,3 +274,90 @@ def test_sigterm_mid_write_leaves_nothing(tmp_path):
     assert "terminated (SIGTERM)" in proc.stderr.read()
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+# ------------------------------------------------------------------------------------------ the writer
+def test_writer_output_is_what_safetensors_reads(tmp_path):
+    """normswap writes safetensors files itself (straight from the tensors' memory): every dtype, empty and 0-dim
+    tensors, views, non-contiguous and shared-storage tensors read back bit for bit with safetensors' own reader,
+    every entry aligned to its element size, the header's entries those safetensors' own writer makes."""
+    import json as _json
+    import struct
+
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g)
+    tensors = {"f32": base, "t.view": base[1:3], "t.transposed": base.t(), "f64": torch.randn(3, generator=g).double(),
+               "f16": torch.randn(2, 3, generator=g).half(), "bf16": torch.randn(5, generator=g).bfloat16(),
+               "i64": torch.tensor(7), "bool": torch.tensor([True, False, True]), "u8": torch.arange(5, dtype=torch.uint8),
+               "empty": torch.zeros(0, 4), "i32": torch.arange(3, dtype=torch.int32)}
+    out = write_file(tmp_path / "all.safetensors", tensors, {"plan": {"x": "é"}})
+    got, meta = read_file(out)  # the checksum checks
+    assert meta == {"plan": {"x": "é"}} and got.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+    data = out.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    assert size % 8 == 0
+    header = _json.loads(data[8:8 + size])
+    ends = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    assert ends[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ends, ends[1:])) and ends[-1][1] == len(data) - 8 - size
+    for name, entry in header.items():
+        if name != "__metadata__":
+            assert entry["data_offsets"][0] % tensors[name].element_size() == 0, name
+    reference = tmp_path / "reference.safetensors"
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(reference), metadata=header["__metadata__"])
+    with safe_open(str(reference), framework="pt") as f:
+        ref_meta = f.metadata()
+    assert ref_meta == header["__metadata__"]
+    ref_size = struct.unpack("<Q", reference.read_bytes()[:8])[0]
+    ref_header = _json.loads(reference.read_bytes()[8:8 + ref_size])
+    strip = lambda h: {k: {f: x for f, x in v.items() if f != "data_offsets"} for k, v in h.items()}  # noqa: E731
+    assert strip(ref_header) == strip(header)  # the same entries (the data's order may differ: it is free)
+
+
+def test_writer_refuses_what_safetensors_cannot_store(tmp_path):
+    with pytest.raises(NormswapError, match=r"^cannot save 'q': safetensors has no dtype complex128$"):
+        write_file(tmp_path / "x.safetensors", {"a": torch.zeros(2), "q": torch.zeros(2, dtype=torch.complex128)},
+                   {"plan": {}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_keeps_tied_weights_and_leaves_the_model_alone(tmp_path):
+    """Tied tensors are written as separate entries (the state_dict's keys) and load back tied or not, as the
+    architecture makes them; saving reads the model's tensors without changing them."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4)).eval()
+        model[2].weight = model[0].weight
+        return model
+
+    model = build()
+    r = normswap.convert(model, to="uan", example_inputs=torch.randn(2, 4))
+    before = {k: (v.clone(), v._version) for k, v in r.model.state_dict().items()}
+    path = r.save(tmp_path / "tied.safetensors")
+    assert all(torch.equal(v, before[k][0]) and v._version == before[k][1] for k, v in r.model.state_dict().items())
+    loaded = normswap.load(path, model=build())
+    assert loaded[2].weight is loaded[0].weight
+    x = torch.randn(3, 4)
+    assert torch.equal(loaded(x), r.model(x))
+
+
+def test_load_converts_a_model_it_rebuilt_in_place_and_copies_a_given_one(r18_file, small_cnn_uan_file, monkeypatch):
+    """The architecture load builds from the file's source is its own: converted in place, not copied first. A
+    model passed in is the caller's: a copy is converted and the argument is left as it was."""
+    import normswap.surgery.apply as apply_mod
+
+    copies = []
+    real = apply_mod.copy_model
+    monkeypatch.setattr(apply_mod, "copy_model", lambda m, *a, **k: (copies.append(m), real(m, *a, **k))[1])
+    loaded = normswap.load(r18_file)
+    assert copies == [] and type(loaded.layer4[1].bn2).__name__ == "UANChannel"
+    path, model = small_cnn_uan_file
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    loaded = normswap.load(path, model=model)
+    assert copies == [model] and [type(m) for m in model.modules()] == types
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert any(type(m).__name__ == "UANChannel" for m in loaded.modules())

@@ -20,6 +20,7 @@ from normswap.sources import SourceSpec, load_model, rebuild
 from normswap.surgery.apply import apply_checked
 from normswap.surgery.copying import copy_model
 from normswap.surgery.find import find, find_graph
+from normswap.surgery.probes import smaller_probe
 from normswap.core.graph import ModelGraph, build_graph
 from normswap.core.kinds import is_activation, is_norm
 from normswap.core.plan import FOLDED, Plan
@@ -123,11 +124,15 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
     require_sites(the_plan, module)
     reference = copy_model(module) if (inplace and check) else module
     converted, snapshot = apply_checked(module, the_plan, inplace=inplace, graph=graph.graph)  # one trace for all
-    probe = _probe(example_inputs) or example_input(reference, source)
-    if probe is not None:  # variants whose exact start needs statistics (ANAct) fit them on the probe
+    given = _probe(example_inputs)
+    probe = given or example_input(reference, source)
+    calibrates = any(registry.get(s.variant).needs_calibration for s in the_plan.converted)
+    if probe is not None and calibrates:  # variants whose exact start needs statistics (ANAct) fit them on the probe
         run_calibration(converted, the_plan, [probe], only_required=True)
-    if check:
-        report = verify(reference, converted, the_plan, probe, rtol=rtol, graph=graph, snapshot=snapshot)
+    if check:  # an inferred probe is first tried smaller (normswap.surgery.probes; not where it was calibrated on)
+        smaller = None if given is not None or calibrates else smaller_probe(probe)
+        report = verify(reference, converted, the_plan, probe, rtol=rtol, graph=graph, snapshot=snapshot,
+                        smaller=smaller)
     else:
         report = VerifyReport("none", the_plan.strength, [], None, None, False, True, note="verification disabled")
     if not report.ok and nonfinite_tensors(reference):  # the original is broken, not the conversion
@@ -180,6 +185,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trust_sourc
     tensors, meta = read_file(path)
     the_plan = plan_from_file(meta.get("plan"), path)
     source = source_from_file(meta.get("source"), path)
+    own = model is None  # built here for this load alone: converted in place, not copied first
     if model is None:
         if source is None:
             raise NormswapError(f"{path} was made from a model object, not a named source: pass model= "
@@ -188,7 +194,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trust_sourc
             model = rebuild(source, allow_code=trust_source)
         except UsageError as exc:  # a bad name or builder kwarg read from the file: the file is at fault
             raise FileFormatError(one_line(f"{path}: {exc}")) from None
-    converted = replay(path, model, the_plan, tensors)
+    rewrites = any(s.facts.get("graph_rewrite") for s in the_plan.sites)  # those make a new GraphModule anyway
+    converted = replay(path, model, the_plan, tensors, inplace=own and not rewrites)
     converted.eval()
     setattr(converted, META_ATTR, {"plan": the_plan, "source": source})
     return converted

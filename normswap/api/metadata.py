@@ -278,14 +278,16 @@ def plan_from_file(data: Any, path: str | os.PathLike) -> Plan:
     return plan
 
 
-def replay(path: str | os.PathLike, model: "nn.Module", plan: Plan, tensors: dict[str, "torch.Tensor"]) -> "nn.Module":
-    """``plan`` applied to a copy of ``model`` and the file's ``tensors`` loaded strictly. Whatever a crafted
-    file makes the variants or the load trip over is one FileFormatError naming ``path``."""
+def replay(path: str | os.PathLike, model: "nn.Module", plan: Plan, tensors: dict[str, "torch.Tensor"], *,
+           inplace: bool = False) -> "nn.Module":
+    """``plan`` applied to a copy of ``model`` (to ``model`` itself with ``inplace``: a model built for this load
+    alone) and the file's ``tensors`` loaded strictly. Whatever a crafted file makes the variants or the load trip
+    over is one FileFormatError naming ``path``."""
     from normswap.surgery.apply import apply_plan
     from normswap.sources.weights import first_line
 
     try:
-        converted = apply_plan(model, plan, inplace=False)
+        converted = apply_plan(model, plan, inplace=inplace)
     except NormswapError as exc:  # FileFormatError, or an OptionError / UnknownVariantError from a site
         raise FileFormatError(one_line(f"{path}: {exc}")) from None
     except Exception as exc:  # noqa: BLE001  (the plan comes from a file: no input may escape as a traceback)

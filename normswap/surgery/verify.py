@@ -65,6 +65,7 @@ class VerifyReport:
     method: str = "forward"  # "site-local" or "forward" (module docstring)
     local_skipped: str = ""  # why the site-local method was not used, when it was tried
     end_to_end_derived: bool = False  # end_to_end (0) follows from bit-identical sites; the forward was not run
+    shrunk_from: str = ""  # the inferred probe this report's smaller one stands for (normswap.surgery.probes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,7 +80,8 @@ class VerifyReport:
             return f"verification skipped: {self.note}"
         width = max([len(s.name) for s in self.sites] + [4])
         how = "; each site run on its inputs recorded in one forward of the original" if self.method == "site-local" else ""
-        lines = [f"verification on probe {self.probe} (strength {self.strength:g}{how})",
+        smaller = f", a smaller batch than the inferred {self.shrunk_from}" if self.shrunk_from else ""
+        lines = [f"verification on probe {self.probe}{smaller} (strength {self.strength:g}{how})",
                  f"  {'site'.ljust(width)}  {'exact claim':<11}  {'max |diff|':>10}  status"]
         for s in self.sites:
             diff = "n/a" if s.max_abs_diff is None else f"{s.max_abs_diff:.3e}"
@@ -190,16 +192,43 @@ def _finite(out: Any) -> bool:
 
 
 def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeInput | None,
-           rtol: float = DEFAULT_RTOL, *, graph: ModelGraph | None = None, snapshot: Snapshot | None = None
-           ) -> VerifyReport:
+           rtol: float = DEFAULT_RTOL, *, graph: ModelGraph | None = None, snapshot: Snapshot | None = None,
+           smaller: ProbeInput | None = None) -> VerifyReport:
     """Compare ``converted`` with ``original`` on ``probe`` at every converted site and end to end.
 
     ``graph`` (the finder's fx graph of ``original``) and ``snapshot`` (of ``converted`` when it was a fresh copy
     of ``original``, before any site was replaced) allow the site-local method (module docstring); without
-    them, or where its conditions fail, both models run end to end."""
+    them, or where its conditions fail, both models run end to end. ``smaller`` (:mod:`normswap.surgery.probes`):
+    tried first; its report stands when every site was reached on it, or when it shows a broken claim; where the
+    original does not run on it, or it leaves a site unreached, ``probe`` decides (a replacement that raises on
+    an input the original runs on raises here, as on the full probe)."""
     if probe is None:
         return VerifyReport("none", plan.strength, [], None, None, False, True,
                             note="no probe input could be inferred for this model; pass example inputs to verify")
+    if smaller is not None:
+        try:
+            report = _verify(original, converted, plan, smaller, rtol, graph, snapshot)
+        except Exception:  # noqa: BLE001  (a model that does not run at that size: the full probe decides)
+            if _runs(original, smaller):  # the original does: a replacement failed on its input, which is no size issue
+                raise
+            report = None
+        if report is not None and (not report.ok or all(c.max_abs_diff is not None for c in report.sites)):
+            report.shrunk_from = probe.describe()
+            return report
+    return _verify(original, converted, plan, probe, rtol, graph, snapshot)
+
+
+def _runs(model: nn.Module, probe: ProbeInput) -> bool:
+    """Whether ``model`` runs on ``probe`` without raising (eval mode, no_grad)."""
+    try:
+        run_recording(model, probe, [])
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeInput, rtol: float,
+            graph: ModelGraph | None, snapshot: Snapshot | None) -> VerifyReport:
     names = local.sites(plan, original, converted, graph, snapshot)
     if isinstance(names, str):
         return _forward_compare(original, converted, plan, probe, rtol, why=names if snapshot is not None else "")

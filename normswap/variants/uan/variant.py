@@ -153,9 +153,11 @@ class UAN(StrengthMirror, UANCalibration, Variant):
         return (UANChannel if kind in _CHANNEL_KINDS else UANSample)(module, kind, config)
 
     def _init_mixture(self, config: UANConfig, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """K coinciding components at ``mean``, ``var`` (one channel's values, or a scalar per site): new tensors
+        (``torch.stack`` of K references: several times cheaper than cloning an expanded view on small tensors)."""
         self.k, self.var_floor = int(config.k), float(config.var_floor)
-        self.mix_mean = nn.Parameter(mean.detach().clone())
-        self.mix_var = nn.Parameter(var.detach().clone())
+        self.mix_mean = nn.Parameter(torch.stack([mean.detach()] * self.k))
+        self.mix_var = nn.Parameter(torch.stack([var.detach()] * self.k))
         self.mix_logit = nn.Parameter(torch.zeros_like(self.mix_mean))
         self.init_strength(config.strength, like=self.mix_mean)
 
@@ -196,8 +198,7 @@ class UANChannel(UAN):
         rm, rv = source.running_mean.detach(), source.running_var.detach()
         self.num_features = rm.numel()
         copy_batchnorm_state(self, source, frozen=kind == "frozen_bn")
-        k = int(config.k)
-        self._init_mixture(config, rm.expand(k, -1), (rv + self.eps).expand(k, -1))
+        self._init_mixture(config, rm, rv + self.eps)
         if kind == "bn_act":
             self.drop = copy.deepcopy(source.drop)
             self.act = copy.deepcopy(source.act)
@@ -284,8 +285,7 @@ class UANSample(UAN):
             )
         like = self.weight if self.weight is not None else self.bias
         factory = {"dtype": like.dtype, "device": like.device} if like is not None else {}
-        k = int(config.k)
-        self._init_mixture(config, torch.zeros(k, **factory), torch.ones(k, **factory))
+        self._init_mixture(config, torch.zeros((), **factory), torch.ones((), **factory))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "ln2d":

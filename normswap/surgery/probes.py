@@ -1,0 +1,39 @@
+"""A smaller probe batch for verification: same batch, fewer pixels, where that checks the same claims.
+
+Verification runs the original network once on the probe (and the converted one where the site-local proof does
+not hold), so the probe's size sets most of the cost of ``convert``: a ResNet-50 forward on the inferred
+(2, 3, 224, 224) probe is about 7x one on (2, 3, 32, 32) here (docs/speed.md, "Fourth pass"). Every exactness
+claim checked is a claim about each site's function (a BatchNorm replaced by UAN at strength 0 is the same
+per-channel map on any input), so a smaller input of the same kind checks the same claims, on fewer values.
+
+When: only for a probe normswap inferred itself (never one the caller passed), one 4-D or 5-D floating image
+tensor (``(N, C, H, W)`` or video ``(N, C, T, H, W)``) larger than :data:`SMALL` pixels on a side, and never for a
+variant that calibrates on the probe (ANAct: the probe is its calibration batch, so its size is part of the
+result). The batch stays as inferred (2: batch statistics are defined), the models run in eval mode as always.
+The smaller probe is only a first try (:func:`normswap.surgery.verify.verify`): a model that does not run at that
+size (a fixed input size, as ViTs have, or a stem that needs more pixels) or a site it does not reach sends the
+check back to the full probe; a claim broken on the smaller probe is broken, and is reported as such.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from normswap.core.probe import ProbeInput
+
+__all__ = ["SMALL", "smaller_probe"]
+
+SMALL = 32  # pixels on a side: what normswap already infers for a conv net of unknown input size
+
+
+def smaller_probe(probe: ProbeInput | None) -> ProbeInput | None:
+    """``probe`` with its image's height and width cut to :data:`SMALL` (a new seeded batch of the same batch size,
+    channels, dtype and device), or None where that does not apply (see the module docstring)."""
+    if probe is None or probe.kwargs or len(probe.args) != 1:
+        return None
+    x = probe.args[0]
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() not in (4, 5) or min(x.shape[-2:]) <= SMALL:
+        return None
+    shape = (*x.shape[:-2], SMALL, SMALL)
+    small = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=x.device, dtype=x.dtype)
+    return ProbeInput((small,), {})
