@@ -5,7 +5,10 @@ runs) against plain forwards over the same samples."""
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +24,11 @@ from .timing import Bench, peak_rise_mib
 HOW = ("Public API calls timed whole, interleaved with their baseline. Conversion: `normswap.plan` (find), "
        "`normswap.convert` (find, copy, apply, verify on the probe batch), and convert + `save` to a temporary "
        "file, against `torch.fx.symbolic_trace` of the same model (random init); its `floor` is what a conversion "
-       "that proves its exact start cannot avoid: one trace, one copy of every tensor, one forward of the probe. Calibration: "
+       "that proves its exact start cannot avoid: one trace, one copy of every tensor, one forward of the probe; "
+       "`save` and `load` (with the model given) of the converted model, and `floor + save`: that floor plus the "
+       "state_dict hashed and written once with fsync (what a checksummed atomic save cannot avoid). By name "
+       "(full profiles): `normswap.convert(NAME, weights=\"none\")`, which builds the model and verifies on the probe "
+       "it infers, `load` of its file (rebuilds the architecture), and the build alone for reference. Calibration: "
        "`normswap.calibrate(..., evaluate=False)` on N inputs stored in a `.safetensors` file (batches of 16), "
        "against plain forwards of the original over the same batches: the ratio is time per sample, its inverse "
        "the throughput (UAN and ANAct converted at strength 0, PatchNorm at 1, the strength each is calibrated "
@@ -40,6 +47,13 @@ def _forwards(model: torch.nn.Module, batches: list[torch.Tensor]) -> Callable[[
                 model(b)
         return None
     return run
+
+
+def _quiet(fn: Callable[[], object]) -> object:
+    """``fn()`` without the random-init warning a build with ``weights="none"`` issues."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", normswap.sources.RandomInitWarning)
+        return fn()
 
 
 def _chain(*fns: Callable[[], object]) -> Callable[[], object]:
@@ -64,6 +78,26 @@ def _convert_floor(model: torch.nn.Module) -> Callable[[], object]:
     return run
 
 
+def _save_floor(model: torch.nn.Module, path: Path) -> Callable[[], object]:
+    """What an atomic, checksummed save cannot avoid: the state_dict's bytes hashed once and written once, fsynced."""
+    def run() -> object:
+        tensors = [t.detach().contiguous().reshape(-1).view(torch.uint8).numpy() for t in model.state_dict().values()]
+        h = hashlib.sha256()
+        with open(path, "wb") as f:
+            for b in tensors:
+                h.update(b)
+                f.write(b)
+            f.flush()
+            os.fsync(f.fileno())
+        return h.hexdigest()
+    return run
+
+
+def _by_name(name: str) -> bool:
+    """Whether ``name`` is a torchvision model ``normswap.convert`` can build by name (not the suite's stand-in)."""
+    return name != "tiny_resnet"
+
+
 def run(bench: Bench) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="normswap-bench-") as tmp:
         return _run(bench, Path(tmp))
@@ -83,6 +117,17 @@ def _run(bench: Bench, tmp: Path) -> dict[str, Any]:
            "convert + save (uan)": lambda: normswap.convert(model, to="uan").save(out, force=True),
            "convert (patchnorm)": lambda: normswap.convert(model, to="patchnorm"),
            "convert (anact)": lambda: normswap.convert(model, to="anact"), "floor": _convert_floor(model)}
+    saved = tmp / "saved.safetensors"
+    converted = normswap.convert(model, to="uan")
+    converted.save(saved)
+    fns.update({"save (uan)": lambda: converted.save(out, force=True),
+                "load (uan)": lambda: normswap.load(saved, model=model),
+                "floor + save": _chain(_convert_floor(model), _save_floor(model, tmp / "floor.bin"))})
+    if _by_name(name):  # what `normswap convert resnet50` runs: the build (random init) and a probe it infers
+        _quiet(lambda: normswap.convert(name, to="uan", weights="none")).save(tmp / "named.safetensors")
+        fns.update({"build (no weights)": lambda: build(name, 224),
+                    "convert by name (uan)": lambda: _quiet(lambda: normswap.convert(name, to="uan", weights="none")),
+                    "load by name (uan)": lambda: normswap.load(tmp / "named.safetensors")})
     rows += bench.compare("conversion", f"{name} (random init)", fns, "fx.symbolic_trace", reps, warmup=warm)
 
     name, size, n = sz["tool_model"], sz["tool_size"], sz["calib_samples"]
