@@ -27,7 +27,7 @@ HOW = ("Public API calls timed whole, interleaved with their baseline. Conversio
        "that proves its exact start cannot avoid: one trace, one copy of every tensor, one forward of the probe; "
        "`save` and `load` (with the model given) of the converted model, and `floor + save`: that floor plus the "
        "state_dict hashed and written once with fsync (what a checksummed atomic save cannot avoid). By name "
-       "(full profiles): `normswap.convert(NAME, weights=\"none\")`, which builds the model and verifies on the probe "
+       "(not in the tiny profile): `normswap.convert(NAME, weights=\"none\")`, which builds the model and verifies on the probe "
        "it infers, `load` of its file (rebuilds the architecture), and the build alone for reference. Calibration: "
        "`normswap.calibrate(..., evaluate=False)` on N inputs stored in a `.safetensors` file (batches of 16), "
        "against plain forwards of the original over the same batches: the ratio is time per sample, its inverse "
