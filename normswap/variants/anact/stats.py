@@ -177,8 +177,12 @@ def block_sums(kind: str, params: dict[str, Any], x: torch.Tensor, channels: int
         b = b.to(work)
         d = b - (sh[cs] if channels is not None else sh.reshape(()))
         f, fp = apply_activation(kind, params, b), derivative(kind, params, b)
-        part = torch.stack([d.sum(dims), d.square_().sum(dims), f.sum(dims), f.square_().sum(dims),
-                            (fp if kind in _STEP else fp.square_()).sum(dims)])
+        if channels is None:  # squares as dot products: one read each, no squared copy written
+            part = torch.stack([d.sum(), torch.dot(d, d), f.sum(), torch.dot(f, f),
+                                fp.sum() if kind in _STEP else torch.dot(fp, fp)])
+        else:
+            part = torch.stack([d.sum(dims), d.square_().sum(dims), f.sum(dims), f.square_().sum(dims),
+                                (fp if kind in _STEP else fp.square_()).sum(dims)])
         if channels is None:
             total += part
         else:
