@@ -235,6 +235,12 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
             if not self.folded:
                 self.set_strength(1.0)
 
+    def source_function(self) -> nn.Module | None:
+        """The activation itself at an unfolded site at strength 0 (forward then returns ``act(x)``, the value the
+        source returns, outside calibration and training); ``None`` elsewhere (folded sites are exact only with
+        their consumers, which differ from the original's)."""
+        return self.act if not self.folded and self._s == 0.0 else None
+
     def claims_exact(self) -> bool:
         if (self.compensated if self.folded else self._s == 0.0):
             return True
