@@ -22,6 +22,7 @@ Speed (docs/speed.md): without gradients to ``alpha`` the map ``a f + b`` is cac
 version and applied in one vectorised pass, ``torch.add(b, f, alpha=a)`` (``addcmul`` with two broadcast
 operands runs as a scalar loop), in place on ``f`` when nothing else can read it: ``f`` is a fresh tensor,
 or ``reuse_input`` (set from the plan's facts) says the in-place activation's input has no other reader.
+With gradients (training) it is :class:`AffineMap`, the same forward with a hand-written backward.
 
 Strength and exactness (docs/methods.md sections 0, 2.2 and 2.4; normswap design). The strength ``s`` in [0, 1] is the
 ``strength`` buffer (float32, in the state_dict) with a Python mirror ``_s`` that decides the
@@ -74,8 +75,8 @@ class AffineMap(torch.autograd.Function):
     backward: ``df = a g``, ``da = sum(g f)``, ``db = sum(g)`` over the broadcast dims. On the CPU the eager
     ``addcmul(b, f, a)`` with two broadcast 0-dim operands runs as a scalar loop, forward and backward (its
     gradients to ``a`` and ``b`` also go through full-size products and broadcast-reducing sums); here a scalar
-    site is one vectorised ``torch.add(b, f, alpha=a)`` forward and two vectorised passes backward (one with a
-    ``b`` that needs no gradient). First order only (``once_differentiable``); tests/test_anact_fast.py checks it
+    site is one vectorised ``torch.add(b, f, alpha=a)`` forward and, backward, one vectorised pass for ``df``, a dot
+    product for ``da`` and a sum for ``db``, each only when that input needs it. First order only (``once_differentiable``); tests/test_anact_fast.py checks it
     against autograd of ``addcmul`` in float64 (``torch.autograd.gradcheck``)."""
 
     @staticmethod
