@@ -183,3 +183,53 @@ def test_block_sums_equal_the_float64_sums(dtype, block, channels, monkeypatch):
     assert sums.dtype == torch.float64 and sums.shape == ref.shape and count == cols.shape[1]
     tol = dict(rtol=2e-6, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sums, ref, **tol)
+
+
+@pytest.mark.parametrize("shape, coef, layout", [
+    ((2, 3, 4, 5), (), "contiguous"), ((2, 3, 4, 5), (), "channels_last"), ((2, 3, 4, 5), (3, 1, 1), "contiguous"),
+    ((2, 3, 4, 5), (3, 1, 1), "channels_last"), ((6, 3), (3,), "contiguous"), ((7,), (), "contiguous")])
+def test_affine_map_gradients_match_autograd_of_addcmul(shape, coef, layout):
+    from normswap.variants.anact.layer import AffineMap
+
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(shape, dtype=torch.float64, generator=g)
+    if layout == "channels_last":
+        f = f.to(memory_format=torch.channels_last)
+    a = (torch.rand(coef, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(coef, dtype=torch.float64, generator=g).requires_grad_()
+    f.requires_grad_()
+    assert torch.autograd.gradcheck(AffineMap.apply, (f, a, b))
+    out = AffineMap.apply(f, a, b)
+    ref = torch.addcmul(b, f, a)
+    torch.testing.assert_close(out, ref, rtol=1e-15, atol=1e-15)
+    w = torch.randn(shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad((out * w).sum(), (f, a, b))
+    want = torch.autograd.grad((ref * w).sum(), (f, a, b))
+    for x, y in zip(got, want):
+        assert x.shape == y.shape
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    # only the gradients asked for: b without a gradient, f frozen
+    (ga,) = torch.autograd.grad(AffineMap.apply(f.detach(), a, b.detach()).mul(w).sum(), (a,))
+    torch.testing.assert_close(ga, want[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_training_forward_and_gradients_equal_the_plain_formula(per_channel):
+    m = _layer(per_channel, folded=False, strength=0.3).double().train()
+    m.momentum = 1.0  # the update keeps the statistics: the plain formula reads the same values
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    m.num_batches_tracked.fill_(1)
+    out = m(x)
+    f, s = m.act(x), m.current_strength()
+    rho, rho_p = m.running_rho, m.running_rho_prime
+    c = torch.sqrt((rho + rho_p) / (2 * rho * rho_p)) + 0.3 * torch.tanh(m.alpha)
+    mu = m.running_mean
+    if per_channel:
+        c, mu = c.reshape(-1, 1, 1), mu.reshape(-1, 1, 1)
+    ref = (1 - s) * f + s * c * (f - mu)  # the plain formula, autograd's own gradients
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(ref)
+    got = torch.autograd.grad((out * w).sum(), (x, m.alpha))
+    want = torch.autograd.grad((ref * w).sum(), (x, m.alpha))
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)

@@ -232,7 +232,7 @@ def _report(reference: nn.Module, ref_label: str, models: dict[str, nn.Module], 
     counts: dict[str, int] = {}
     total = -(-len(split.evaluation) // batch_size) if hasattr(split, "evaluation") else None
     rows, per_site, orig_acc, n = measure(reference, models, plan, itertools.chain([first], batches), strengths,
-                                          site_strength, progress, counts, total)
+                                          site_strength, progress, counts, total, notes)
     notes += nonfinite_notes(reference, rows, counts.get("reference_nonfinite", 0), n)
     labels = list(models)
     sites = []

@@ -3,13 +3,15 @@
 Proof by inspection, not by running: the same module tree (names and classes), the same configuration
 (every plain attribute compared by value, a GraphModule's generated code), bit-equal parameters and
 buffers, and no hooks. A model and a deep copy of it at the same strength pass; a converted model and
-the original it came from do not (other classes), even where they agree to the last bit.
+the original it came from do not (other classes), even where they agree to the last bit, unless every
+converted site says which plain module it computes now (``Variant.source_function``) and that module
+passes against the original's.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields, is_dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -41,34 +43,54 @@ def _plain_equal(u: Any, v: Any) -> bool:
     return False
 
 
-def same_function(a: nn.Module, b: nn.Module) -> bool:
+def _hook_key(key: str) -> bool:
+    return key.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called"))
+
+
+def _hooked(d: dict[str, Any]) -> bool:
+    """Whether a module's ``vars`` hold any hook (forward, pre-forward, backward, state-dict ...)."""
+    return any(v for k, v in d.items() if _hook_key(k))
+
+
+def _same_module(x: nn.Module, y: nn.Module) -> bool:
+    """One module of each tree, children aside: class, a GraphModule's code, plain attributes, no hooks, bit-equal
+    parameters and buffers."""
+    if type(x) is not type(y) or (isinstance(x, torch.fx.GraphModule) and x.code != y.code):
+        return False
+    dx, dy = vars(x), vars(y)
+    if dx.keys() - _SKIP != dy.keys() - _SKIP or _hooked(dx) or _hooked(dy):
+        return False
+    for key, u in dx.items():
+        if key not in _SKIP and not _hook_key(key) and not _plain_equal(u, dy[key]):
+            return False
+    for kind in ("_parameters", "_buffers"):
+        tx, ty = dx[kind], dy[kind]
+        if tx.keys() != ty.keys() or any(
+                (tx[k] is None) != (ty[k] is None) or tx[k] is not None and (
+                    tx[k].dtype != ty[k].dtype or tx[k].device != ty[k].device or not torch.equal(tx[k], ty[k]))
+                for k in tx):
+            return False
+    return True
+
+
+def _same_tree(x: nn.Module, y: nn.Module, name: str, sites: set[str]) -> bool:
+    if name in sites:  # a converted site: what its variant says it computes now, against the original's module
+        plain = x.source_function() if hasattr(x, "source_function") and not _hooked(vars(x)) else None
+        return plain is not None and same_function(plain, y)
+    if not _same_module(x, y) or x._modules.keys() != y._modules.keys():
+        return False
+    return all((cx is None) == (cy is None) and (cx is None or _same_tree(cx, cy, f"{name}.{key}" if name else key,
+                                                                            sites))
+               for (key, cx), cy in zip(x._modules.items(), y._modules.values()))
+
+
+def same_function(a: nn.Module, b: nn.Module, sites: Iterable[str] = ()) -> bool:
     """True when ``a`` and ``b`` provably compute the same function in eval mode: the same module tree
     (names, classes), the same configuration (every plain attribute, a GraphModule's code), bit-equal
-    parameters and buffers, and no hooks (``a`` and a deep copy of it at the same strength, say)."""
-    if a is b:
-        return True
-    ma, mb = list(a.named_modules(remove_duplicate=False)), list(b.named_modules(remove_duplicate=False))
-    if len(ma) != len(mb):
-        return False
-    for (na, x), (nb, y) in zip(ma, mb):
-        if na != nb or type(x) is not type(y) or (isinstance(x, torch.fx.GraphModule) and x.code != y.code):
-            return False
-        dx, dy = vars(x), vars(y)
-        if dx.keys() != dy.keys():
-            return False
-        for key, u in dx.items():
-            if key in _SKIP:
-                continue
-            if key.endswith("_hooks") or key.endswith("_hooks_with_kwargs") or key.endswith("_hooks_always_called"):
-                if u or dy[key]:
-                    return False
-            elif not _plain_equal(u, dy[key]):
-                return False
-        for kind in ("_parameters", "_buffers"):
-            tx, ty = dx[kind], dy[kind]
-            if tx.keys() != ty.keys() or any(
-                    (tx[k] is None) != (ty[k] is None) or tx[k] is not None and (
-                        tx[k].dtype != ty[k].dtype or tx[k].device != ty[k].device or not torch.equal(tx[k], ty[k]))
-                    for k in tx):
-                return False
-    return True
+    parameters and buffers, and no hooks (``a`` and a deep copy of it at the same strength, say).
+
+    ``sites``: names of converted sites in ``a`` (a converted model) whose module may differ from ``b``'s (the
+    original): each must offer :meth:`~normswap.variants.base.Variant.source_function` (a plain module computing
+    exactly its function now: ANAct's unfolded site at strength 0 is its activation), which must in turn be
+    provably ``b``'s module there; everything else as above."""
+    return a is b or _same_tree(a, b, "", set(sites))

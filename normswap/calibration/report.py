@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -217,7 +217,7 @@ RECORD_BUDGET = 256 << 20  # bytes of reference activations that one recorded sl
 def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
             batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], strengths: list[float],
             site_strength: float | None, progress: bool = False, counts: dict[str, int] | None = None,
-            total: int | None = None) -> tuple[list[EndToEnd], dict[str, dict[str, float]], float | None, int]:
+            total: int | None = None, notes: list[str] | None = None) -> tuple[list[EndToEnd], dict[str, dict[str, float]], float | None, int]:
     """Run the reference and every model on ``batches`` at every strength (strengths restored afterwards).
 
     Per-site errors need the reference's activations at every compare point: a batch then runs in slices
@@ -227,7 +227,8 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
     ``batches`` is read once, as it comes (``total``: how many, for the progress bar only). Returns the
     end-to-end rows, per model label the relative error of each site at ``site_strength``
     (``None``: no per-site figures), the reference's accuracy (``None`` without labels) and the sample count;
-    ``counts["reference_nonfinite"]`` is set to the samples whose reference output holds NaN or inf."""
+    ``counts["reference_nonfinite"]`` is set to the samples whose reference output holds NaN or inf; ``notes``
+    gets a line for each row proven equal to the reference through its converted sites (not run)."""
     points = {s.name: registry.get(s.variant).compare_points(s) for s in plan.converted}
     ref_names = sorted({a for pts in points.values() for a, _ in pts if _has(reference, a)})
     accs = {(label, s): _Acc() for label in models for s in strengths}
@@ -244,7 +245,7 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
         if site_strength is not None and ref_names:
             at_site = next((s for s in strengths if abs(s - site_strength) < 1e-12), None)
         per_sample = None  # bytes of recorded reference activations per sample, from the first slice
-        alias = _aliases(reference, models, strengths)
+        alias = _aliases(reference, models, strengths, [s.name for s in plan.converted], notes)
         work: dict[str, torch.Tensor] = {}
         for x, labels in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False, total=total):
             n = x.shape[0] if torch.is_tensor(x) and x.dim() > 0 else 1
@@ -311,11 +312,13 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
         (ref_correct / ref_labelled if ref_labelled else None), seen
 
 
-def _aliases(reference: nn.Module, models: dict[str, nn.Module], strengths: list[float]
-             ) -> dict[tuple[str, float], Any]:
+def _aliases(reference: nn.Module, models: dict[str, nn.Module], strengths: list[float], sites: Sequence[str] = (),
+             notes: list[str] | None = None) -> dict[tuple[str, float], Any]:
     """Rows that need no forward: ``"reference"`` where the model at that strength provably is the
-    reference (:func:`same_function`: e.g. a model compared with its own copy at strength 0), or the
-    ``(label, strength)`` of an earlier row whose model is provably in the same state."""
+    reference (:func:`same_function`: e.g. a model compared with its own copy at strength 0, or a converted
+    model whose every site says it computes its source's function, ANAct's unfolded sites at 0), or the
+    ``(label, strength)`` of an earlier row whose model is provably in the same state. ``notes`` gets one line
+    per row proven to be the reference by its sites (the check that stands for its forward)."""
     alias: dict[tuple[str, float], Any] = {}
     labels = list(models)
     for s in strengths:
@@ -323,6 +326,14 @@ def _aliases(reference: nn.Module, models: dict[str, nn.Module], strengths: list
             set_strengths(models[label], s)
             if same_function(models[label], reference):
                 alias[(label, s)] = "reference"
+                continue
+            if sites and same_function(models[label], reference, sites):
+                alias[(label, s)] = "reference"
+                if notes is not None:
+                    notes.append(f"'{label}' at strength {s:g} was not run: it provably computes the reference's "
+                                 f"function (every module outside the {len(sites)} converted site(s) identical, "
+                                 "and each site's variant computing its source's own function at this strength), "
+                                 "so its figures are the reference's")
                 continue
             for other in labels[:i]:
                 set_strengths(models[other], s)

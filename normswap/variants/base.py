@@ -148,6 +148,14 @@ class Variant(CalibrationHooks, ExportHooks, nn.Module):
         """True when this module claims to reproduce its source modules exactly (in eval mode)."""
         return False
 
+    def source_function(self) -> nn.Module | None:
+        """A plain module that computes exactly what this one computes now, in eval mode, for every input (bit for
+        bit: the same kernels on the same values), or ``None`` (the default: no such proof). The fidelity report
+        compares it by inspection with the original's module at the site
+        (:func:`normswap.calibration.identity.same_function`); when every site and every other module pass, the
+        converted model at that strength is the original, and it is not run."""
+        return None
+
     @classmethod
     def examples(cls) -> list[tuple[nn.Module, torch.Tensor]]:
         """Small models holding every source kind this variant accepts, each with an example input.

@@ -22,6 +22,7 @@ Speed (docs/speed.md): without gradients to ``alpha`` the map ``a f + b`` is cac
 version and applied in one vectorised pass, ``torch.add(b, f, alpha=a)`` (``addcmul`` with two broadcast
 operands runs as a scalar loop), in place on ``f`` when nothing else can read it: ``f`` is a fresh tensor,
 or ``reuse_input`` (set from the plan's facts) says the in-place activation's input has no other reader.
+With gradients (training) it is :class:`AffineMap`, the same forward with a hand-written backward.
 
 Strength and exactness (docs/methods.md sections 0, 2.2 and 2.4; normswap design). The strength ``s`` in [0, 1] is the
 ``strength`` buffer (float32, in the state_dict) with a Python mirror ``_s`` that decides the
@@ -51,9 +52,11 @@ folded ones keep the plan's strength (their function does not depend on it).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from normswap.errors import NormswapError
 from normswap.variants.anact.activations import make_activation, resolve_activation
@@ -65,6 +68,45 @@ from normswap.variants.strength import StrengthMirror
 __all__ = ["ANActLayer"]
 
 _TINY = 1e-12  # floor of rho and rho' inside lam (a dead unit would otherwise give 0/0)
+
+
+class AffineMap(torch.autograd.Function):
+    """``a f + b`` with ``a``, ``b`` broadcast along ``f`` (0-dim, or ``(C, 1, ...)`` per channel) and a hand-written
+    backward: ``df = a g``, ``da = sum(g f)``, ``db = sum(g)`` over the broadcast dims. On the CPU the eager
+    ``addcmul(b, f, a)`` with two broadcast 0-dim operands runs as a scalar loop, forward and backward (its
+    gradients to ``a`` and ``b`` also go through full-size products and broadcast-reducing sums); here a scalar
+    site is one vectorised ``torch.add(b, f, alpha=a)`` forward and, backward, one vectorised pass for ``df``, a dot
+    product for ``da`` and a sum for ``db``, each only when that input needs it. First order only (``once_differentiable``); tests/test_anact_fast.py checks it
+    against autograd of ``addcmul`` in float64 (``torch.autograd.gradcheck``)."""
+
+    @staticmethod
+    def forward(ctx: Any, f: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(f if ctx.needs_input_grad[1] else None, a)
+        ctx.a_shape, ctx.b_shape = a.shape, b.shape
+        if a.dim() == 0 and f.device.type == "cpu":
+            return torch.add(b, f, alpha=a.item())
+        return torch.addcmul(b, f, a)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        f, a = ctx.saved_tensors
+        grad_f = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_f = torch.mul(g, a.item()) if a.dim() == 0 and g.device.type == "cpu" else g * a
+        if ctx.needs_input_grad[1]:
+            dot = not ctx.a_shape and g.is_contiguous() and f.is_contiguous()  # one read of each, no product written
+            grad_a = torch.dot(g.view(-1), f.view(-1)) if dot else _sum_to(g * f, ctx.a_shape)
+        if ctx.needs_input_grad[2]:
+            grad_b = _sum_to(g, ctx.b_shape)
+        return grad_f, grad_a, grad_b
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``t`` summed over the dims that ``shape`` broadcasts along it (right-aligned), reshaped to ``shape``."""
+    lead = t.dim() - len(shape)
+    dims = [d for d in range(t.dim()) if d < lead or shape[d - lead] == 1 != t.shape[d]]
+    return (t.sum(dims) if dims else t).reshape(shape)
 
 
 class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
@@ -116,7 +158,9 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
         if not isinstance(f, torch.Tensor) or self.training or torch.compiler.is_compiling() or (
                 torch.is_grad_enabled() and self.alpha.requires_grad):
             scale, shift = self._coefficients(f)  # traced, or gradients flow to alpha
-            return torch.addcmul(shift, f, scale)
+            if not isinstance(f, torch.Tensor) or torch.compiler.is_compiling():
+                return torch.addcmul(shift, f, scale)
+            return AffineMap.apply(f, scale, shift)
         scale, shift = self._frozen(f)
         if (torch.is_grad_enabled() and f.requires_grad) or (f is x and not self.reuse_input):
             out = torch.mul(f, scale) if torch.is_tensor(scale) else torch.add(shift, f, alpha=scale)
@@ -191,6 +235,12 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
                 missing_keys.remove(key)
             if not self.folded:
                 self.set_strength(1.0)
+
+    def source_function(self) -> nn.Module | None:
+        """The activation itself at an unfolded site at strength 0 (forward then returns ``act(x)``, the value the
+        source returns, outside calibration and training); ``None`` elsewhere (folded sites are exact only with
+        their consumers, which differ from the original's)."""
+        return self.act if not self.folded and self._s == 0.0 else None
 
     def claims_exact(self) -> bool:
         if (self.compensated if self.folded else self._s == 0.0):

@@ -49,25 +49,23 @@ class ANActStatistics(nn.Module):
     _settings: CalibrationSettings | None
     _folded: tuple[torch.Tensor, torch.Tensor] | None
 
-    def _columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x, f(x), f'(x) detached in the statistics dtype, reshaped so that dim -1 is reduced."""
-        xs = x.detach().to(torch.promote_types(x.dtype, torch.float32))
-        if self.per_channel:
-            if xs.dim() < 2 or xs.shape[1] != self.channels:
-                raise NormswapError(f"ANAct per_channel expects {self.channels} channels in dim 1; "
-                                    f"got input of shape {tuple(x.shape)}")
-            xs = xs.transpose(0, 1).reshape(self.channels, -1)
-        else:
-            xs = xs.reshape(-1)
-        return xs, apply_activation(self.kind, self.act_params, xs), derivative(self.kind, self.act_params, xs)
+    def _check_channels(self, x: torch.Tensor) -> None:
+        """The one-line error for an input without :attr:`channels` channels in dim 1 (``per_channel`` only)."""
+        if self.per_channel and (x.dim() < 2 or x.shape[1] != self.channels):
+            raise NormswapError(f"ANAct per_channel expects {self.channels} channels in dim 1; "
+                                f"got input of shape {tuple(x.shape)}")
 
     # ---- training ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def _update(self, x: torch.Tensor) -> None:
-        xs, f, fp = self._columns(x)
-        var = (xs - xs.mean(-1, keepdim=True)).square().mean(-1)
-        f2 = f.square().mean(-1)
-        self._update_running(f2 / var, fp.square().mean(-1), f.mean(-1), f2)
+        """The batch's estimates from :func:`block_sums` (the calibration's sums: in cache-sized blocks, no
+        full-size copy, transpose or squared tensor), then the EMA."""
+        self._check_channels(x)
+        _, sums, n = block_sums(self.kind, self.act_params, x.detach(), self.channels if self.per_channel else None,
+                                None)
+        sum_d, sum_d2, sum_f, sum_f2, sum_fp2 = (sums / n).unbind(0)
+        var, f2 = sum_d2 - sum_d.square(), sum_f2
+        self._update_running(f2 / var, sum_fp2, sum_f, f2)
         self.compensated = False
 
     @torch.no_grad()
@@ -101,9 +99,8 @@ class ANActStatistics(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
+        self._check_channels(x)
         xs = x.detach()
-        if self.per_channel and (xs.dim() < 2 or xs.shape[1] != self.channels):
-            self._columns(x)  # the one-line shape error
         acc = self._acc
         if acc is None:
             acc = self._acc = {"shift": None, "count": 0, "batches": 0}
@@ -177,8 +174,12 @@ def block_sums(kind: str, params: dict[str, Any], x: torch.Tensor, channels: int
         b = b.to(work)
         d = b - (sh[cs] if channels is not None else sh.reshape(()))
         f, fp = apply_activation(kind, params, b), derivative(kind, params, b)
-        part = torch.stack([d.sum(dims), d.square_().sum(dims), f.sum(dims), f.square_().sum(dims),
-                            (fp if kind in _STEP else fp.square_()).sum(dims)])
+        if channels is None:  # squares as dot products: one read each, no squared copy written
+            part = torch.stack([d.sum(), torch.dot(d, d), f.sum(), torch.dot(f, f),
+                                fp.sum() if kind in _STEP else torch.dot(fp, fp)])
+        else:
+            part = torch.stack([d.sum(dims), d.square_().sum(dims), f.sum(dims), f.square_().sum(dims),
+                                (fp if kind in _STEP else fp.square_()).sum(dims)])
         if channels is None:
             total += part
         else:
