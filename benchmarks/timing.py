@@ -15,6 +15,7 @@ marked in every table.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import platform
@@ -30,6 +31,39 @@ SPREAD_LIMIT = 0.25  # relative IQR of the per-round ratios above which a row is
 DRIFT_LIMIT = 0.20  # |baseline second half / first half - 1| above which a row is flagged "drift"
 SELF_LIMIT = 0.10  # |baseline (again) / baseline - 1| above which every row of that measurement is flagged "self"
 Clock = Callable[[], float]
+
+
+MMAP_THRESHOLD = 32 << 20  # glibc's largest dynamic mmap threshold: every tensor below it is reused heap memory
+TRIM_THRESHOLD = 1 << 30
+
+
+def pin_allocator() -> str:
+    """Fix glibc malloc's mmap and trim thresholds for the rest of the process, and say what was done.
+
+    glibc serves a block above its mmap threshold (128 KiB at start) with a fresh ``mmap``, unmapped on free, so
+    each call page-faults its outputs; freeing such a block raises the threshold to the block's size, after which
+    the same sizes are reused heap memory. When that flip happens depends on everything the process freed before,
+    so a row's baseline (its outputs page-faulting or not) depended on the rows before it: the depthwise PatchNorm
+    row read 4.2x in the harness and 1.0-2.6x in fresh processes (docs/speed.md, "Fourth pass: PatchNorm").
+    Pinned, every row measures the reused-memory state a long-running job sees, whatever ran before it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, MMAP_THRESHOLD) == 1 and libc.mallopt(-1, TRIM_THRESHOLD) == 1  # M_MMAP_/M_TRIM_
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        return "allocator as the platform sets it (no glibc mallopt)"
+    return f"glibc malloc pinned: mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 30} GiB"
+
+
+def trim_heap() -> None:
+    """Return glibc's free heap memory to the system (``malloc_trim(0)``); nothing elsewhere. With the trim
+    threshold pinned high, freed memory stays resident, and a peak-memory rise measured from there would not count
+    memory a call takes back from the free heap."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
@@ -181,6 +215,7 @@ def peak_rise_mib(fn: Callable[[], object], device: torch.device) -> float | Non
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    trim_heap()  # free heap pages leave the resident set, so that reusing them counts as a rise
     before = rss_kib(reset=True)
     if before is None:
         return None
