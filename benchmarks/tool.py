@@ -36,8 +36,9 @@ HOW = ("Public API calls timed whole, interleaved with their baseline. Conversio
        "(the targets) and one of the converted model at strength 1 (each layer's input) per batch. Evaluation: "
        "`normswap.evaluate` (UAN at strength 0.5: the original and the model at 0, 0.5, 1, per-site errors) "
        "against plain forwards of the original over the same samples; its `floor` is the forwards of the rows "
-       "it reports (the original, the model at 0, 0.5 and 1: a converted model at 0 is another module tree, so "
-       "the report runs it to show its agreement on the data), batches of 32; its peak is the rise of this process's peak resident set over one call.")
+       "it reports (the original, the model at 0, 0.5 and 1: the report skips the model at 0 only where every "
+       "site proves by inspection that it is the original there, `Variant.source_function`, which ANAct's unfolded "
+       "sites offer and UAN's do not yet), batches of 32; its peak is the rise of this process's peak resident set over one call.")
 
 
 def _forwards(model: torch.nn.Module, batches: list[torch.Tensor]) -> Callable[[], object]:
