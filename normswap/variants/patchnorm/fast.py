@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from normswap.variants.cache import cache_for
-from normswap.variants.patchnorm import layer as _patch
+from normswap.variants.patchnorm import fused as _fused, layer as _patch
 
 __all__ = ["CHUNK_BYTES", "chunk_step", "conv_inference", "frozen_terms", "inference_path", "linear_inference",
            "sq_norm"]
@@ -100,6 +100,10 @@ def conv_inference(module: Any, x: torch.Tensor) -> torch.Tensor:
     geom = module.geom
     w, b, post = frozen_terms(module, lambda: scaled_terms(module, (-1, *([1] * geom.dims))))
     x_in, padding = geom.prepare(x)
+    if _fused.compiled_enabled() and _fused.supports(geom, x_in):
+        out = _fused.run(module, x_in, w, b)  # one compiled loop (opt-in, normswap/variants/patchnorm/fused.py)
+        if out is not None:
+            return out if post is None else out.add_(post)
     n, step = x_in.shape[0], chunk_step(x_in, geom)
     out = None
     for i in range(0, max(n, 1), step):

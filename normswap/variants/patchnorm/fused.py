@@ -1,0 +1,125 @@
+"""A depthwise PatchNorm conv as one loop over its input: the opt-in compiled inference kernel.
+
+A depthwise conv (one input channel per group) and its patch norms read the same taps: output location ``q`` of
+channel ``c`` is ``sum_tap w[c, tap] x[c, q + tap]`` and its patch norm is ``n2 = sum_tap x[c, q + tap]^2``
+(docs/methods.md section 1.3.1). :func:`depthwise_taps` writes the layer as that sum over the kernel's taps of
+shifted views of the zero-padded input, followed by the factor and the multiply::
+
+    y = (sum_tap w_tap t_tap + b') * (rsqrt(n2 * c0 + c1) * c2 + c3) + post,   n2 = sum_tap t_tap^2
+
+with ``(c0, c1, c2, c3) = (lam, 1, 1, 0)`` in the corrected form and ``(1, eps, lam r, 1 - lam)`` in the
+normaliser forms (:func:`coefficients`). Eagerly that is many passes; under ``torch.compile`` inductor turns it
+into a single vectorised loop that reads each input value from the cache ``k^2`` times and writes the output
+once, which replaces the conv, the squares, the box-filter conv, the rsqrt and the multiply of the eager path
+(five passes, two of them depthwise convolutions). The input is padded before the compiled call: a pad inside
+the graph compiles to masked loads, which measured 2.3x slower than the pad plus the unmasked loop.
+
+Opt-in, with the switch UAN's compiled kernel uses: the environment variable ``NORMSWAP_COMPILE=1`` (or
+:func:`set_compiled` ``(True)``). It needs a C++ compiler at run time and a compile per layer shape (seconds;
+docs/patchnorm.md, "Speed"), which is why it is not the default. A compile failure warns once and turns the
+kernel off for the process: the layer then runs the eager path. It runs on the inference path only (eval mode,
+autograd off); the expression itself is differentiable and its gradients equal the plain formula's
+(tests/test_patchnorm_fused.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from normswap.variants.patchnorm.layer import ConvGeometry
+
+__all__ = ["coefficients", "compiled_enabled", "depthwise_taps", "run", "set_compiled", "supports"]
+
+_STATE: dict[str, Any] = {"enabled": None, "fn": None}
+# one compiled graph per layer shape (channels, spatial size, kernel, stride, dilation, dtype; the batch is
+# symbolic; symbolic spatial sizes fail to compile the strided taps in torch 2.13): a MobileNetV2 has 17 depthwise layers of 9 shapes, past dynamo's default limit of 8 per function
+RECOMPILE_LIMIT = 256
+
+
+def set_compiled(enabled: bool) -> None:
+    """Turn the compiled depthwise kernel on or off for this process (overrides ``NORMSWAP_COMPILE``)."""
+    _STATE["enabled"] = bool(enabled)
+
+
+def compiled_enabled() -> bool:
+    """Whether eval-mode depthwise PatchNorm convs run the compiled kernel (``NORMSWAP_COMPILE=1`` or
+    :func:`set_compiled`)."""
+    if _STATE["enabled"] is None:
+        _STATE["enabled"] = os.environ.get("NORMSWAP_COMPILE", "").strip().lower() in ("1", "true", "yes", "on")
+    return bool(_STATE["enabled"])
+
+
+def supports(geom: ConvGeometry, x: torch.Tensor) -> bool:
+    """Whether :func:`depthwise_taps` computes this layer: one input channel per group (any multiplier, 1-3
+    spatial dims) and a float32 / float64 input (half inputs keep the eager path, which sums in float32)."""
+    return geom.groups == geom.in_channels and x.dtype in (torch.float32, torch.float64)
+
+
+def coefficients(form: str, lam: float, eps: float, r: float) -> tuple[float, float, float, float]:
+    """``(c0, c1, c2, c3)`` of the factor ``rsqrt(n2 c0 + c1) c2 + c3`` (module docstring)."""
+    if form == "corrected":
+        return (lam, 1.0, 1.0, 0.0)
+    return (1.0, eps, lam * r, 1.0 - lam)
+
+
+def depthwise_taps(xp: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, coef: torch.Tensor,
+                   stride: tuple[int, ...], dilation: tuple[int, ...]) -> torch.Tensor:
+    """The layer's output from its zero-padded input ``xp`` ``(N, C, *S)``, the gain-scaled weight ``w``
+    ``(C m, 1, *k)``, bias ``b'`` ``(C m,)`` or None and ``coef`` ``(4,)`` (:func:`coefficients`), without the
+    ``post`` term. Plain tensor operations: differentiable, and one loop once compiled."""
+    kernel, dims = tuple(w.shape[2:]), xp.dim() - 2
+    n, c = xp.shape[:2]
+    mult = w.shape[0] // c
+    out = [(xp.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(dims)]
+    # a channel multiplier m > 1 works on (N, C, m, *S) views; m = 1 keeps 4-D ones (5-D measured 15 % slower)
+    per = (1, c, mult) if mult > 1 else (1, c)
+    spread = (lambda t: t.unsqueeze(2)) if mult > 1 else (lambda t: t)  # noqa: E731
+    wv = w.reshape(*per[1:], *kernel)
+    lead = (slice(None),) * (len(per) - 1)
+    v = n2 = None
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        t = xp[(slice(None), slice(None)) + tuple(slice(o * d, o * d + s * (m - 1) + 1, s)
+                                                   for o, d, s, m in zip(tap, dilation, stride, out))]
+        wt = wv[lead + tap].reshape(*per, *([1] * dims))
+        v = spread(t) * wt if v is None else v + spread(t) * wt
+        n2 = t * t if n2 is None else n2 + t * t
+    assert v is not None and n2 is not None
+    if b is not None:
+        v = v + b.reshape(*per, *([1] * dims))
+    f = torch.rsqrt(n2 * coef[0] + coef[1]) * coef[2] + coef[3]
+    return (v * spread(f)).reshape(n, c * mult, *out)
+
+
+def padded(x_in: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """A prepared input (:meth:`ConvGeometry.prepare`) with the conv's own zero padding applied."""
+    if geom.padding_mode != "zeros" or not any(map(any, geom.pads)):
+        return x_in  # non-zeros modes were padded by prepare
+    return F.pad(x_in, geom.fpad)
+
+
+def run(module: Any, x_in: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+    """The compiled kernel's output for a :class:`PatchNormConv` (``post`` not added), or None where it failed
+    to compile (warned once; the kernel is then off for the process)."""
+    fn = _STATE["fn"]
+    if fn is None:
+        fn = _STATE["fn"] = torch.compile(depthwise_taps)
+    geom = module.geom
+    coef = torch.tensor(coefficients(module.form, module._s, module.eps, module._r), dtype=x_in.dtype)
+    xp = padded(x_in, geom)
+    try:
+        if xp.shape[0] > 1:
+            torch._dynamo.mark_dynamic(xp, 0)  # any batch size; channels and spatial sizes stay static
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, automatic_dynamic_shapes=False):
+            return fn(xp, w, b, coef, geom.stride, geom.dilation)
+    except Exception as e:  # noqa: BLE001  (no compiler, an inductor bug: the eager path is always there)
+        set_compiled(False)
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        warnings.warn(f"normswap: the compiled PatchNorm kernel failed ({type(e).__name__}: {first}); "
+                      "running the eager path", RuntimeWarning, stacklevel=2)
+        return None
