@@ -37,7 +37,8 @@ def _taps(m: PatchNormConv, x: torch.Tensor) -> torch.Tensor:
     """The layer's output through :func:`fused.depthwise_taps`, eagerly (autograd follows the parameters)."""
     w, b, post = _fast.scaled_terms(m, (-1, *([1] * m.geom.dims)))
     coef = torch.tensor(_fused.coefficients(m.form, m._s, m.eps, m._r), dtype=x.dtype)
-    y = _fused.depthwise_taps(_fused.padded(m.geom.prepare(x)[0], m.geom), w, b, coef, m.geom.stride, m.geom.dilation)
+    planes, out = _fused.phases(m.geom.prepare(x)[0], m.geom)
+    y = _fused.depthwise_taps(planes, w, b, coef, m.geom.stride, m.geom.dilation, out)
     return y if post is None else y + post
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from normswap.variants.patchnorm.layer import ConvGeometry
+from normswap.variants.patchnorm.layer import ConvGeometry, _fpad
 
 __all__ = ["coefficients", "compiled_enabled", "depthwise_taps", "run", "set_compiled", "supports"]
 
@@ -60,9 +60,11 @@ def compiled_enabled() -> bool:
 def supports(geom: ConvGeometry, x: torch.Tensor) -> bool:
     """Whether the compiled kernel runs this layer: one input channel per group (any multiplier, 1-3 spatial
     dims), stride 1, a map of at least :data:`MIN_MAP` values per channel and a float32 / float64 input (half
-    inputs keep the eager path, which sums in float32). Measured on MobileNetV2's depthwise layers (batch 8, one
-    thread, against the eager path): stride 1 0.52-0.65x the time on 20x20 to 80x80 maps, 0.9x on 10x10 ones;
-    stride 2 1.15-1.66x (strided taps are gathered, not vector loads); 5x5 maps are call overhead."""
+    inputs keep the eager path, which sums in float32). Measured on MobileNetV2's depthwise layers (batch 8 at
+    160 px, one thread, interleaved with the eager path): stride 1 0.52-0.66x the time on 20x20 to 80x80 maps,
+    0.8-1.0x on 10x10 ones (5x5: call overhead, noisy); stride 2 0.75-1.14x with :func:`phases` (1.15-1.66x
+    gathering strided taps): the phase split's copy costs what the loop saves on the largest map, so stride 2
+    stays eager."""
     if geom.groups != geom.in_channels or any(s != 1 for s in geom.stride) or x.dtype not in (torch.float32, torch.float64):
         return False
     return math.prod(x.shape[2:]) >= MIN_MAP
@@ -75,15 +77,15 @@ def coefficients(form: str, lam: float, eps: float, r: float) -> tuple[float, fl
     return (1.0, eps, lam * r, 1.0 - lam)
 
 
-def depthwise_taps(xp: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, coef: torch.Tensor,
-                   stride: tuple[int, ...], dilation: tuple[int, ...]) -> torch.Tensor:
-    """The layer's output from its zero-padded input ``xp`` ``(N, C, *S)``, the gain-scaled weight ``w``
-    ``(C m, 1, *k)``, bias ``b'`` ``(C m,)`` or None and ``coef`` ``(4,)`` (:func:`coefficients`), without the
-    ``post`` term. Plain tensor operations: differentiable, and one loop once compiled."""
-    kernel, dims = tuple(w.shape[2:]), xp.dim() - 2
-    n, c = xp.shape[:2]
+def depthwise_taps(planes: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, coef: torch.Tensor,
+                   stride: tuple[int, ...], dilation: tuple[int, ...], out: tuple[int, ...]) -> torch.Tensor:
+    """The layer's output (spatial size ``out``) from the stride phases of its zero-padded input (:func:`phases`:
+    ``(*stride, N, C, *S)``), the gain-scaled weight ``w`` ``(C m, 1, *k)``, bias ``b'`` ``(C m,)`` or None and
+    ``coef`` ``(4,)`` (:func:`coefficients`), without the ``post`` term. Plain tensor operations:
+    differentiable, and one loop once compiled."""
+    kernel, dims = tuple(w.shape[2:]), len(stride)
+    n, c = planes.shape[dims:dims + 2]
     mult = w.shape[0] // c
-    out = [(xp.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(dims)]
     # a channel multiplier m > 1 works on (N, C, m, *S) views; m = 1 keeps 4-D ones (5-D measured 15 % slower)
     per = (1, c, mult) if mult > 1 else (1, c)
     spread = (lambda t: t.unsqueeze(2)) if mult > 1 else (lambda t: t)  # noqa: E731
@@ -91,8 +93,9 @@ def depthwise_taps(xp: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, co
     lead = (slice(None),) * (len(per) - 1)
     v = n2 = None
     for tap in itertools.product(*(range(k) for k in kernel)):
-        t = xp[(slice(None), slice(None)) + tuple(slice(o * d, o * d + s * (m - 1) + 1, s)
-                                                   for o, d, s, m in zip(tap, dilation, stride, out))]
+        at = [o * d for o, d in zip(tap, dilation)]  # the tap's offset in the padded input: phase, then start
+        t = planes[tuple(a % s for a, s in zip(at, stride)) + (slice(None), slice(None))
+                   + tuple(slice(a // s, a // s + m) for a, s, m in zip(at, stride, out))]
         wt = wv[lead + tap].reshape(*per, *([1] * dims))
         v = spread(t) * wt if v is None else v + spread(t) * wt
         n2 = t * t if n2 is None else n2 + t * t
@@ -103,11 +106,22 @@ def depthwise_taps(xp: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, co
     return (v * spread(f)).reshape(n, c * mult, *out)
 
 
-def padded(x_in: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
-    """A prepared input (:meth:`ConvGeometry.prepare`) with the conv's own zero padding applied."""
-    if geom.padding_mode != "zeros" or not any(map(any, geom.pads)):
-        return x_in  # non-zeros modes were padded by prepare
-    return F.pad(x_in, geom.fpad)
+def phases(x_in: torch.Tensor, geom: ConvGeometry) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``(planes, out)``: a prepared input (:meth:`ConvGeometry.prepare`) with the conv's own zero padding,
+    split into its stride phases ``planes[p0, p1, ...] = xp[..., p0::s0, p1::s1, ...]`` (one copy; a view
+    of shape ``(1, ..., N, C, *S)`` at stride 1), and the output's spatial size. At stride ``s`` every tap
+    then reads a contiguous slice of one phase: vector loads where strided taps would be gathered."""
+    own = geom.pads if geom.padding_mode == "zeros" else tuple((0, 0) for _ in geom.pads)  # others: by prepare
+    size = [x_in.shape[2 + i] + a + b for i, (a, b) in enumerate(own)]
+    out = tuple((p - d * (k - 1) - 1) // s + 1 for p, d, k, s in zip(size, geom.dilation, geom.kernel_size, geom.stride))
+    pads = tuple((a, b + (-p) % s) for (a, b), p, s in zip(own, size, geom.stride))  # whole phases (never read)
+    xp = F.pad(x_in, _fpad(pads)) if any(map(any, pads)) else x_in
+    n, c, dims = xp.shape[0], xp.shape[1], geom.dims
+    if all(s == 1 for s in geom.stride):
+        return xp.reshape((1,) * dims + tuple(xp.shape)), out
+    split = [v for p, s in zip(xp.shape[2:], geom.stride) for v in (p // s, s)]
+    order = [3 + 2 * i for i in range(dims)] + [0, 1] + [2 + 2 * i for i in range(dims)]
+    return xp.reshape(n, c, *split).permute(order).contiguous(), out
 
 
 def run(module: Any, x_in: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -118,12 +132,12 @@ def run(module: Any, x_in: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
         fn = _STATE["fn"] = torch.compile(depthwise_taps)
     geom = module.geom
     coef = torch.tensor(coefficients(module.form, module._s, module.eps, module._r), dtype=x_in.dtype)
-    xp = padded(x_in, geom)
+    planes, out = phases(x_in, geom)
     try:
-        if xp.shape[0] > 1:
-            torch._dynamo.mark_dynamic(xp, 0)  # any batch size; channels and spatial sizes stay static
+        if x_in.shape[0] > 1:  # any batch size; channels and spatial sizes stay static
+            torch._dynamo.mark_dynamic(planes, geom.dims)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, automatic_dynamic_shapes=False):
-            return fn(xp, w, b, coef, geom.stride, geom.dilation)
+            return fn(planes, w, b, coef, geom.stride, geom.dilation, out)
     except Exception as e:  # noqa: BLE001  (no compiler, an inductor bug: the eager path is always there)
         set_compiled(False)
         first = str(e).splitlines()[0][:200] if str(e) else ""
