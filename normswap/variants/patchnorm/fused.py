@@ -39,7 +39,8 @@ __all__ = ["coefficients", "compiled_enabled", "depthwise_taps", "run", "set_com
 
 _STATE: dict[str, Any] = {"enabled": None, "fn": None}
 # one compiled graph per layer shape (channels, spatial size, kernel, stride, dilation, dtype; the batch is
-# symbolic; symbolic spatial sizes fail to compile the strided taps in torch 2.13): a MobileNetV2 has 17 depthwise layers of 9 shapes, past dynamo's default limit of 8 per function
+# symbolic, symbolic spatial sizes failed to compile in torch 2.13): a MobileNetV2 has 13 stride-1 depthwise
+# layers of 6 shapes, and a model may have more than dynamo's default limit of 8 per function
 RECOMPILE_LIMIT = 256
 MIN_MAP = 256  # spatial values per channel below which the eager path is as fast (:func:`supports`)
 
@@ -65,7 +66,9 @@ def supports(geom: ConvGeometry, x: torch.Tensor) -> bool:
     0.8-1.0x on 10x10 ones (5x5: call overhead, noisy); stride 2 0.75-1.14x with :func:`phases` (1.15-1.66x
     gathering strided taps): the phase split's copy costs what the loop saves on the largest map, so stride 2
     stays eager."""
-    if geom.groups != geom.in_channels or any(s != 1 for s in geom.stride) or x.dtype not in (torch.float32, torch.float64):
+    if geom.groups != geom.in_channels or any(s != 1 for s in geom.stride):
+        return False
+    if x.dtype not in (torch.float32, torch.float64):
         return False
     return math.prod(x.shape[2:]) >= MIN_MAP
 
@@ -113,7 +116,8 @@ def phases(x_in: torch.Tensor, geom: ConvGeometry) -> tuple[torch.Tensor, tuple[
     then reads a contiguous slice of one phase: vector loads where strided taps would be gathered."""
     own = geom.pads if geom.padding_mode == "zeros" else tuple((0, 0) for _ in geom.pads)  # others: by prepare
     size = [x_in.shape[2 + i] + a + b for i, (a, b) in enumerate(own)]
-    out = tuple((p - d * (k - 1) - 1) // s + 1 for p, d, k, s in zip(size, geom.dilation, geom.kernel_size, geom.stride))
+    out = tuple((p - d * (k - 1) - 1) // s + 1
+                for p, d, k, s in zip(size, geom.dilation, geom.kernel_size, geom.stride))
     pads = tuple((a, b + (-p) % s) for (a, b), p, s in zip(own, size, geom.stride))  # whole phases (never read)
     xp = F.pad(x_in, _fpad(pads)) if any(map(any, pads)) else x_in
     n, c, dims = xp.shape[0], xp.shape[1], geom.dims
