@@ -15,6 +15,9 @@ What the training path recomputes on every call and inference need not (measured
   temporary is allocated (fresh large buffers cost page faults on every call); peak memory is the output plus
   one chunk's temporaries.
 
+- **compiled kernel** (opt-in, ``NORMSWAP_COMPILE=1``): depthwise convs at stride 1 on maps of 256+ values run
+  :mod:`normswap.variants.patchnorm.fused` instead (conv, patch norms, factor and multiply in one compiled loop).
+
 The result is the plain formula's up to float rounding (tests/test_patchnorm_fast.py compares every geometry
 with the unfold reference and the training path).
 """
