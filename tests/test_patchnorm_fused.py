@@ -141,3 +141,24 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch):
             out = m(x)
     assert not _fused.compiled_enabled()
     assert (out - _patch._reference_forward(m, x)).abs().max() < 1e-10
+
+
+def test_torch_compile_of_the_model_traces_the_tap_expression_in_one_graph():
+    """``torch.compile(model, fullgraph=True)`` (dynamo with the eager backend: no C++ compile here) traces
+    the layer's tap expression on the inference path, with no graph break, and gives the reference's output;
+    the opaque pad's fake implementation agrees with the real one (``opcheck``)."""
+    torch._dynamo.reset()
+    m = _layer((2, 4, 8, dict(kernel_size=3, padding=1, groups=4)), "l2")  # multiplier 2, the post term
+    x = torch.randn(3, 4, 16, 16, dtype=torch.float64)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append([n.target for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    with torch.inference_mode():
+        out = torch.compile(m, backend=backend, fullgraph=True)(x)
+    assert (out - _patch._reference_forward(m, x)).abs().max() < 1e-10
+    assert len(seen) == 1 and torch.ops.normswap.patchnorm_pad.default in seen[0]
+    assert not any("conv" in str(t) for t in seen[0])  # the taps, not the chunked path's convs
+    torch.library.opcheck(_fused.opaque_pad, (torch.randn(2, 3, 5, 6), [1, 2, 0, 3]))

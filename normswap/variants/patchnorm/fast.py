@@ -101,6 +101,10 @@ def sq_norm(x_in: torch.Tensor, geom: _patch.ConvGeometry) -> torch.Tensor:
 def conv_inference(module: Any, x: torch.Tensor) -> torch.Tensor:
     """A :class:`PatchNormConv`'s output at a non-zero strength on the inference path (module docstring)."""
     geom = module.geom
+    if torch.compiler.is_compiling() and _fused.supports(geom, x):  # torch.compile(model): the fusable expression
+        w, b, post = scaled_terms(module, (-1, *([1] * geom.dims)))
+        out = _fused.traced(module, geom.prepare(x)[0], w, b)
+        return out if post is None else out + post
     w, b, post = frozen_terms(module, lambda: scaled_terms(module, (-1, *([1] * geom.dims))))
     x_in, padding = geom.prepare(x)
     if _fused.compiled_enabled() and _fused.supports(geom, x_in):
