@@ -20,6 +20,10 @@ docs/patchnorm.md, "Speed"), which is why it is not the default. A compile failu
 kernel off for the process: the layer then runs the eager path. It runs on the inference path only (eval mode,
 autograd off); the expression itself is differentiable and its gradients equal the plain formula's
 (tests/test_patchnorm_fused.py).
+
+Under ``torch.compile(model)`` the same layers trace the expression (:func:`traced`) instead of the chunked
+eager path, whatever the switch says, with the pad as an operator the compiler keeps as a real buffer
+(:func:`opaque_pad`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import torch.nn.functional as F
 
 from normswap.variants.patchnorm.layer import ConvGeometry, _fpad
 
-__all__ = ["coefficients", "compiled_enabled", "depthwise_taps", "run", "set_compiled", "supports"]
+__all__ = ["coefficients", "compiled_enabled", "depthwise_taps", "opaque_pad", "phases", "run", "set_compiled",
+           "supports", "traced"]
 
 _STATE: dict[str, Any] = {"enabled": None, "fn": None}
 # one compiled graph per layer shape (channels, spatial size, kernel, stride, dilation, dtype; the batch is
