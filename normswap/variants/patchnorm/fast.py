@@ -15,6 +15,9 @@ What the training path recomputes on every call and inference need not (measured
   temporary is allocated (fresh large buffers cost page faults on every call); peak memory is the output plus
   one chunk's temporaries.
 
+- **compiled kernel** (opt-in, ``NORMSWAP_COMPILE=1``): depthwise convs at stride 1 on maps of 256+ values run
+  :mod:`normswap.variants.patchnorm.fused` instead (conv, patch norms, factor and multiply in one compiled loop).
+
 The result is the plain formula's up to float rounding (tests/test_patchnorm_fast.py compares every geometry
 with the unfold reference and the training path).
 """
@@ -26,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from normswap.variants.cache import cache_for
-from normswap.variants.patchnorm import layer as _patch
+from normswap.variants.patchnorm import fused as _fused, layer as _patch
 
 __all__ = ["CHUNK_BYTES", "chunk_step", "conv_inference", "frozen_terms", "inference_path", "linear_inference",
            "sq_norm"]
@@ -98,8 +101,16 @@ def sq_norm(x_in: torch.Tensor, geom: _patch.ConvGeometry) -> torch.Tensor:
 def conv_inference(module: Any, x: torch.Tensor) -> torch.Tensor:
     """A :class:`PatchNormConv`'s output at a non-zero strength on the inference path (module docstring)."""
     geom = module.geom
+    if torch.compiler.is_compiling() and _fused.supports(geom, x):  # torch.compile(model): the fusable expression
+        w, b, post = scaled_terms(module, (-1, *([1] * geom.dims)))
+        out = _fused.traced(module, geom.prepare(x)[0], w, b)
+        return out if post is None else out + post
     w, b, post = frozen_terms(module, lambda: scaled_terms(module, (-1, *([1] * geom.dims))))
     x_in, padding = geom.prepare(x)
+    if _fused.compiled_enabled() and _fused.supports(geom, x_in):
+        out = _fused.run(module, x_in, w, b)  # one compiled loop (opt-in, normswap/variants/patchnorm/fused.py)
+        if out is not None:
+            return out if post is None else out.add_(post)
     n, step = x_in.shape[0], chunk_step(x_in, geom)
     out = None
     for i in range(0, max(n, 1), step):
