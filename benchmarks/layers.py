@@ -15,6 +15,7 @@ from torch import nn
 
 import normswap
 
+from .models import Switched
 from .timing import Bench
 
 HOW = ("Each variant layer (made by `normswap.convert` of a one-layer model, strength 1, UAN K = 3) against the "
@@ -23,6 +24,8 @@ HOW = ("Each variant layer (made by `normswap.convert` of a one-layer model, str
        "patches (`F.unfold`); `floor` is the memory-traffic floor of a 1x1 PatchNorm: Conv+BN plus one more read of "
        "the input (`x.sum()`, the cheapest read there is), since PatchNorm must read every input value once more "
        "for its per-pixel norm and can at best fold BN's pass over the output into its own multiply. "
+       "`patchnorm compiled` (depthwise rows): the same layer with normswap's opt-in compiled depthwise kernel "
+       "(`NORMSWAP_COMPILE=1`, docs/patchnorm.md; its compile falls in the warm-up). "
        "`compiled` rows: `torch.compile` of the module (default mode) against the eager baseline.")
 
 
@@ -149,6 +152,10 @@ def run(bench: Bench) -> dict[str, Any]:
             pn = cand[0]
             if pn.kernel_size == (1, 1):
                 fns["floor"] = _infer(traffic_floor(base), x)
+            if pn.groups == pn.in_channels > 1:  # the opt-in compiled depthwise kernel (NORMSWAP_COMPILE=1)
+                from normswap.variants.patchnorm import fused
+
+                fns["patchnorm compiled"] = _infer(Switched(cand, fused.set_compiled), x)
         rows += bench.compare("eval", what, fns, label, reps, variant=variant)
         if variant == "patchnorm" and isinstance(base[0], nn.Conv2d) and (pn.kernel_size != (1, 1) or pn.groups == 1):
             # rounds of their own: the naive reference's patch tensors (9x the input) churn the allocator and

@@ -31,7 +31,9 @@ HOW = ("Torchvision models, random init, eval mode, `torch.inference_mode`; ever
        "peak resident set (CUDA: allocator peak) over one forward, every configuration in one child process "
        "started with `MALLOC_MMAP_THRESHOLD_=65536` so that freed buffers leave the resident set. `uan compiled`: "
        "the same UAN model with its channel-mode kernel compiled (`NORMSWAP_COMPILE=1`, docs/uan.md; opt-in, "
-       "its compile falls in the warm-up), where the model has BatchNorm sites.")
+       "its compile falls in the warm-up), where the model has BatchNorm sites; `patchnorm compiled`: the PatchNorm "
+       "model with its depthwise kernel compiled (the same switch, docs/patchnorm.md; stride-1 depthwise layers on "
+       "maps of 256+ values, inference only), where the model has depthwise convolutions.")
 VARIANTS = {"patchnorm": 1.0, "uan": 1.0, "anact": 0.0}
 
 
@@ -73,32 +75,40 @@ def configs(name: str, size: int, x: torch.Tensor, *, folded: bool = True) -> tu
     return out, skipped
 
 
-class _CompiledUAN(nn.Module):
-    """A UAN model run with the compiled channel-mode kernel on (``NORMSWAP_COMPILE=1``) for its calls only; built by
-    :func:`with_compiled_uan` only for models that have channel-mode sites."""
+class Switched(nn.Module):
+    """``model`` run with a variant's opt-in compiled kernel on (``NORMSWAP_COMPILE=1``) for its own calls only:
+    ``set_compiled`` is the variant's switch (``normswap.variants.uan.set_compiled`` or
+    ``normswap.variants.patchnorm.fused.set_compiled``); the compile falls in the warm-up calls."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, set_compiled: Callable[[bool], None]) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.set_compiled = model, set_compiled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from normswap.variants.uan import set_compiled
-
-        set_compiled(True)
+        self.set_compiled(True)
         try:
             return self.model(x)
         finally:
-            set_compiled(False)
+            self.set_compiled(False)
 
 
-def with_compiled_uan(models: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """``models`` plus ``uan compiled`` where the UAN model has channel-mode (BatchNorm) sites."""
-    from normswap.variants.uan import UANChannel
+def with_compiled(models: dict[str, nn.Module], training: bool = False) -> dict[str, nn.Module]:
+    """``models`` plus ``uan compiled`` where the UAN model has channel-mode (BatchNorm) sites, and (inference only:
+    the PatchNorm kernel serves eval calls) ``patchnorm compiled`` where the PatchNorm model has a depthwise conv
+    the kernel takes."""
+    from normswap.variants.patchnorm import PatchNormConv
+    from normswap.variants.patchnorm import fused as pn_fused
+    from normswap.variants.uan import UANChannel, set_compiled
 
+    out = dict(models)
     uan = models.get("uan")
     if uan is not None and any(isinstance(m, UANChannel) for m in uan.modules()):
-        return {**models, "uan compiled": _CompiledUAN(uan)}
-    return models
+        out["uan compiled"] = Switched(uan, set_compiled)
+    pn = models.get("patchnorm")
+    if not training and pn is not None and any(
+            isinstance(m, PatchNormConv) and m.groups == m.in_channels > 1 for m in pn.modules()):
+        out["patchnorm compiled"] = Switched(pn, pn_fused.set_compiled)
+    return out
 
 
 def _infer(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -144,7 +154,7 @@ def run(bench: Bench) -> dict[str, Any]:
         models, skipped = configs(name, size, x)
         notes += [f"{name}: {s}" for s in skipped]
         what = f"{name} batch {batch} at {size} px"
-        timed = with_compiled_uan(models) if sz.get("uan_compiled", True) else models
+        timed = with_compiled(models) if sz.get("uan_compiled", True) else models
         rows += bench.compare("inference", what, {k: _infer(m, x) for k, m in timed.items()}, "original", reps,
                               also_vs="folded" if "folded" in models else None)
         if dev.type == "cuda" or not sz["memory_child"]:
@@ -162,7 +172,7 @@ def run(bench: Bench) -> dict[str, Any]:
         trained.pop("anact exported", None)
         what_t = f"{name} batch {tb} at {ts} px"
         if sz.get("uan_compiled", True):
-            trained = with_compiled_uan(trained)
+            trained = with_compiled(trained, training=True)
         rows += bench.compare("training step", what_t, {k: _train_step(m, xt) for k, m in trained.items()},
                               "original", reps)
     return {"title": "2. Whole models", "how": HOW, "kind": "speed", "rows": rows, "notes": notes}
