@@ -323,7 +323,7 @@ def test_config_errors(options, strength, message):
 def test_config_parses_cli_strings_and_registry():
     c = PatchNormConfig.from_options({"form": "rms", "eps": "1e-3", "offset": "yes"}, "0.25", "patchnorm")
     assert c.to_dict() == {"strength": 0.25, "form": "rms", "eps": 1e-3, "offset": True}
-    assert registry._REGISTRY["patchnorm"] is PatchNorm and PatchNorm.config_class is PatchNormConfig
+    assert registry.get("patchnorm") is PatchNorm and PatchNorm.config_class is PatchNormConfig
     with pytest.raises(OptionError, match=r"^strength must be in \[0, 1\]; got -0.1$"):
         PatchNormLinear(2, 2).set_strength(-0.1)
 
