@@ -69,6 +69,17 @@ def test_an_inferred_probe_is_verified_smaller_and_still_proven():
         assert torch.equal(model(x), result.model.eval()(x))
 
 
+def test_a_conversion_that_claims_no_exact_start_is_measured_on_the_full_probe():
+    """PatchNorm at strength 1 claims nothing: the differences reported are figures of the model's behaviour, which
+    depend on the input's size, so the inferred probe measures them (and the report matches an explicit one)."""
+    model = _sized()
+    rep = normswap.convert(model, to="patchnorm", strength=1.0).report
+    assert rep.shrunk_from == "" and rep.probe == "(2, 3, 64, 64) float32"
+    assert not any(s.claims_exact for s in rep.sites) and rep.end_to_end > 0
+    given = normswap.convert(model, to="patchnorm", strength=1.0, example_inputs=torch.randn(2, 3, 64, 64)).report
+    assert given.probe == rep.probe and given.shrunk_from == ""
+
+
 def test_a_broken_site_is_caught_on_the_smaller_probe(monkeypatch):
     seen = []
 

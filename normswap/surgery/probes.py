@@ -12,7 +12,9 @@ variant that calibrates on the probe (ANAct: the probe is its calibration batch,
 result). The batch stays as inferred (2: batch statistics are defined), the models run in eval mode as always.
 The smaller probe is only a first try (:func:`normswap.surgery.verify.verify`): a model that does not run at that
 size (a fixed input size, as ViTs have, or a stem that needs more pixels) or a site it does not reach sends the
-check back to the full probe; a claim broken on the smaller probe is broken, and is reported as such.
+check back to the full probe; a claim broken on the smaller probe is broken, and is reported as such. A site that
+claims no exact start (strength above 0 without a proof) also sends the check to the full probe: the difference
+it reports is a figure of the model's behaviour, which depends on the input's size.
 """
 
 from __future__ import annotations
