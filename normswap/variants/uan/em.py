@@ -45,6 +45,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from normswap.variants.uan.estep import estep as _estep
 from normswap.variants.uan.reservoir import Reservoir
 
 __all__ = ["GMMFit", "PRIOR_FLOOR", "Reservoir", "fit_gmm", "mixture_loglik", "single_gaussian"]
@@ -103,17 +104,11 @@ class GMMFit:
                       channel_iterations=steps, channel_warm=warm, channel_converged=met)
 
 
-_WORK = 1 << 17  # values per component that one E-step block holds (cache-sized)
-
-
-def _blocks(c: int, n: int, k: int, chunk: int | None):
-    """(row slice, column slice) blocks covering a (c, n) matrix: column chunks of ``chunk`` (default
-    4096) values, as many rows per block as keep ``k * rows * cols`` near ``_WORK``."""
-    cols = max(1, min(n, int(chunk) if chunk else 4096))
-    rows = max(1, _WORK // (k * cols))
-    for r0 in range(0, c, rows):
-        for c0 in range(0, n, cols):
-            yield slice(r0, r0 + rows), slice(c0, c0 + cols)
+def _row_blocks(x: torch.Tensor, work: int = 1 << 16):
+    """Row slices of ``x`` (C, n) holding about ``work`` values each."""
+    rows = max(1, work // max(1, x.shape[1]))
+    for r0 in range(0, x.shape[0], rows):
+        yield slice(r0, r0 + rows)
 
 
 def single_gaussian(
@@ -133,57 +128,13 @@ def single_gaussian(
     if float(head[1]) > 0:  # decided on the summed count, so every worker raises
         raise ValueError(f"{int(head[1])} of the values to fit are NaN or infinite")
     mean = head[2:] / n
-    var_ml = red((x - mean[:, None]).square().sum(dim=1)) / n
+    var_ml = x.new_empty(x.shape[0])
+    for rs in _row_blocks(x):  # row blocks: no full-size temporary (its page faults cost more than the sums)
+        torch.sum((x[rs] - mean[rs, None]).square_(), dim=1, out=var_ml[rs])
+    var_ml = red(var_ml) / n
     var = var_ml.clamp_min(var_floor)
     loglik = -0.5 * (torch.log(var) + _LOG_2PI) - var_ml / (2.0 * var)
     return mean, var, loglik, n
-
-
-def _exp_(t: torch.Tensor) -> torch.Tensor:
-    """In-place exp (numpy's on the CPU: about 3x faster than torch's float64 exp there)."""
-    if t.device.type == "cpu" and t.is_contiguous():
-        np.exp(t.numpy(), out=t.numpy())
-        return t
-    return t.exp_()
-
-
-def _estep(
-    x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, log_pi: torch.Tensor, chunk: int | None = None, *,
-    w: torch.Tensor | None = None, s2: torch.Tensor | None = None, stats: bool = True,
-) -> torch.Tensor:
-    """Sums over the columns of ``x`` (C, n): rows ``[S0 (K), S1 (K), S2 (K), loglik (1)]`` of (3K+1, C),
-    ``S0 = sum r``, ``S1 = sum r (x - mu)``, ``S2 = sum r (x - mu)^2``, ``loglik = sum log p(x)`` with
-    ``r = tau_k(x)`` and ``log p_k`` as in docs/methods.md section 3.1 (only the last row is filled when ``stats`` is False).
-
-    Grouped values (the warm start): column ``j`` stands for ``w[j]`` values with mean ``x[:, j]`` and
-    mean squared deviation ``s2[:, j]``, which share one responsibility computed from the group's mean
-    log-density ``log pi_k - 0.5 log(2 pi v_k) - ((x - mu_k)^2 + s2) / (2 v_k)``; the sums are then
-    exact sums over the group's values."""
-    k, c = mu.shape
-    out = x.new_zeros(3 * k + 1, c)
-    const = (log_pi - 0.5 * (torch.log(var) + _LOG_2PI)).unsqueeze(2)
-    neg_half_inv = (-0.5 / var).unsqueeze(2)
-    mu3 = mu.unsqueeze(2)
-    for rs, cs in _blocks(c, x.shape[1], k, chunk):
-        d = x[rs, cs].unsqueeze(0) - mu3[:, rs]  # (K, rows, cols)
-        sq = d.square()
-        if s2 is not None:
-            sq.add_(s2[rs, cs])
-        logp = torch.addcmul(const[:, rs], sq, neg_half_inv[:, rs])  # log p_k(x)
-        top = logp.amax(dim=0)
-        r = _exp_(logp.sub_(top))
-        tot = r.sum(dim=0)
-        lse = tot.log().add_(top)  # log p(x) = logsumexp_k log p_k(x)
-        out[3 * k, rs] += (lse if w is None else lse * w[:, cs]).sum(dim=1)
-        if not stats:
-            continue
-        r.div_(tot)  # tau_k(x)
-        if w is not None:
-            r.mul_(w[:, cs])
-        out[:k, rs] += r.sum(dim=2)
-        out[k : 2 * k, rs] += d.mul_(r).sum(dim=2)
-        out[2 * k : 3 * k, rs] += sq.mul_(r).sum(dim=2)
-    return out
 
 
 def mixture_loglik(
@@ -245,8 +196,10 @@ def _groups(srt: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, 
     g = min(count, n)
     if n % g == 0:  # equal groups (the usual n = 4096): a reshape, no scatter
         parts = srt.reshape(c, g, n // g)
-        mean = parts.mean(dim=2)
-        s2 = (parts - mean[:, :, None]).square().mean(dim=2)
+        mean, s2 = srt.new_empty(c, g), srt.new_empty(c, g)
+        for rs in _row_blocks(srt):
+            torch.mean(parts[rs], dim=2, out=mean[rs])
+            torch.mean((parts[rs] - mean[rs, :, None]).square_(), dim=2, out=s2[rs])
         return mean, srt.new_full((1, g), float(n // g)), s2
     gid = torch.arange(n, device=srt.device) * g // n
     w = torch.bincount(gid, minlength=g).to(_F64)
