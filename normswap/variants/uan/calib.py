@@ -124,7 +124,7 @@ class UANCalibration:
         s = col.settings
         channel = self._channel_mode()
         c = self.mix_mean.shape[1] if channel else 1
-        values = col.reservoir.values()
+        values = col.reservoir.values(ordered=False)  # EM sorts each row: the order does not matter
         if values.numel() == 0:
             values = torch.empty(c, 0, device=self.mix_mean.device)
         if float(s.sum(torch.tensor([float(values.shape[1])], dtype=torch.float64, device=values.device))) == 0:

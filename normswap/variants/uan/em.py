@@ -118,17 +118,17 @@ def single_gaussian(
     is floored at ``var_floor``, ``loglik`` is the mean per-value log-likelihood (C,) and ``n`` the
     number of values per row (all workers). Raises ValueError when there are none, or any non-finite one."""
     red = reduce or _same
-    x = x.detach().to(_F64)
-    sums = x.sum(dim=1)  # finite sums: every value is finite (a NaN or an inf makes its row's sum non-finite)
-    bad = x.new_tensor(0.0) if bool(torch.isfinite(sums).all()) else (~torch.isfinite(x)).sum().to(_F64)
-    head = red(torch.cat([torch.stack([x.new_tensor(float(x.shape[1])), bad]), sums]))
+    x = x.detach()  # any floating dtype: the sums are taken in float64 (as of the values converted first)
+    sums = x.sum(dim=1, dtype=_F64)  # finite sums: every value is finite (a NaN or an inf makes its row's sum non-finite)
+    bad = sums.new_tensor(0.0) if bool(torch.isfinite(sums).all()) else (~torch.isfinite(x)).sum().to(_F64)
+    head = red(torch.cat([torch.stack([sums.new_tensor(float(x.shape[1])), bad]), sums]))
     n = int(round(float(head[0])))
     if n == 0:
         raise ValueError("no values to fit")
     if float(head[1]) > 0:  # decided on the summed count, so every worker raises
         raise ValueError(f"{int(head[1])} of the values to fit are NaN or infinite")
     mean = head[2:] / n
-    var_ml = x.new_empty(x.shape[0])
+    var_ml = sums.new_empty(x.shape[0])
     for rs in _row_blocks(x):  # row blocks: no full-size temporary (its page faults cost more than the sums)
         torch.sum((x[rs] - mean[rs, None]).square_(), dim=1, out=var_ml[rs])
     var_ml = red(var_ml) / n
@@ -178,7 +178,7 @@ def _init_means(srt: torch.Tensor, k: int, init: str, seed: int, mean: torch.Ten
         return _quantiles(srt, probs).t().contiguous()
     # k-means++ (seeded): the first centre uniformly, each next one with probability ~ D(x)^2
     g = torch.Generator().manual_seed(int(seed))
-    xc = srt.cpu()
+    xc = srt.cpu().to(_F64)
     centres = [xc.gather(1, torch.randint(n, (c, 1), generator=g))]
     d2 = (xc - centres[0]).square()
     for _ in range(1, k):
@@ -196,11 +196,12 @@ def _groups(srt: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, 
     g = min(count, n)
     if n % g == 0:  # equal groups (the usual n = 4096): a reshape, no scatter
         parts = srt.reshape(c, g, n // g)
-        mean, s2 = srt.new_empty(c, g), srt.new_empty(c, g)
+        mean, s2 = (torch.empty(c, g, dtype=_F64, device=srt.device) for _ in range(2))
         for rs in _row_blocks(srt):
-            torch.mean(parts[rs], dim=2, out=mean[rs])
+            torch.mean(parts[rs], dim=2, dtype=_F64, out=mean[rs])
             torch.mean((parts[rs] - mean[rs, :, None]).square_(), dim=2, out=s2[rs])
-        return mean, srt.new_full((1, g), float(n // g)), s2
+        return mean, mean.new_full((1, g), float(n // g)), s2
+    srt = srt.to(_F64)
     gid = torch.arange(n, device=srt.device) * g // n
     w = torch.bincount(gid, minlength=g).to(_F64)
     mean = srt.new_zeros(c, g).index_add_(1, gid, srt) / w
@@ -304,7 +305,9 @@ def fit_gmm(
     x = x.detach()
     if x.dtype not in (torch.float32, _F64):
         x = x.float()
-    x = _sort_rows(x).to(_F64)  # sorted rows: the same values for EM, and the quantiles / groups come free
+    # sorted rows: the same values for EM, and the quantiles / groups come free. float32 values stay float32
+    # (every sum is taken in float64, on the values converted exactly): half the memory and the traffic
+    x = _sort_rows(x)
     c = x.shape[0]
     mean1, var1, loglik_k1, n = single_gaussian(x, var_floor=var_floor, reduce=reduce)
     mu = _init_means(x, k, init, seed, mean1, var1)

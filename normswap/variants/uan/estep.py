@@ -78,7 +78,7 @@ def estep(
     then exact sums over the group's values."""
     k, c = mu.shape
     if c == 0 or x.shape[1] == 0:
-        return x.new_zeros(3 * k + 1, c)
+        return mu.new_zeros(3 * k + 1, c)
     sd = var.sqrt()
     centre, spread = _centres(mu, sd)
     out, low = _estep_fast(x, mu, var, log_pi, centre, chunk, w=w, s2=s2, stats=stats)
@@ -117,16 +117,17 @@ def _estep_fast(
     const = (head - cmax - 0.5 * shift.square() / var).t().unsqueeze(2).contiguous()  # (C, K, 1)
     cols = _cols(n, chunk)
     rows = max(1, _FAST_WORK // (k * cols))
-    feat = x.new_empty(rows, 2, cols)  # [y, y^2 (+ s2)]
-    scaled = x.new_empty(rows, 3, cols)  # [1, y, y^2 (+ s2)] * w / p(x)
-    dens = x.new_empty(rows * k * cols)  # (rows, K, cols) p_k(x) e^-cmax, then tau_k(x)
-    sums = x.new_zeros(c, k, 3)  # sum r, sum r y, sum r y^2 (+ s2), weighted
-    loglik = x.new_zeros(c)
-    low = torch.zeros(c, dtype=torch.bool, device=x.device)
+    feat = mu.new_empty(rows, 2, cols)  # [y, y^2 (+ s2)]
+    scaled = mu.new_empty(rows, 3, cols)  # [1, y, y^2 (+ s2)] * w / p(x)
+    dens = mu.new_empty(rows * k * cols)  # (rows, K, cols) p_k(x) e^-cmax, then tau_k(x)
+    sums = mu.new_zeros(c, k, 3)  # sum r, sum r y, sum r y^2 (+ s2), weighted
+    loglik = mu.new_zeros(c)
+    tmin = mu.new_full((c,), math.inf)  # smallest p(x) e^-cmax of each row
     for r0 in range(0, c, rows):
         r1 = min(c, r0 + rows)
         nr = r1 - r0
-        xr, mr, cr, kr = x[r0:r1], centre[r0:r1, None], coef[r0:r1], const[r0:r1]
+        xr, mr, cr, kr, sr, lr, tr = (x[r0:r1], centre[r0:r1, None], coef[r0:r1], const[r0:r1], sums[r0:r1],
+                                      loglik[r0:r1], tmin[r0:r1])
         for c0 in range(0, n, cols):
             c1 = min(n, c0 + cols)
             f = feat[:nr, :, : c1 - c0]
@@ -137,16 +138,16 @@ def _estep_fast(
             e = torch.bmm(cr, f, out=dens[: nr * k * (c1 - c0)].view(nr, k, c1 - c0)).add_(kr).exp_()
             g = scaled[:nr, :, : c1 - c0]
             tot = torch.sum(e, dim=1, out=g[:, 0])  # p(x) e^-cmax
-            low[r0:r1] |= tot.amin(dim=1) < _TINY
+            torch.minimum(tr, tot.amin(dim=1), out=tr)
             lse = tot.log()
-            loglik[r0:r1] += (lse if w is None else lse.mul_(w[:, c0:c1])).sum(dim=1)
+            lr += (lse if w is None else lse.mul_(w[:, c0:c1])).sum(dim=1)
             if not stats:
                 continue
             inv = torch.reciprocal(tot, out=g[:, 0]) if w is None else torch.div(w[:, c0:c1], tot, out=g[:, 0])
-            torch.mul(y, inv, out=g[:, 1])
-            torch.mul(q, inv, out=g[:, 2])
-            sums[r0:r1] += torch.bmm(e, g.transpose(1, 2))
-    out = x.new_empty(3 * k + 1, c)
+            torch.mul(f, inv.unsqueeze(1), out=g[:, 1:])
+            sr.baddbmm_(e, g.transpose(1, 2))
+    low = tmin < _TINY
+    out = mu.new_empty(3 * k + 1, c)
     out[3 * k] = loglik + cmax * (float(n) if w is None else w.sum())
     if stats:
         s0, sy, sq = sums.permute(2, 1, 0)  # (K, C) each
@@ -162,7 +163,7 @@ def _estep_plain(
 ) -> torch.Tensor:
     """The plain form (module docstring): the same sums as :func:`estep`."""
     k, c = mu.shape
-    out = x.new_zeros(3 * k + 1, c)
+    out = mu.new_zeros(3 * k + 1, c)
     const = (log_pi - 0.5 * (torch.log(var) + _LOG_2PI)).unsqueeze(2)
     neg_half_inv = (-0.5 / var).unsqueeze(2)
     mu3 = mu.unsqueeze(2)
