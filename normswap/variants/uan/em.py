@@ -1,16 +1,17 @@
 """Per-channel 1-D Gaussian mixtures by EM, for UAN calibration (docs/methods.md sections 3.1 and 3.3).
 
 Nothing here knows about UAN: the inputs are value matrices ``x`` of shape (C, n), one row per
-channel, and every function works on all channels at once (float64 internally).
+channel, and every function works on all channels at once (every sum in float64; float32 values are
+kept as they are and converted exactly where they are read).
 
 - :class:`Reservoir` (:mod:`normswap.variants.uan.reservoir`, re-exported here): a seeded, uniform random
   subsample of up to ``capacity`` columns of a stream of (C, M) blocks (the same column positions for every
   channel), in bounded memory (C * capacity).
-- :func:`fit_gmm`: a K-component mixture per row by EM. The E step is the log-space formula of
-  docs/methods.md section 3.1 (Gaussian normaliser included, log-sum-exp over k, no eps anywhere); the sufficient
-  statistics ``sum r``, ``sum r (x - mu)`` and ``sum r (x - mu)^2`` (the streaming form of
-  ``sum r, sum r x, sum r x^2``, shifted by the current means for accuracy) are accumulated over
-  cache-sized blocks of columns; the M step floors the variances at ``var_floor``. With ``reduce`` /
+- :func:`fit_gmm`: a K-component mixture per row by EM. The E step (:mod:`normswap.variants.uan.estep`) is
+  the log-space formula of docs/methods.md section 3.1 (Gaussian normaliser included, no eps anywhere), giving
+  the sufficient statistics ``sum r``, ``sum r (x - mu)`` and ``sum r (x - mu)^2`` (shifted by the current means
+  for accuracy) over cache-sized blocks of columns, mostly as two batched matrix products per block (that
+  module says how, and how accurately); the M step floors the variances at ``var_floor``. With ``reduce`` /
   ``broadcast`` (sum over, resp. rank 0's copy from, the workers of a torch.distributed job) every
   worker fits its own values yet computes the same parameters, iteration counts and stopping decisions.
 - :func:`single_gaussian`: the K = 1 baseline (the ML Gaussian); :func:`mixture_loglik`: the mean

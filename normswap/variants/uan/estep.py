@@ -69,8 +69,9 @@ def estep(
     x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, log_pi: torch.Tensor, chunk: int | None = None, *,
     w: torch.Tensor | None = None, s2: torch.Tensor | None = None, stats: bool = True,
 ) -> torch.Tensor:
-    """Sums over the columns of ``x`` (C, n), float64: rows ``[S0 (K), S1 (K), S2 (K), loglik (1)]`` of (3K+1, C)
-    (only the last row is filled when ``stats`` is False); parameters (K, C).
+    """Sums over the columns of ``x`` (C, n; float32 or float64, read exactly): rows ``[S0 (K), S1 (K), S2 (K),
+    loglik (1)]`` of a float64 (3K+1, C) (only the last row is filled when ``stats`` is False); float64
+    parameters (K, C).
 
     Grouped values (EM's warm start): column ``j`` stands for ``w[j]`` values ((1, n) weights) with mean
     ``x[:, j]`` and mean squared deviation ``s2[:, j]``, which share one responsibility computed from the
