@@ -140,3 +140,21 @@ def test_reservoir_values_in_slot_order_are_the_same_columns():
     assert torch.equal(slots.sort(1).values, ordered.sort(1).values)
     assert torch.equal(fit_gmm(slots, 2).mean, fit_gmm(ordered, 2).mean)  # EM sorts: the order does not matter
     assert not math.isnan(float(fit_gmm(slots, 2).loglik.sum()))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_overwrite_sorts_in_place_and_fits_the_same(threads):
+    x = _mixture(300, 4096, 3.0, seed=6)[0]  # 1.2 M values: row blocks sorted in parallel threads at 2 threads
+    before = x.clone()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plain = fit_gmm(x, 3, max_iter=3)
+        assert torch.equal(x, before)  # not overwritten unless asked
+        mine = x.clone()
+        fit = fit_gmm(mine, 3, max_iter=3, overwrite=True)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(mine, before.sort(dim=1).values)  # sorted in place
+    for key in ("mean", "var", "log_pi", "loglik", "history"):
+        assert torch.equal(getattr(fit, key), getattr(plain, key)), key

@@ -161,7 +161,7 @@ class UANCalibration:
 def _fit(values: torch.Tensor, k: int, var_init: torch.Tensor | None, options: dict) -> Any:
     """:func:`fit_gmm`, with non-finite activations a one-line NormswapError instead of EM's ValueError."""
     try:
-        return fit_gmm(values, k, var_init=var_init, **options)
+        return fit_gmm(values, k, var_init=var_init, overwrite=True, **options)  # values: the caller's own copy
     except ValueError as exc:
         if "NaN or infinite" not in str(exc):
             raise
