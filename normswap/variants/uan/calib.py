@@ -124,7 +124,7 @@ class UANCalibration:
         s = col.settings
         channel = self._channel_mode()
         c = self.mix_mean.shape[1] if channel else 1
-        values = col.reservoir.values()
+        values = col.reservoir.values(ordered=False)  # EM sorts each row: the order does not matter
         if values.numel() == 0:
             values = torch.empty(c, 0, device=self.mix_mean.device)
         if float(s.sum(torch.tensor([float(values.shape[1])], dtype=torch.float64, device=values.device))) == 0:
@@ -161,7 +161,7 @@ class UANCalibration:
 def _fit(values: torch.Tensor, k: int, var_init: torch.Tensor | None, options: dict) -> Any:
     """:func:`fit_gmm`, with non-finite activations a one-line NormswapError instead of EM's ValueError."""
     try:
-        return fit_gmm(values, k, var_init=var_init, **options)
+        return fit_gmm(values, k, var_init=var_init, overwrite=True, **options)  # values: the caller's own copy
     except ValueError as exc:
         if "NaN or infinite" not in str(exc):
             raise

@@ -1,16 +1,17 @@
 """Per-channel 1-D Gaussian mixtures by EM, for UAN calibration (docs/methods.md sections 3.1 and 3.3).
 
 Nothing here knows about UAN: the inputs are value matrices ``x`` of shape (C, n), one row per
-channel, and every function works on all channels at once (float64 internally).
+channel, and every function works on all channels at once (every sum in float64; float32 values are
+kept as they are and converted exactly where they are read).
 
 - :class:`Reservoir` (:mod:`normswap.variants.uan.reservoir`, re-exported here): a seeded, uniform random
   subsample of up to ``capacity`` columns of a stream of (C, M) blocks (the same column positions for every
   channel), in bounded memory (C * capacity).
-- :func:`fit_gmm`: a K-component mixture per row by EM. The E step is the log-space formula of
-  docs/methods.md section 3.1 (Gaussian normaliser included, log-sum-exp over k, no eps anywhere); the sufficient
-  statistics ``sum r``, ``sum r (x - mu)`` and ``sum r (x - mu)^2`` (the streaming form of
-  ``sum r, sum r x, sum r x^2``, shifted by the current means for accuracy) are accumulated over
-  cache-sized blocks of columns; the M step floors the variances at ``var_floor``. With ``reduce`` /
+- :func:`fit_gmm`: a K-component mixture per row by EM. The E step (:mod:`normswap.variants.uan.estep`) is
+  the log-space formula of docs/methods.md section 3.1 (Gaussian normaliser included, no eps anywhere), giving
+  the sufficient statistics ``sum r``, ``sum r (x - mu)`` and ``sum r (x - mu)^2`` (shifted by the current means
+  for accuracy) over cache-sized blocks of columns, mostly as two batched matrix products per block (that
+  module says how, and how accurately); the M step floors the variances at ``var_floor``. With ``reduce`` /
   ``broadcast`` (sum over, resp. rank 0's copy from, the workers of a torch.distributed job) every
   worker fits its own values yet computes the same parameters, iteration counts and stopping decisions.
 - :func:`single_gaussian`: the K = 1 baseline (the ML Gaussian); :func:`mixture_loglik`: the mean
@@ -39,12 +40,14 @@ Choices (normswap's, not the paper's):
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from normswap.variants.uan.estep import estep as _estep
 from normswap.variants.uan.reservoir import Reservoir
 
 __all__ = ["GMMFit", "PRIOR_FLOOR", "Reservoir", "fit_gmm", "mixture_loglik", "single_gaussian"]
@@ -103,17 +106,11 @@ class GMMFit:
                       channel_iterations=steps, channel_warm=warm, channel_converged=met)
 
 
-_WORK = 1 << 17  # values per component that one E-step block holds (cache-sized)
-
-
-def _blocks(c: int, n: int, k: int, chunk: int | None):
-    """(row slice, column slice) blocks covering a (c, n) matrix: column chunks of ``chunk`` (default
-    4096) values, as many rows per block as keep ``k * rows * cols`` near ``_WORK``."""
-    cols = max(1, min(n, int(chunk) if chunk else 4096))
-    rows = max(1, _WORK // (k * cols))
-    for r0 in range(0, c, rows):
-        for c0 in range(0, n, cols):
-            yield slice(r0, r0 + rows), slice(c0, c0 + cols)
+def _row_blocks(x: torch.Tensor, work: int = 1 << 16):
+    """Row slices of ``x`` (C, n) holding about ``work`` values each."""
+    rows = max(1, work // max(1, x.shape[1]))
+    for r0 in range(0, x.shape[0], rows):
+        yield slice(r0, r0 + rows)
 
 
 def single_gaussian(
@@ -123,67 +120,23 @@ def single_gaussian(
     is floored at ``var_floor``, ``loglik`` is the mean per-value log-likelihood (C,) and ``n`` the
     number of values per row (all workers). Raises ValueError when there are none, or any non-finite one."""
     red = reduce or _same
-    x = x.detach().to(_F64)
-    sums = x.sum(dim=1)  # finite sums: every value is finite (a NaN or an inf makes its row's sum non-finite)
-    bad = x.new_tensor(0.0) if bool(torch.isfinite(sums).all()) else (~torch.isfinite(x)).sum().to(_F64)
-    head = red(torch.cat([torch.stack([x.new_tensor(float(x.shape[1])), bad]), sums]))
+    x = x.detach()  # any floating dtype: the sums are taken in float64 (as of the values converted first)
+    sums = x.sum(dim=1, dtype=_F64)  # finite sums: every value is finite (a NaN or an inf makes its row's non-finite)
+    bad = sums.new_tensor(0.0) if bool(torch.isfinite(sums).all()) else (~torch.isfinite(x)).sum().to(_F64)
+    head = red(torch.cat([torch.stack([sums.new_tensor(float(x.shape[1])), bad]), sums]))
     n = int(round(float(head[0])))
     if n == 0:
         raise ValueError("no values to fit")
     if float(head[1]) > 0:  # decided on the summed count, so every worker raises
         raise ValueError(f"{int(head[1])} of the values to fit are NaN or infinite")
     mean = head[2:] / n
-    var_ml = red((x - mean[:, None]).square().sum(dim=1)) / n
+    var_ml = sums.new_empty(x.shape[0])
+    for rs in _row_blocks(x):  # row blocks: no full-size temporary (its page faults cost more than the sums)
+        torch.sum((x[rs] - mean[rs, None]).square_(), dim=1, out=var_ml[rs])
+    var_ml = red(var_ml) / n
     var = var_ml.clamp_min(var_floor)
     loglik = -0.5 * (torch.log(var) + _LOG_2PI) - var_ml / (2.0 * var)
     return mean, var, loglik, n
-
-
-def _exp_(t: torch.Tensor) -> torch.Tensor:
-    """In-place exp (numpy's on the CPU: about 3x faster than torch's float64 exp there)."""
-    if t.device.type == "cpu" and t.is_contiguous():
-        np.exp(t.numpy(), out=t.numpy())
-        return t
-    return t.exp_()
-
-
-def _estep(
-    x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, log_pi: torch.Tensor, chunk: int | None = None, *,
-    w: torch.Tensor | None = None, s2: torch.Tensor | None = None, stats: bool = True,
-) -> torch.Tensor:
-    """Sums over the columns of ``x`` (C, n): rows ``[S0 (K), S1 (K), S2 (K), loglik (1)]`` of (3K+1, C),
-    ``S0 = sum r``, ``S1 = sum r (x - mu)``, ``S2 = sum r (x - mu)^2``, ``loglik = sum log p(x)`` with
-    ``r = tau_k(x)`` and ``log p_k`` as in docs/methods.md section 3.1 (only the last row is filled when ``stats`` is False).
-
-    Grouped values (the warm start): column ``j`` stands for ``w[j]`` values with mean ``x[:, j]`` and
-    mean squared deviation ``s2[:, j]``, which share one responsibility computed from the group's mean
-    log-density ``log pi_k - 0.5 log(2 pi v_k) - ((x - mu_k)^2 + s2) / (2 v_k)``; the sums are then
-    exact sums over the group's values."""
-    k, c = mu.shape
-    out = x.new_zeros(3 * k + 1, c)
-    const = (log_pi - 0.5 * (torch.log(var) + _LOG_2PI)).unsqueeze(2)
-    neg_half_inv = (-0.5 / var).unsqueeze(2)
-    mu3 = mu.unsqueeze(2)
-    for rs, cs in _blocks(c, x.shape[1], k, chunk):
-        d = x[rs, cs].unsqueeze(0) - mu3[:, rs]  # (K, rows, cols)
-        sq = d.square()
-        if s2 is not None:
-            sq.add_(s2[rs, cs])
-        logp = torch.addcmul(const[:, rs], sq, neg_half_inv[:, rs])  # log p_k(x)
-        top = logp.amax(dim=0)
-        r = _exp_(logp.sub_(top))
-        tot = r.sum(dim=0)
-        lse = tot.log().add_(top)  # log p(x) = logsumexp_k log p_k(x)
-        out[3 * k, rs] += (lse if w is None else lse * w[:, cs]).sum(dim=1)
-        if not stats:
-            continue
-        r.div_(tot)  # tau_k(x)
-        if w is not None:
-            r.mul_(w[:, cs])
-        out[:k, rs] += r.sum(dim=2)
-        out[k : 2 * k, rs] += d.mul_(r).sum(dim=2)
-        out[2 * k : 3 * k, rs] += sq.mul_(r).sum(dim=2)
-    return out
 
 
 def mixture_loglik(
@@ -199,11 +152,23 @@ def mixture_loglik(
     return n[1:] / n[0]
 
 
-def _sort_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` sorted along dim 1 (numpy's sort on the CPU: several times faster than torch's there)."""
-    if x.device.type == "cpu" and x.numel():
-        return torch.from_numpy(np.sort(x.contiguous().numpy(), axis=1))
-    return x.sort(dim=1).values
+def _sort_rows(x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """``x`` sorted along dim 1 (numpy's sort on the CPU: several times faster than torch's there), in place
+    when ``overwrite`` and ``x`` is contiguous; row blocks in parallel threads when torch has several (numpy
+    releases the GIL while it sorts)."""
+    if x.device.type != "cpu" or not x.numel():
+        return x.sort(dim=1).values
+    a = x.contiguous().numpy()
+    if not (overwrite and x.is_contiguous()):
+        a = a.copy()  # the one copy (np.sort would make it too)
+    threads = min(torch.get_num_threads(), a.shape[0])
+    if threads < 2 or a.size < (1 << 20):
+        a.sort(axis=1)
+        return torch.from_numpy(a)
+    bounds = [a.shape[0] * i // threads for i in range(threads + 1)]
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: a[bounds[i] : bounds[i + 1]].sort(axis=1), range(threads)))
+    return torch.from_numpy(a)
 
 
 def _quantiles(srt: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -227,7 +192,7 @@ def _init_means(srt: torch.Tensor, k: int, init: str, seed: int, mean: torch.Ten
         return _quantiles(srt, probs).t().contiguous()
     # k-means++ (seeded): the first centre uniformly, each next one with probability ~ D(x)^2
     g = torch.Generator().manual_seed(int(seed))
-    xc = srt.cpu()
+    xc = srt.cpu().to(_F64)
     centres = [xc.gather(1, torch.randint(n, (c, 1), generator=g))]
     d2 = (xc - centres[0]).square()
     for _ in range(1, k):
@@ -245,9 +210,12 @@ def _groups(srt: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, 
     g = min(count, n)
     if n % g == 0:  # equal groups (the usual n = 4096): a reshape, no scatter
         parts = srt.reshape(c, g, n // g)
-        mean = parts.mean(dim=2)
-        s2 = (parts - mean[:, :, None]).square().mean(dim=2)
-        return mean, srt.new_full((1, g), float(n // g)), s2
+        mean, s2 = (torch.empty(c, g, dtype=_F64, device=srt.device) for _ in range(2))
+        for rs in _row_blocks(srt):
+            torch.mean(parts[rs], dim=2, dtype=_F64, out=mean[rs])
+            torch.mean((parts[rs] - mean[rs, :, None]).square_(), dim=2, out=s2[rs])
+        return mean, mean.new_full((1, g), float(n // g)), s2
+    srt = srt.to(_F64)
     gid = torch.arange(n, device=srt.device) * g // n
     w = torch.bincount(gid, minlength=g).to(_F64)
     mean = srt.new_zeros(c, g).index_add_(1, gid, srt) / w
@@ -321,6 +289,7 @@ def fit_gmm(
     broadcast: Collective | None = None,
     chunk: int | None = None,
     warm_group: int = 16,
+    overwrite: bool = False,
 ) -> GMMFit:
     """Fit a ``k``-component 1-D Gaussian mixture to each row of ``x`` (C, n) by EM.
 
@@ -340,6 +309,8 @@ def fit_gmm(
             (each group's count, mean and spread; all its values share one responsibility), then
             continues on the values themselves, both to ``tol``. The result is EM on the values; the warm
             start only makes its first, longest stretch cheaper (16x fewer densities for n >= 1024).
+        overwrite: ``x`` may be overwritten (its rows sorted in place: one copy of the values fewer, for a
+            caller that does not need them afterwards).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1; got {k}")
@@ -351,7 +322,9 @@ def fit_gmm(
     x = x.detach()
     if x.dtype not in (torch.float32, _F64):
         x = x.float()
-    x = _sort_rows(x).to(_F64)  # sorted rows: the same values for EM, and the quantiles / groups come free
+    # sorted rows: the same values for EM, and the quantiles / groups come free. float32 values stay float32
+    # (every sum is taken in float64, on the values converted exactly): half the memory and the traffic
+    x = _sort_rows(x, overwrite=overwrite)
     c = x.shape[0]
     mean1, var1, loglik_k1, n = single_gaussian(x, var_floor=var_floor, reduce=reduce)
     mu = _init_means(x, k, init, seed, mean1, var1)

@@ -77,11 +77,14 @@ class Reservoir:
         self._keys[slots] = keys[new]
         self._n = max(n, int(slots.max()) + 1)
 
-    def values(self) -> torch.Tensor:
+    def values(self, ordered: bool = True) -> torch.Tensor:
         """The kept columns, (C, n) with ``n = min(count, capacity)``, in descending order of their keys;
-        (0, 0) before any block."""
+        (0, 0) before any block. ``ordered=False``: in the order of their slots, as a view of the reservoir's
+        own storage (no copy; for a consumer to whom the order does not matter, such as EM, which sorts)."""
         if self._vals is None:
             return torch.empty(0, 0)
+        if not ordered:
+            return self._vals[:, : self._n]
         order = self._keys[: self._n].argsort(descending=True, stable=True)
         return self._vals[:, order.to(self._vals.device)]
 
