@@ -26,7 +26,7 @@ HOW = ("Each variant layer (made by `normswap.convert` of a one-layer model, str
        "for its per-pixel norm and can at best fold BN's pass over the output into its own multiply. "
        "`patchnorm compiled` (depthwise rows): the same layer with normswap's opt-in compiled depthwise kernel "
        "(`NORMSWAP_COMPILE=1`, docs/patchnorm.md; its compile falls in the warm-up). "
-       "`compiled` rows: `torch.compile` of the module (default mode) against the eager baseline.")
+       "`compiled` group: `torch.compile` of each module (default mode), `torch.compile(...)`, against the eager baseline.")
 
 
 def _randomise_bn(bn: nn.modules.batchnorm._BatchNorm) -> None:
@@ -166,11 +166,11 @@ def run(bench: Bench) -> dict[str, Any]:
             fn, why = _compiled(bench, name, cand, x)
             bfn, bwhy = _compiled(bench, name, base, x)
             if fn is None or bfn is None:
-                rows.append(bench.skipped("compiled", what, variant + " compiled", why or bwhy))
+                rows.append(bench.skipped("compiled", what, f"torch.compile({variant})", why or bwhy))
             else:
-                rows += bench.compare("compiled", what, {label: _infer(base, x), f"{variant} compiled": _infer(fn, x),
-                                                          f"{label} compiled": _infer(bfn, x)}, label, reps,
-                                      variant=variant)
+                fns = {label: _infer(base, x), f"torch.compile({variant})": _infer(fn, x),
+                       f"torch.compile({label})": _infer(bfn, x)}
+                rows += bench.compare("compiled", what, fns, label, reps, variant=variant)
         xt = x.clone().requires_grad_(True)
         base_t, cand_t = make().to(dev).train(), _convert(make().eval(), variant, x, **kw).to(dev).train()
         rows += bench.compare("train", what, {label: _train(base_t, xt), variant: _train(cand_t, xt)}, label, reps,
