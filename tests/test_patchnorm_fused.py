@@ -83,10 +83,13 @@ def test_supports_only_stride_one_large_float_maps():
 
 
 def test_switch_reads_the_environment(monkeypatch):
-    for value, on in (("1", True), ("on", True), ("0", False), ("", False)):
+    from normswap.variants.uan import fused as uan_fused
+
+    monkeypatch.setitem(uan_fused._STATE, "enabled", None)
+    for value, on in (("1", True), ("on", True), (" TRUE ", True), ("0", False), ("", False), ("off", False)):
         monkeypatch.setenv("NORMSWAP_COMPILE", value)
-        _fused._STATE["enabled"] = None
-        assert _fused.compiled_enabled() is on
+        _fused._STATE["enabled"] = uan_fused._STATE["enabled"] = None
+        assert _fused.compiled_enabled() is on and uan_fused.compiled_enabled() is on  # one switch, both variants
     _fused.set_compiled(True)
     monkeypatch.setenv("NORMSWAP_COMPILE", "0")
     assert _fused.compiled_enabled()  # set_compiled overrides the environment

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import warnings
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+from normswap.variants.compiled import requested
 from normswap.variants.patchnorm.layer import ConvGeometry, _fpad
 
 __all__ = ["coefficients", "compiled_enabled", "depthwise_taps", "opaque_pad", "phases", "run", "set_compiled",
@@ -59,7 +59,7 @@ def compiled_enabled() -> bool:
     """Whether eval-mode depthwise PatchNorm convs run the compiled kernel (``NORMSWAP_COMPILE=1`` or
     :func:`set_compiled`)."""
     if _STATE["enabled"] is None:
-        _STATE["enabled"] = os.environ.get("NORMSWAP_COMPILE", "").strip().lower() in ("1", "true", "yes", "on")
+        _STATE["enabled"] = requested()
     return bool(_STATE["enabled"])
 
 

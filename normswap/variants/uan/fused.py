@@ -19,9 +19,9 @@ which is why it is not the default.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from normswap.variants.compiled import requested
 
 __all__ = ["EXP_FLOOR", "compiled_enabled", "exp_floor", "pointwise_mixture", "run_compiled", "set_compiled"]
 
@@ -74,7 +74,7 @@ def set_compiled(enabled: bool) -> None:
 def compiled_enabled() -> bool:
     """Whether eager UAN channel-mode calls run the compiled kernel (``NORMSWAP_COMPILE=1`` or :func:`set_compiled`)."""
     if _STATE["enabled"] is None:
-        _STATE["enabled"] = os.environ.get("NORMSWAP_COMPILE", "").strip().lower() in ("1", "true", "yes", "on")
+        _STATE["enabled"] = requested()
     return bool(_STATE["enabled"])
 
 
