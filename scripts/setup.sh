@@ -71,7 +71,7 @@ if [ ! -d /usr/share/tuxpaint/stamps/animals ]; then
   fi
 fi
 
-# 4. Debian's chromium, the headless browser the HTML report test drives through Playwright (which cannot
+# 5. Debian's chromium, the headless browser the HTML report test drives through Playwright (which cannot
 #    download its own browser here); without apt the browser test is skipped
 if [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else SUDO=none; fi
@@ -83,4 +83,12 @@ if [ ! -x /usr/bin/chromium ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null \
       || say "warning: could not install chromium; the HTML report browser test will be skipped"
   fi
+fi
+
+# 6. normswap's native CPU kernels (normswap/native/csrc), compiled once per machine and torch version into
+#    ~/.cache/normswap/native (about a minute on 2 cores; seconds when already built). Without a compiler the
+#    layers run their eager kernels, slower but the same function.
+if ! HF_HUB_OFFLINE=1 "$VENV/bin/python" -m normswap.native >/dev/null; then
+  say "warning: the native kernels did not build; normswap runs its eager kernels (NORMSWAP_NATIVE=0 silences this)"
+  if [ "${CI:-}" = true ]; then exit 1; fi
 fi
