@@ -60,10 +60,10 @@ def run(profile: str, only: list[str], out: Path, threads: int, device: torch.de
     """Run the sections in ``only`` with ``profile``'s sizes; merge them into ``out/benchmarks.json``."""
     torch.set_num_threads(threads)
     allocator = timing.pin_allocator()
-    machine = {**timing.machine_info(device, threads), "allocator": allocator}
+    machine = {**timing.machine_info(device, threads), "allocator": allocator, "native": timing.native_info()}
     log(f"machine: {machine['cpu']} ({machine['cpu_count']} cores), {machine['platform']}")
     log(f"torch {machine['torch']}, device {device}, {threads} thread(s), OMP_WAIT_POLICY="
-        f"{machine['omp_wait_policy']}, load average {machine['load_average']}; {allocator}")
+        f"{machine['omp_wait_policy']}, load average {machine['load_average']}; {allocator}; {machine['native']}")
     path = out / "benchmarks.json"
     res: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     if res.get("profile") != profile:

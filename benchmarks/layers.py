@@ -15,7 +15,7 @@ from torch import nn
 
 import normswap
 
-from .models import Switched
+from .models import Switched, native_available, native_off
 from .timing import Bench
 
 HOW = ("Each variant layer (made by `normswap.convert` of a one-layer model, strength 1, UAN K = 3) against the "
@@ -26,6 +26,8 @@ HOW = ("Each variant layer (made by `normswap.convert` of a one-layer model, str
        "for its per-pixel norm and can at best fold BN's pass over the output into its own multiply. "
        "`patchnorm compiled` (depthwise rows): the same layer with normswap's opt-in compiled depthwise kernel "
        "(`NORMSWAP_COMPILE=1`, docs/patchnorm.md; its compile falls in the warm-up). "
+       "`patchnorm eager` / `uan eager` (where normswap's native kernels are built, docs/native.md): the same layer "
+       "with them off (`NORMSWAP_NATIVE=0`), the torch path it keeps as its fallback. "
        "`compiled` group: `torch.compile` of each module (default mode), `torch.compile(...)`, against the eager baseline.")
 
 
@@ -148,6 +150,8 @@ def run(bench: Bench) -> dict[str, Any]:
                  "anact": name.split()[1]}[variant]
         what = f"{name} ({tuple(shape)})"
         fns = {label: _infer(base, x), variant: _infer(cand, x)}
+        if variant in ("patchnorm", "uan") and native_available():  # the torch path, native kernels off
+            fns[f"{variant} eager"] = _infer(Switched(cand, native_off), x)
         if variant == "patchnorm" and isinstance(base[0], nn.Conv2d):
             pn = cand[0]
             if pn.kernel_size == (1, 1):
@@ -173,6 +177,8 @@ def run(bench: Bench) -> dict[str, Any]:
                 rows += bench.compare("compiled", what, fns, label, reps, variant=variant)
         xt = x.clone().requires_grad_(True)
         base_t, cand_t = make().to(dev).train(), _convert(make().eval(), variant, x, **kw).to(dev).train()
-        rows += bench.compare("train", what, {label: _train(base_t, xt), variant: _train(cand_t, xt)}, label, reps,
-                              variant=variant)
+        fns = {label: _train(base_t, xt), variant: _train(cand_t, xt)}
+        if variant == "uan" and native_available():
+            fns["uan eager"] = _train(Switched(cand_t, native_off), xt)
+        rows += bench.compare("train", what, fns, label, reps, variant=variant)
     return {"title": "1. Layer speed", "how": HOW, "kind": "speed", "rows": rows}

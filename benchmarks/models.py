@@ -33,7 +33,9 @@ HOW = ("Torchvision models, random init, eval mode, `torch.inference_mode`; ever
        "the same UAN model with its channel-mode kernel compiled (`NORMSWAP_COMPILE=1`, docs/uan.md; opt-in, "
        "its compile falls in the warm-up), where the model has BatchNorm sites; `patchnorm compiled`: the PatchNorm "
        "model with its depthwise kernel compiled (the same switch, docs/patchnorm.md; stride-1 depthwise layers on "
-       "maps of 256+ values, inference only), where the model has depthwise convolutions.")
+       "maps of 256+ values, inference only), where the model has depthwise convolutions. `uan eager` / "
+       "`patchnorm eager` (where normswap's native kernels are built, docs/native.md): the same model with them "
+       "off (`NORMSWAP_NATIVE=0`), the torch path each layer keeps as its fallback.")
 VARIANTS = {"patchnorm": 1.0, "uan": 1.0, "anact": 0.0}
 
 
@@ -76,38 +78,60 @@ def configs(name: str, size: int, x: torch.Tensor, *, folded: bool = True) -> tu
 
 
 class Switched(nn.Module):
-    """``model`` run with a variant's opt-in compiled kernel on (``NORMSWAP_COMPILE=1``) for its own calls only:
-    ``set_compiled`` is the variant's switch (``normswap.variants.uan.set_compiled`` or
-    ``normswap.variants.patchnorm.fused.set_compiled``); the compile falls in the warm-up calls."""
+    """``model`` run with a switch of normswap's set for its own calls only: ``flip(True)`` before each call and
+    ``flip(False)`` after. For a variant's opt-in compiled kernel (``NORMSWAP_COMPILE=1``) ``flip`` is its
+    ``set_compiled`` (``normswap.variants.uan.set_compiled`` or ``normswap.variants.patchnorm.fused.set_compiled``;
+    the compile falls in the warm-up calls); for the eager torch path, :func:`native_off`."""
 
-    def __init__(self, model: nn.Module, set_compiled: Callable[[bool], None]) -> None:
+    def __init__(self, model: nn.Module, flip: Callable[[bool], None]) -> None:
         super().__init__()
-        self.model, self.set_compiled = model, set_compiled
+        self.model, self.flip = model, flip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.set_compiled(True)
+        self.flip(True)
         try:
             return self.model(x)
         finally:
-            self.set_compiled(False)
+            self.flip(False)
+
+
+def native_off(on: bool) -> None:
+    """A :class:`Switched` flip that turns normswap's native kernels off (``NORMSWAP_NATIVE=0``) while on, and
+    back to the environment's choice after."""
+    from normswap import native
+
+    native.set_enabled(False if on else None)
+
+
+def native_available() -> bool:
+    """Whether the default path runs normswap's native kernels here (built, or buildable, and not switched off)."""
+    from normswap import native
+
+    return native.ops() is not None
 
 
 def with_compiled(models: dict[str, nn.Module], training: bool = False) -> dict[str, nn.Module]:
     """``models`` plus ``uan compiled`` where the UAN model has channel-mode (BatchNorm) sites, and (inference only:
     the PatchNorm kernel serves eval calls) ``patchnorm compiled`` where the PatchNorm model has a depthwise conv
-    the kernel takes."""
+    the kernel takes; and, where the native kernels are on, ``uan eager`` / ``patchnorm eager``: the same models
+    with them off, the torch path every layer keeps as its fallback."""
     from normswap.variants.patchnorm import PatchNormConv
     from normswap.variants.patchnorm import fused as pn_fused
     from normswap.variants.uan import UANChannel, set_compiled
 
     out = dict(models)
+    native = native_available()
     uan = models.get("uan")
     if uan is not None and any(isinstance(m, UANChannel) for m in uan.modules()):
         out["uan compiled"] = Switched(uan, set_compiled)
+        if native:
+            out["uan eager"] = Switched(uan, native_off)
     pn = models.get("patchnorm")
     if not training and pn is not None and any(
             isinstance(m, PatchNormConv) and m.groups == m.in_channels > 1 for m in pn.modules()):
         out["patchnorm compiled"] = Switched(pn, pn_fused.set_compiled)
+    if not training and pn is not None and native:
+        out["patchnorm eager"] = Switched(pn, native_off)
     return out
 
 

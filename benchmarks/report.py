@@ -105,7 +105,8 @@ def render(res: dict[str, Any]) -> str:
              f"{m['torch']}, device `{m['device']}`{', ' + m['gpu'] if m.get('gpu') else ''}, {m['threads']} "
              f"thread(s), `OMP_WAIT_POLICY={m['omp_wait_policy']}`; load average at the start "
              f"{', '.join(map(str, load)) if load else 'unknown'}"
-             f"{'; ' + m['allocator'] if m.get('allocator') else ''}.", ""]
+             f"{'; ' + m['allocator'] if m.get('allocator') else ''}"
+             f"{'; ' + m['native'] if m.get('native') else ''}.", ""]
     lines += [res.get("load_note", ""), "", "## How the speed figures are measured", "", res["method"], "",
               "## Targets (issues 13 and 14)", "",
               *_table(["issue", "what", "today (here)", "target", "met", "measured as"],

@@ -66,6 +66,20 @@ def trim_heap() -> None:
         pass
 
 
+def native_info() -> str:
+    """Whether normswap's native kernels (docs/native.md) run in the default path here, and their vector width."""
+    from normswap import native
+    from normswap.errors import NormswapError
+
+    try:
+        ops = native.ops()
+    except NormswapError as e:
+        return f"normswap native kernels off ({e})"
+    if ops is None:
+        return f"normswap native kernels off (NORMSWAP_NATIVE={native.mode()}, or not built)"
+    return f"normswap native kernels on ({ops.float_lanes()} float lanes)"
+
+
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
     """What the figures were measured on (printed first, stored in the JSON)."""
     cpu = platform.processor() or platform.machine()

@@ -158,6 +158,14 @@ def test_targets_read_their_rows() -> None:
         "met": None}
 
 
+def test_targets_show_the_eager_fallback_beside_the_default() -> None:
+    rows = [{"group": "inference", "what": "resnet50 batch 4 at 160 px", "candidate": c, "baseline": "original",
+             "ratio": r, "q1": r - 0.1, "q3": r + 0.1, "flags": []} for c, r in (("uan", 1.25), ("uan eager", 4.5))]
+    uan = {t["what"]: t for t in targets.evaluate({"models": {"rows": rows}})}["resnet50 inference, UAN K=3 at strength 1"]
+    assert uan["met"] is True  # the default (native) decides; the eager figure is shown, never used
+    assert uan["today"] == "1.25x (IQR 1.15-1.35); eager torch path (`NORMSWAP_NATIVE=0`): 4.50x (IQR 4.40-4.60)"
+
+
 def test_bad_section_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         harness.main(["--only", "layers,nope", "--out", "/nonexistent"])
