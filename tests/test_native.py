@@ -122,3 +122,17 @@ def test_the_module_command_reports_the_library():
     assert out.stdout.startswith(f"normswap native kernels: {native.build()} (ABI {native.ABI}, ")
     bad = subprocess.run([sys.executable, "-m", "normswap.native", "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr == "usage: python -m normswap.native [--verbose]\n"
+
+
+def test_an_unwritable_cache_is_one_line(monkeypatch, tmp_path, fresh_state):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("NORMSWAP_NATIVE_DIR", str(blocker / "sub"))
+    monkeypatch.setattr(native, "CSRC", tmp_path)  # a name no library was built under
+    with pytest.raises(native.NativeBuildError) as e:
+        native.build()
+    assert str(e.value).startswith(f"cannot create {blocker / 'sub'}/normswap_native_")
+    assert str(e.value).endswith("; set NORMSWAP_NATIVE_DIR to a writable folder or NORMSWAP_NATIVE=0")
+    monkeypatch.setenv(native.ENV, "auto")
+    with pytest.warns(RuntimeWarning, match="^normswap: cannot create "):
+        assert native.ops() is None

@@ -119,7 +119,11 @@ def build(verbose: bool = False) -> Path:
     folder, name = library_dir(), _name()
     lib = _built(folder, name)
     if lib is None:
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise NativeBuildError(f"cannot create {folder} for the native kernels ({e.strerror or e}); set "
+                                   f"NORMSWAP_NATIVE_DIR to a writable folder or {ENV}=0") from None
         if not verbose:
             print(f"normswap: building the native kernels in {folder} (once per machine and torch version, "
                   "about a minute)", file=sys.stderr)
@@ -130,7 +134,10 @@ def build(verbose: bool = False) -> Path:
                                is_python_module=False)
         except (RuntimeError, OSError, ImportError, ValueError) as e:
             reason = _last_line(str(e))
-            (folder / "FAILED").write_text(reason + "\n")
+            try:
+                (folder / "FAILED").write_text(reason + "\n")
+            except OSError:
+                pass
             raise NativeBuildError(f"building the native kernels failed ({reason}); "
                                    f"set {ENV}=0 to use the eager kernels") from None
         (folder / "FAILED").unlink(missing_ok=True)
