@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from normswap.variants.cache import cache_for
-from normswap.variants.patchnorm import fused as _fused, layer as _patch
+from normswap.variants.patchnorm import fused as _fused, layer as _patch, native_path as _native
 
 __all__ = ["CHUNK_BYTES", "chunk_step", "conv_inference", "frozen_terms", "inference_path", "linear_inference",
            "sq_norm"]
@@ -107,6 +107,9 @@ def conv_inference(module: Any, x: torch.Tensor) -> torch.Tensor:
         return out if post is None else out + post
     w, b, post = frozen_terms(module, lambda: scaled_terms(module, (-1, *([1] * geom.dims))))
     x_in, padding = geom.prepare(x)
+    out = _native.run(module, x_in, padding, w, b, post)  # the native kernels (normswap/native), when built
+    if out is not None:
+        return out
     if _fused.compiled_enabled() and _fused.supports(geom, x_in):
         out = _fused.run(module, x_in, w, b)  # one compiled loop (opt-in, normswap/variants/patchnorm/fused.py)
         if out is not None:
