@@ -86,7 +86,7 @@ def chunk_step(x_in: torch.Tensor, geom: _patch.ConvGeometry) -> int:
     n = x_in.shape[0]
     per = x_in[0].numel() * x_in.element_size() if n else 0
     boxed = geom.in_channels == geom.groups and any(k > 1 for k in geom.kernel_size)
-    return n if per == 0 or not boxed else max(1, CHUNK_BYTES // per)
+    return max(n, 1) if per == 0 or not boxed else max(1, CHUNK_BYTES // per)  # an empty batch: one empty chunk
 
 
 def sq_norm(x_in: torch.Tensor, geom: _patch.ConvGeometry) -> torch.Tensor:
