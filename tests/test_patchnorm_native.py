@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import normswap.native as native
-from normswap.variants.patchnorm import layer as _patch, native_path as _native
+from normswap.variants.patchnorm import fast as _fast, layer as _patch, native_path as _native
 from normswap.variants.patchnorm.variant import PatchNormConv
 from tests.test_native import require_library
 from tests.test_patchnorm import FORMS, _perturb
@@ -184,3 +184,19 @@ def test_the_operators_check_their_arguments():
     with pytest.raises(RuntimeError, match="one value per output channel"):
         ops.patchnorm_scale_(torch.randn(1, 3, 5, 5), x, [1, 1], [1, 1], [0, 0], [1, 1], [1.0, 1.0, 1.0, 0.0],
                              torch.randn(2))
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 6, 3, 2, 1, groups=3), nn.Conv2d(3, 3, 5, 1, 4, 2, groups=3),
+                                  nn.Conv2d(5, 7, 3, padding=1), nn.Conv2d(5, 7, 1), nn.Conv2d(5, 7, 1, stride=2),
+                                  nn.Conv2d(5, 7, (3, 5), padding=(0, 2), dilation=(2, 1))], ids=str)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=("f32", "f64"))
+def test_patch_norms_equal_the_eager_ones(conv, dtype):
+    """Calibration's n2 (fast.sq_norm, autograd off): the native kernel against the eager box filter."""
+    geom = _patch.ConvGeometry.from_conv(conv)
+    x = torch.randn(3, conv.in_channels, 23, 29, dtype=dtype)
+    with torch.no_grad():
+        fast = _native.sq_norm(x, geom)
+        native.set_enabled(False)
+        assert _native.sq_norm(x, geom) is None
+        eager = _fast.sq_norm(x, geom)
+    assert fast is not None and _close(fast, eager) and _close(fast, _patch._reference_n2(x.double(), geom).to(dtype))

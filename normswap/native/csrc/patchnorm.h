@@ -90,11 +90,17 @@ class Staged {
   std::vector<int64_t> offsets_;
 };
 
-// One output row of window sums over a staged plane: with Conv, y = (sum_tap w_tap t_tap + bias) *
-// factor(sum_tap t_tap^2) + post; without (a plane of channel sums of squares q), y = factor(sum_tap q_tap).
-template <typename T, bool Conv>
+// What one output row of window sums over a staged plane computes.
+enum class Sum {
+  kConv,       // (sum_tap w_tap t_tap + bias) * factor(sum_tap t_tap^2) + post: the depthwise layer
+  kSquares,    // sum_tap t_tap^2: a depthwise layer's patch norms
+  kBox,        // sum_tap t_tap: the patch norms from a plane of channel sums of squares q
+  kBoxFactor,  // factor(sum_tap t_tap): the factor from q
+};
+
+template <typename T, Sum S>
 inline void window_row(const Staged<T>& s, const Window& g, int64_t oy, const Vec<T>* w, const Vec<T>& bias,
-                       const Vec<T>& post, const Factor<T>& factor, T* out) {
+                       const Vec<T>& post, const Factor<T>* factor, T* out) {
   const int64_t L = Vec<T>::size();
   int64_t first, last;
   g.rows(oy, first, last);
@@ -102,22 +108,80 @@ inline void window_row(const Staged<T>& s, const Window& g, int64_t oy, const Ve
     Vec<T> acc = bias, n2(T(0));
     for (int64_t ky = first; ky < last; ++ky) {
       const T* row = s.row(oy * g.sy - g.pt + ky * g.dy) + ox;
-      const Vec<T>* wk = w + ky * g.kw;
       for (int64_t kx = 0; kx < g.kw; ++kx) {
         const Vec<T> t = Vec<T>::loadu(row + s.offset(kx));
-        if constexpr (Conv) {
-          acc = at::vec::fmadd(t, wk[kx], acc);
-          n2 = at::vec::fmadd(t, t, n2);
-        } else {
-          n2 = n2 + t;  // the plane holds squares already
-        }
+        if constexpr (S == Sum::kConv) acc = at::vec::fmadd(t, w[ky * g.kw + kx], acc);
+        if constexpr (S == Sum::kConv || S == Sum::kSquares) n2 = at::vec::fmadd(t, t, n2);
+        else n2 = n2 + t;
       }
     }
-    Vec<T> y;
-    if constexpr (Conv) y = at::vec::fmadd(acc, factor(n2), post);
-    else y = factor(n2);
+    Vec<T> y = n2;
+    if constexpr (S == Sum::kConv) y = at::vec::fmadd(acc, (*factor)(n2), post);
+    if constexpr (S == Sum::kBoxFactor) y = (*factor)(n2);
     y.store(out + ox, std::min(L, g.Wo - ox));
   }
+}
+
+constexpr int64_t kBlock = 512;  // pixels per block of the channel sum: C runs of 2 KB (float32)
+
+// q[0:len] = sum_c x[c * hw + 0:len]^2 (four channels per pass over q)
+template <typename T>
+inline void channel_sq_sum(const T* x, int64_t C, int64_t hw, int64_t len, T* q) {
+  const int64_t L = Vec<T>::size();
+  std::fill(q, q + len, T(0));
+  int64_t c = 0;
+  for (; c + 4 <= C; c += 4) {
+    const T *x0 = x + c * hw, *x1 = x0 + hw, *x2 = x1 + hw, *x3 = x2 + hw;
+    for (int64_t i = 0; i < len; i += L) {
+      const int64_t k = std::min(L, len - i);
+      const Vec<T> a = Vec<T>::loadu(x0 + i, k), b = Vec<T>::loadu(x1 + i, k);
+      const Vec<T> d = Vec<T>::loadu(x2 + i, k), e = Vec<T>::loadu(x3 + i, k);
+      Vec<T> s = at::vec::fmadd(a, a, Vec<T>::loadu(q + i, k));
+      s = at::vec::fmadd(b, b, s);
+      s = at::vec::fmadd(d, d, s);
+      at::vec::fmadd(e, e, s).store(q + i, k);
+    }
+  }
+  for (; c < C; ++c) {
+    const T* x0 = x + c * hw;
+    for (int64_t i = 0; i < len; i += L) {
+      const int64_t k = std::min(L, len - i);
+      const Vec<T> a = Vec<T>::loadu(x0 + i, k);
+      at::vec::fmadd(a, a, Vec<T>::loadu(q + i, k)).store(q + i, k);
+    }
+  }
+}
+
+// The channel sums of squares of x (N, C, H, W) into q (N, H * W): parallel over blocks of pixels.
+template <typename T>
+void channel_sums(const at::Tensor& x, at::Tensor& q) {
+  const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
+  const int64_t blocks = (hw + kBlock - 1) / kBlock;
+  const T* xp = x.const_data_ptr<T>();
+  T* qp = q.mutable_data_ptr<T>();
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / blocks, p0 = (i % blocks) * kBlock;
+      channel_sq_sum(xp + n * C * hw + p0, C, hw, std::min(kBlock, hw - p0), qp + n * hw + p0);
+    }
+  });
+}
+
+// Window sums (kBox, kBoxFactor) or sums of squares (kSquares) of every plane of src (P, H * W) into out
+// (P, Ho * Wo): parallel over planes.
+template <typename T, Sum S>
+void box_planes(const at::Tensor& src, const Window& g, const Factor<T>* factor, at::Tensor& out) {
+  const T* sp = src.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  at::parallel_for(0, src.numel() / (g.H * g.W), 1, [&](int64_t begin, int64_t end) {
+    Staged<T> s(g);
+    const Vec<T> zero(T(0));
+    for (int64_t p = begin; p < end; ++p) {
+      s.load(sp + p * g.H * g.W);
+      for (int64_t oy = 0; oy < g.Ho; ++oy)
+        window_row<T, S>(s, g, oy, nullptr, zero, zero, factor, op + (p * g.Ho + oy) * g.Wo);
+    }
+  });
 }
 
 inline void check_coef(c10::ArrayRef<double> coef) {

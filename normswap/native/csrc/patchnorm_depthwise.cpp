@@ -27,7 +27,8 @@ void depthwise_impl(const at::Tensor& x, const at::Tensor& w, const T* bias, con
         for (int64_t t = 0; t < taps; ++t) wv[t] = Vec<T>(wp[oc * taps + t]);
         const Vec<T> b(bias ? bias[oc] : T(0)), a(post ? post[oc] : T(0));
         T* o = op + (n * C * mult + oc) * g.Ho * g.Wo;
-        for (int64_t oy = 0; oy < g.Ho; ++oy) window_row<T, true>(s, g, oy, wv.data(), b, a, factor, o + oy * g.Wo);
+        for (int64_t oy = 0; oy < g.Ho; ++oy)
+          window_row<T, Sum::kConv>(s, g, oy, wv.data(), b, a, &factor, o + oy * g.Wo);
       }
     }
   });

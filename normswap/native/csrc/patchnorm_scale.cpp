@@ -9,36 +9,6 @@
 namespace normswap_native::patchnorm {
 namespace {
 
-constexpr int64_t kBlock = 512;  // pixels per block of the channel sum: C runs of 2 KB (float32)
-
-// q[0:len] = sum_c x[c * hw + 0:len]^2 (four channels per pass over q)
-template <typename T>
-void channel_sq_sum(const T* x, int64_t C, int64_t hw, int64_t len, T* q) {
-  const int64_t L = Vec<T>::size();
-  std::fill(q, q + len, T(0));
-  int64_t c = 0;
-  for (; c + 4 <= C; c += 4) {
-    const T *x0 = x + c * hw, *x1 = x0 + hw, *x2 = x1 + hw, *x3 = x2 + hw;
-    for (int64_t i = 0; i < len; i += L) {
-      const int64_t k = std::min(L, len - i);
-      const Vec<T> a = Vec<T>::loadu(x0 + i, k), b = Vec<T>::loadu(x1 + i, k);
-      const Vec<T> d = Vec<T>::loadu(x2 + i, k), e = Vec<T>::loadu(x3 + i, k);
-      Vec<T> s = at::vec::fmadd(a, a, Vec<T>::loadu(q + i, k));
-      s = at::vec::fmadd(b, b, s);
-      s = at::vec::fmadd(d, d, s);
-      at::vec::fmadd(e, e, s).store(q + i, k);
-    }
-  }
-  for (; c < C; ++c) {
-    const T* x0 = x + c * hw;
-    for (int64_t i = 0; i < len; i += L) {
-      const int64_t k = std::min(L, len - i);
-      const Vec<T> a = Vec<T>::loadu(x0 + i, k);
-      at::vec::fmadd(a, a, Vec<T>::loadu(q + i, k)).store(q + i, k);
-    }
-  }
-}
-
 // v[o * hw + 0:len] <- v * f + post[o] for every output channel o
 template <typename T>
 void scale_rows(T* v, int64_t O, int64_t hw, int64_t len, const T* f, const T* post) {
@@ -75,26 +45,12 @@ void pointwise_impl(at::Tensor& v, const at::Tensor& x, const T* post, const Fac
 
 template <typename T>
 void windowed_impl(at::Tensor& v, const at::Tensor& x, const T* post, const Window& g, const Factor<T>& factor) {
-  const int64_t N = x.size(0), C = x.size(1), O = v.size(1), hw = g.H * g.W, ohw = g.Ho * g.Wo;
-  const int64_t blocks = (hw + kBlock - 1) / kBlock;
-  at::Tensor q = at::empty({N, hw}, x.options()), f = at::empty({N, ohw}, x.options());
-  const T* xp = x.const_data_ptr<T>();
-  T *qp = q.mutable_data_ptr<T>(), *fp = f.mutable_data_ptr<T>(), *vp = v.mutable_data_ptr<T>();
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / blocks, p0 = (i % blocks) * kBlock;
-      channel_sq_sum(xp + n * C * hw + p0, C, hw, std::min(kBlock, hw - p0), qp + n * hw + p0);
-    }
-  });
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    Staged<T> s(g);
-    const Vec<T> zero(T(0));
-    for (int64_t n = begin; n < end; ++n) {
-      s.load(qp + n * hw);
-      for (int64_t oy = 0; oy < g.Ho; ++oy)
-        window_row<T, false>(s, g, oy, nullptr, zero, zero, factor, fp + n * ohw + oy * g.Wo);
-    }
-  });
+  const int64_t N = x.size(0), O = v.size(1), ohw = g.Ho * g.Wo;
+  at::Tensor q = at::empty({N, g.H * g.W}, x.options()), f = at::empty({N, ohw}, x.options());
+  channel_sums<T>(x, q);
+  box_planes<T, Sum::kBoxFactor>(q, g, &factor, f);
+  const T* fp = f.const_data_ptr<T>();
+  T* vp = v.mutable_data_ptr<T>();
   const int64_t oblocks = (ohw + kBlock - 1) / kBlock;
   at::parallel_for(0, N * oblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {

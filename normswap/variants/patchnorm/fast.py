@@ -90,8 +90,12 @@ def chunk_step(x_in: torch.Tensor, geom: _patch.ConvGeometry) -> int:
 
 
 def sq_norm(x_in: torch.Tensor, geom: _patch.ConvGeometry) -> torch.Tensor:
-    """``n2`` of a prepared input with autograd off, chunk by chunk where :func:`chunk_step` says so (the
-    calibration observer's patch norms)."""
+    """``n2`` of a prepared input with autograd off (the calibration observer's patch norms): the native kernel
+    where it takes the layer, else chunk by chunk where :func:`chunk_step` says so."""
+    if not torch.is_grad_enabled():
+        n2 = _native.sq_norm(x_in, geom)
+        if n2 is not None:
+            return n2
     step, n = chunk_step(x_in, geom), x_in.shape[0]
     if step >= n or torch.is_grad_enabled():
         return _patch.prepared_sq_norm(x_in, geom)

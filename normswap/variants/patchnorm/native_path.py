@@ -8,6 +8,8 @@
 - **dense** (``groups == 1``): the conv stays torch's; ``patchnorm_scale_`` then reads the input once for its
   channel sum of squares (box-filtered over the conv's window where the kernel is wider than one pixel or
   strided) and scales the conv output in place, ``post`` included: one pass over each.
+- **patch norms alone** (:func:`sq_norm`, what calibration accumulates): ``patchnorm_sq_norm``, the same window
+  sums without the conv and the factor.
 
 Both take 2-D convs with zero padding applied at the borders (other padding modes and a same-padding conv's
 pre-padding arrive already padded by :meth:`ConvGeometry.prepare`), contiguous NCHW float32 / float64 inputs of
@@ -27,7 +29,7 @@ from normswap.native import ops
 from normswap.variants.patchnorm.fused import coefficients
 from normswap.variants.patchnorm.layer import ConvGeometry
 
-__all__ = ["kind", "run"]
+__all__ = ["kind", "run", "sq_norm"]
 
 
 def kind(geom: ConvGeometry, x_in: torch.Tensor, w: torch.Tensor) -> str | None:
@@ -50,15 +52,32 @@ def _window(geom: ConvGeometry, x_in: torch.Tensor) -> tuple[list[int], list[int
     return [a for a, _ in own], out
 
 
+def _lib(geom: ConvGeometry, x_in: torch.Tensor, w: torch.Tensor) -> tuple[Any, str | None]:
+    """``(torch.ops.normswap_native or None, kind)``: None where the eager path runs (module docstring)."""
+    if torch.compiler.is_compiling() or is_fx_symbolic_tracing():
+        return None, None
+    which = kind(geom, x_in, w)
+    return (ops() if which is not None else None), which
+
+
+def sq_norm(x_in: torch.Tensor, geom: ConvGeometry) -> torch.Tensor | None:
+    """``n2`` ``(N, G, *out)`` of a prepared input from the native kernel, or None (the eager path)."""
+    lib, which = _lib(geom, x_in, x_in)
+    if lib is None:
+        return None
+    pads, out = _window(geom, x_in)
+    if min(out) <= 0:
+        return None
+    return lib.patchnorm_sq_norm(x_in, list(geom.kernel_size), list(geom.stride), pads, list(geom.dilation), out,
+                                 which == "depthwise")
+
+
 def run(module: Any, x_in: torch.Tensor, padding: tuple[int, ...] | str, w: torch.Tensor, b: torch.Tensor | None,
         post: torch.Tensor | None) -> torch.Tensor | None:
     """The layer's output (``post`` included) from its native kernel, or None where none applies (the library
     off or unavailable, a geometry or input :func:`kind` leaves to the eager path, tracing)."""
-    if torch.compiler.is_compiling() or is_fx_symbolic_tracing():
-        return None
     geom = module.geom
-    which = kind(geom, x_in, w)
-    lib = ops() if which is not None else None
+    lib, which = _lib(geom, x_in, w)
     if lib is None:
         return None
     pads, out = _window(geom, x_in)
