@@ -52,22 +52,25 @@ def _window(geom: ConvGeometry, x_in: torch.Tensor) -> tuple[list[int], list[int
     return [a for a, _ in own], out
 
 
-def _lib(geom: ConvGeometry, x_in: torch.Tensor, w: torch.Tensor) -> tuple[Any, str | None]:
-    """``(torch.ops.normswap_native or None, kind)``: None where the eager path runs (module docstring)."""
+def _plan(geom: ConvGeometry, x_in: torch.Tensor, w: torch.Tensor) -> tuple[Any, str, list[int], list[int]] | None:
+    """``(torch.ops.normswap_native, kind, pads before, output size)``, or None where the eager path runs
+    (module docstring; also an empty output)."""
     if torch.compiler.is_compiling() or is_fx_symbolic_tracing():
-        return None, None
+        return None
     which = kind(geom, x_in, w)
-    return (ops() if which is not None else None), which
+    if which is None:
+        return None
+    pads, out = _window(geom, x_in)
+    lib = ops() if min(out) > 0 else None
+    return None if lib is None else (lib, which, pads, out)
 
 
 def sq_norm(x_in: torch.Tensor, geom: ConvGeometry) -> torch.Tensor | None:
     """``n2`` ``(N, G, *out)`` of a prepared input from the native kernel, or None (the eager path)."""
-    lib, which = _lib(geom, x_in, x_in)
-    if lib is None:
+    plan = _plan(geom, x_in, x_in)
+    if plan is None:
         return None
-    pads, out = _window(geom, x_in)
-    if min(out) <= 0:
-        return None
+    lib, which, pads, out = plan
     return lib.patchnorm_sq_norm(x_in, list(geom.kernel_size), list(geom.stride), pads, list(geom.dilation), out,
                                  which == "depthwise")
 
@@ -77,12 +80,10 @@ def run(module: Any, x_in: torch.Tensor, padding: tuple[int, ...] | str, w: torc
     """The layer's output (``post`` included) from its native kernel, or None where none applies (the library
     off or unavailable, a geometry or input :func:`kind` leaves to the eager path, tracing)."""
     geom = module.geom
-    lib, which = _lib(geom, x_in, w)
-    if lib is None:
+    plan = _plan(geom, x_in, w)
+    if plan is None:
         return None
-    pads, out = _window(geom, x_in)
-    if min(out) <= 0:
-        return None
+    lib, which, pads, out = plan
     coef = list(coefficients(module.form, module._s, module.eps, module._r))
     flat = post.reshape(-1).to(x_in.dtype).contiguous() if post is not None else None
     if which == "depthwise":
