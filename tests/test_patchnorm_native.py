@@ -129,7 +129,8 @@ FALLBACK = [
 ]
 
 
-@pytest.mark.parametrize("conv,shape,dtype", FALLBACK, ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v))
+@pytest.mark.parametrize("conv,shape,dtype", FALLBACK,
+                         ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v))
 def test_what_the_kernels_do_not_take_runs_the_eager_path(conv, shape, dtype, calls):
     m = _layer(conv.to(dtype), "corrected", True)
     x = torch.randn(shape, dtype=dtype)
