@@ -1,5 +1,6 @@
-// PatchNorm's native kernels (patchnorm_depthwise.cpp, patchnorm_scale.cpp): the factor, a 2-D window's
-// geometry, and one input plane staged for window sums (docs/native.md, "PatchNorm").
+// PatchNorm's native kernels (patchnorm_depthwise.cpp, patchnorm_scale.cpp, patchnorm_norms.cpp): the factor, a
+// 2-D window's geometry, one input plane staged for window sums, the channel sums of squares (docs/native.md,
+// "PatchNorm").
 #pragma once
 #include <algorithm>
 #include <cstring>
@@ -12,11 +13,12 @@ namespace normswap_native::patchnorm {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// The per-patch factor rsqrt(n2 c0 + c1) c2 + c3 (normswap/variants/patchnorm/fused.py, `coefficients`).
+// The per-patch factor rsqrt(n2 c0 + c1) c2 + c3 (normswap/variants/patchnorm/fused.py, `coefficients`); the
+// operators check coef's size first (check_coef).
 template <typename T>
 struct Factor {
   Vec<T> c0, c1, c2, c3;
-  explicit Factor(c10::ArrayRef<double> c) : c0(T(c[0])), c1(T(c[1])), c2(T(c[2])), c3(T(c[3])) {}  // check_coef
+  explicit Factor(c10::ArrayRef<double> c) : c0(T(c[0])), c1(T(c[1])), c2(T(c[2])), c3(T(c[3])) {}
   Vec<T> operator()(const Vec<T>& n2) const { return at::vec::fmadd(at::vec::fmadd(n2, c0, c1).rsqrt(), c2, c3); }
 };
 
@@ -52,7 +54,8 @@ class Staged {
  public:
   explicit Staged(const Window& g) : g_(g) {
     const int64_t L = Vec<T>::size();
-    const int64_t blocks = (g.Wo + L - 1) / L * L;  // whole vectors: the last block reads past Wo, into zeros
+    // whole vectors: the last block's lanes past Wo are read (inside the buffer), not stored
+    const int64_t blocks = (g.Wo + L - 1) / L * L;
     wq_ = std::max(blocks + (g.kw - 1) * g.dx / g.sx, (g.W + g.pl) / g.sx + 1) + 1;
     buf_.assign(g.H * g.sx * wq_, T(0));
     for (int64_t kx = 0; kx < g.kw; ++kx) {
