@@ -69,11 +69,19 @@ class Staged {
       const T* src = x + iy * g_.W;
       if (g_.sx == 1) {
         std::memcpy(row + g_.pl, src, g_.W * sizeof(T));
-      } else if (g_.sx == 2) {  // deinterleave: even padded columns to phase 0, odd ones to phase 1
-        T* ph[2] = {row, row + wq_};
-        for (int64_t ix = 0; ix < g_.W; ++ix) {
+      } else if (g_.sx == 2) {  // deinterleave: padded column p to phase p & 1, index p >> 1
+        const int64_t L = Vec<T>::size(), odd = g_.pl & 1, m = g_.pl >> 1;
+        T* evens = row + odd * wq_ + m;            // x[2j] -> p = 2j + pl
+        T* odds = row + (1 - odd) * wq_ + m + odd;  // x[2j + 1] -> p = 2j + 1 + pl
+        int64_t j = 0;
+        for (; 2 * (j + L) <= g_.W; j += L) {
+          const auto eo = at::vec::deinterleave2(Vec<T>::loadu(src + 2 * j), Vec<T>::loadu(src + 2 * j + L));
+          eo.first.store(evens + j);
+          eo.second.store(odds + j);
+        }
+        for (int64_t ix = 2 * j; ix < g_.W; ++ix) {
           const int64_t p = ix + g_.pl;
-          ph[p & 1][p >> 1] = src[ix];
+          row[(p & 1) * wq_ + (p >> 1)] = src[ix];
         }
       } else {
         for (int64_t ix = 0; ix < g_.W; ++ix) {
