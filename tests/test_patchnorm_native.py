@@ -201,3 +201,16 @@ def test_patch_norms_equal_the_eager_ones(conv, dtype):
         assert _native.sq_norm(x, geom) is None
         eager = _fast.sq_norm(x, geom)
     assert fast is not None and _close(fast, eager) and _close(fast, _patch._reference_n2(x.double(), geom).to(dtype))
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 6, 3, 2, 1, groups=3), nn.Conv2d(5, 7, 3, padding=1),
+                                  nn.Conv2d(3, 3, 5, 1, 4, 2, groups=3, bias=False)], ids=str)
+def test_calibrations_plain_conv_equals_torchs(conv):
+    """Calibration's plain conv (autograd off): the depthwise loop with a unit factor, torch's conv otherwise."""
+    conv = conv.double()
+    geom = _patch.ConvGeometry.from_conv(conv)
+    x = torch.randn(3, conv.in_channels, 23, 29, dtype=torch.float64)
+    with torch.no_grad():
+        fast = _native.conv(geom, x, geom.padding, conv.weight, conv.bias)
+        assert _close(fast, conv(x))
+    assert _native.conv(geom, x, geom.padding, conv.weight, conv.bias).grad_fn is not None  # autograd: torch's

@@ -9,7 +9,8 @@
   channel sum of squares (box-filtered over the conv's window where the kernel is wider than one pixel or
   strided) and scales the conv output in place, ``post`` included: one pass over each.
 - **patch norms alone** (:func:`sq_norm`, what calibration accumulates): ``patchnorm_sq_norm``, the same window
-  sums without the conv and the factor.
+  sums without the conv and the factor; and calibration's plain depthwise conv (:func:`conv`): the depthwise
+  loop with a unit factor.
 
 Both take 2-D convs with zero padding applied at the borders (other padding modes and a same-padding conv's
 pre-padding arrive already padded by :meth:`ConvGeometry.prepare`), contiguous NCHW float32 / float64 inputs of
@@ -29,7 +30,7 @@ from normswap.native import ops
 from normswap.variants.patchnorm.fused import coefficients
 from normswap.variants.patchnorm.layer import ConvGeometry
 
-__all__ = ["kind", "run", "sq_norm"]
+__all__ = ["conv", "kind", "run", "sq_norm"]
 
 
 def kind(geom: ConvGeometry, x_in: torch.Tensor, w: torch.Tensor) -> str | None:
@@ -75,6 +76,25 @@ def sq_norm(x_in: torch.Tensor, geom: ConvGeometry) -> torch.Tensor | None:
                                  which == "depthwise")
 
 
+def conv(geom: ConvGeometry, x_in: torch.Tensor, padding: tuple[int, ...] | str, w: torch.Tensor,
+         b: torch.Tensor | None) -> torch.Tensor:
+    """The plain conv ``w * x_in + b`` of a prepared input with autograd off: the native depthwise loop with the
+    factor 1 (``c = (0, 1, 1, 0)``) where it takes the layer (faster than torch's NCHW depthwise conv), else
+    torch's conv."""
+    plan = _plan(geom, x_in, w) if not torch.is_grad_enabled() else None
+    if plan is None or plan[1] != "depthwise":
+        return geom.conv(x_in, w, b, padding)
+    return _depthwise(plan, geom, x_in, w, b, None, [0.0, 1.0, 1.0, 0.0])
+
+
+def _depthwise(plan: tuple[Any, str, list[int], list[int]], geom: ConvGeometry, x_in: torch.Tensor,
+               w: torch.Tensor, b: torch.Tensor | None, post: torch.Tensor | None, coef: list[float]) -> torch.Tensor:
+    lib, _, pads, out = plan
+    bias = b.to(x_in.dtype).contiguous() if b is not None else None
+    return lib.patchnorm_depthwise(x_in, w.contiguous(), bias, post, list(geom.stride), pads, list(geom.dilation),
+                                   out, coef)
+
+
 def run(module: Any, x_in: torch.Tensor, padding: tuple[int, ...] | str, w: torch.Tensor, b: torch.Tensor | None,
         post: torch.Tensor | None) -> torch.Tensor | None:
     """The layer's output (``post`` included) from its native kernel, or None where none applies (the library
@@ -87,9 +107,7 @@ def run(module: Any, x_in: torch.Tensor, padding: tuple[int, ...] | str, w: torc
     coef = list(coefficients(module.form, module._s, module.eps, module._r))
     flat = post.reshape(-1).to(x_in.dtype).contiguous() if post is not None else None
     if which == "depthwise":
-        bias = b.to(x_in.dtype).contiguous() if b is not None else None
-        return lib.patchnorm_depthwise(x_in, w.contiguous(), bias, flat, list(geom.stride), pads,
-                                       list(geom.dilation), out, coef)
+        return _depthwise(plan, geom, x_in, w, b, flat, coef)
     v = geom.conv(x_in, w, b, padding)
     if not v.is_contiguous():
         v = v.contiguous()
