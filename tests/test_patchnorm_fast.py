@@ -1,6 +1,7 @@
 """PatchNorm's inference path (normswap/variants/patchnorm/fast.py): the cached gain-scaled weight, the chunked
 batch and the channel-sum chain give the plain formula (the unfold reference) on every conv geometry, and the
-cache follows every change of the tensors it was built from."""
+cache follows every change of the tensors it was built from. These tests run the eager path (the native kernels
+off); the reference test runs with them on as well (tests/test_patchnorm_native.py compares the two)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,22 @@ import pytest
 import torch
 from torch import nn
 
+import normswap.native as native
 from normswap.variants.cache import cache_for
 from normswap.variants.patchnorm import fast as _fast, layer as _patch
 from normswap.variants.patchnorm.variant import PatchNormConv, PatchNormLinear
+from tests.test_native import require_library
 from tests.test_patchnorm import D, FORMS, GEOMETRIES, _conv, _perturb, _x
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+
+
+@pytest.fixture(autouse=True)
+def _eager():
+    """The eager path: the native kernels off (a test may turn them on), restored afterwards."""
+    native.set_enabled(False)
+    yield
+    native.set_enabled(None)
 
 
 def _n2_mean(m: PatchNormConv | PatchNormLinear) -> None:
@@ -23,10 +34,15 @@ def _n2_mean(m: PatchNormConv | PatchNormLinear) -> None:
         m.n2_mean.copy_(torch.rand(m.n2_mean.shape, dtype=m.n2_mean.dtype) * 5 + 1)
 
 
+@pytest.mark.parametrize("on", (False, True), ids=("eager", "native"))
 @pytest.mark.parametrize("geo", GEOMETRIES, ids=lambda g: f"{g[0]}d-{g[3]}")
-def test_chunked_and_chained_paths_match_the_reference(geo, monkeypatch):
+def test_chunked_and_chained_paths_match_the_reference(geo, on, monkeypatch):
     """One sample per chunk (any conv with one channel per group) and the addcmul channel sum (groups=1 convs)
-    forced on small inputs: every form, strength and offset against the unfold reference."""
+    forced on small inputs: every form, strength and offset against the unfold reference; and the same with the
+    native kernels on (where they take the geometry)."""
+    if on:
+        require_library()
+        native.set_enabled(True)
     monkeypatch.setattr(_fast, "CHUNK_BYTES", 1)
     monkeypatch.setattr(_patch, "CHAIN_MIN_SLICE", 1)
     dims, cin, cout, kw = geo

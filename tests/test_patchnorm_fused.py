@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import normswap.native as native
 from normswap.variants.patchnorm import fast as _fast, fused as _fused, layer as _patch
 from normswap.variants.patchnorm.variant import PatchNormConv
 from tests.test_patchnorm import FORMS, GEOMETRIES, _conv, _perturb, _x
@@ -19,9 +20,12 @@ DEPTHWISE = [g for g in GEOMETRIES if g[3].get("groups", 1) == g[1]]
 
 @pytest.fixture(autouse=True)
 def _switch():
-    """Every test leaves the process's switch and compiled function as it found them."""
+    """Every test leaves the process's switch and compiled function as it found them; the native kernels, which
+    take precedence over the compiled one, are off."""
     saved = dict(_fused._STATE)
+    native.set_enabled(False)
     yield
+    native.set_enabled(None)
     _fused._STATE.update(saved)
 
 

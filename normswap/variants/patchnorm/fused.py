@@ -19,7 +19,9 @@ Opt-in, with the switch UAN's compiled kernel uses: the environment variable ``N
 docs/patchnorm.md, "Speed"), which is why it is not the default. A compile failure warns once and turns the
 kernel off for the process: the layer then runs the eager path. It runs on the inference path only (eval mode,
 autograd off); the expression itself is differentiable and its gradients equal the plain formula's
-(tests/test_patchnorm_fused.py).
+(tests/test_patchnorm_fused.py). Where normswap's native kernels are on (the default once built), they run these
+layers instead (:mod:`normswap.variants.patchnorm.native_path`, faster at every stride): the compiled kernel
+then serves only with ``NORMSWAP_NATIVE=0`` or without a library.
 
 Under ``torch.compile(model)`` the same layers trace the expression (:func:`traced`) instead of the chunked
 eager path, whatever the switch says, with the pad as an operator the compiler keeps as a real buffer

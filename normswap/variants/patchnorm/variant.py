@@ -57,6 +57,7 @@ from torch import nn
 from normswap.errors import NormswapError, OptionError
 from normswap.core.plan import Site
 from normswap.variants.patchnorm import adapters as _patch_adapters, fast as _fast, layer as _patch
+from normswap.variants.patchnorm import native_path as _native
 from normswap.variants.patchnorm.layer import fold_batchnorm
 from normswap.variants.patchnorm.adapters import ADAPTERS, NormActTail, register_adapter
 from normswap.variants.patchnorm.calib import GainCalibration, fit_gain
@@ -376,7 +377,7 @@ class PatchNormConv(PatchNorm):
     def _calib_terms(self, x, t, source=True):
         x_in, padding = self.geom.prepare(x)
         corrected = self.form == "corrected"
-        v = self.geom.conv(x_in, self.weight, self.bias if corrected else None, padding)
+        v = _native.conv(self.geom, x_in, padding, self.weight, self.bias if corrected else None)
         bias = self.bias.view(-1, *([1] * self.dims)) if self.bias is not None else None
         return _calib_split(self, v, _fast.sq_norm(x_in, self.geom), t, source, bias,
                             lambda v, f: _patch.scale_by_group(v, f, self.groups),
