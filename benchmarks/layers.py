@@ -15,7 +15,7 @@ from torch import nn
 
 import normswap
 
-from .models import Switched, native_available, native_off
+from .models import Switched, compiled_only, native_available, native_off
 from .timing import Bench
 
 HOW = ("Each variant layer (made by `normswap.convert` of a one-layer model, strength 1, UAN K = 3) against the "
@@ -25,7 +25,8 @@ HOW = ("Each variant layer (made by `normswap.convert` of a one-layer model, str
        "the input (`x.sum()`, the cheapest read there is), since PatchNorm must read every input value once more "
        "for its per-pixel norm and can at best fold BN's pass over the output into its own multiply. "
        "`patchnorm compiled` (depthwise rows): the same layer with normswap's opt-in compiled depthwise kernel "
-       "(`NORMSWAP_COMPILE=1`, docs/patchnorm.md; its compile falls in the warm-up). "
+       "(`NORMSWAP_COMPILE=1`, docs/patchnorm.md; native kernels off, since they take precedence; its compile falls "
+       "in the warm-up). "
        "`patchnorm eager` / `uan eager` (where normswap's native kernels are built, docs/native.md): the same layer "
        "with them off (`NORMSWAP_NATIVE=0`), the torch path it keeps as its fallback. "
        "`compiled` group: `torch.compile` of each module (default mode), `torch.compile(...)`, against the eager baseline.")
@@ -159,7 +160,7 @@ def run(bench: Bench) -> dict[str, Any]:
             if pn.groups == pn.in_channels > 1:  # the opt-in compiled depthwise kernel (NORMSWAP_COMPILE=1)
                 from normswap.variants.patchnorm import fused
 
-                fns["patchnorm compiled"] = _infer(Switched(cand, fused.set_compiled), x)
+                fns["patchnorm compiled"] = _infer(Switched(cand, compiled_only(fused.set_compiled)), x)
         rows += bench.compare("eval", what, fns, label, reps, variant=variant)
         if variant == "patchnorm" and isinstance(base[0], nn.Conv2d) and (pn.kernel_size != (1, 1) or pn.groups == 1):
             # rounds of their own: the naive reference's patch tensors (9x the input) churn the allocator and

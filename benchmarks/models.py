@@ -31,6 +31,7 @@ HOW = ("Torchvision models, random init, eval mode, `torch.inference_mode`; ever
        "peak resident set (CUDA: allocator peak) over one forward, every configuration in one child process "
        "started with `MALLOC_MMAP_THRESHOLD_=65536` so that freed buffers leave the resident set. `uan compiled`: "
        "the same UAN model with its channel-mode kernel compiled (`NORMSWAP_COMPILE=1`, docs/uan.md; opt-in, "
+       "native kernels off, "
        "its compile falls in the warm-up), where the model has BatchNorm sites; `patchnorm compiled`: the PatchNorm "
        "model with its depthwise kernel compiled (the same switch, docs/patchnorm.md; stride-1 depthwise layers on "
        "maps of 256+ values, inference only), where the model has depthwise convolutions. `uan eager` / "
@@ -103,6 +104,15 @@ def native_off(on: bool) -> None:
     native.set_enabled(False if on else None)
 
 
+def compiled_only(set_compiled: Callable[[bool], None]) -> Callable[[bool], None]:
+    """A :class:`Switched` flip for a variant's opt-in compiled kernel alone: the native kernels, which take
+    precedence over it where both apply, are off while it is on."""
+    def flip(on: bool) -> None:
+        native_off(on)
+        set_compiled(on)
+    return flip
+
+
 def native_available() -> bool:
     """Whether the default path runs normswap's native kernels here (built, or buildable, and not switched off)."""
     from normswap import native
@@ -123,13 +133,13 @@ def with_compiled(models: dict[str, nn.Module], training: bool = False) -> dict[
     native = native_available()
     uan = models.get("uan")
     if uan is not None and any(isinstance(m, UANChannel) for m in uan.modules()):
-        out["uan compiled"] = Switched(uan, set_compiled)
+        out["uan compiled"] = Switched(uan, compiled_only(set_compiled))
         if native:
             out["uan eager"] = Switched(uan, native_off)
     pn = models.get("patchnorm")
     if not training and pn is not None and any(
             isinstance(m, PatchNormConv) and m.groups == m.in_channels > 1 for m in pn.modules()):
-        out["patchnorm compiled"] = Switched(pn, pn_fused.set_compiled)
+        out["patchnorm compiled"] = Switched(pn, compiled_only(pn_fused.set_compiled))
     if not training and pn is not None and native:
         out["patchnorm eager"] = Switched(pn, native_off)
     return out
