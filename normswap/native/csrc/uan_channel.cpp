@@ -67,6 +67,26 @@ constexpr T floor_of() {
   return std::is_same_v<T, float> ? T(-64) : T(-512);  // fused.py's EXP_FLOOR
 }
 
+// 1 / d for d in [1, K] (the sum of the weights, the largest being exactly 1): float32 takes the hardware's
+// reciprocal estimate and one Newton step (about 1 ulp) instead of a division, which alone costs as much as a
+// component's exp; float64 divides.
+template <typename T>
+inline V<T> recip(const V<T>& d) {
+  return V<T>(T(1)) / d;
+}
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+template <>
+inline V<float> recip<float>(const V<float>& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const V<float> r(_mm512_rcp14_ps(d));
+#else
+  const V<float> r(_mm256_rcp_ps(d));
+#endif
+  return r * at::vec::fnmadd(d, r, V<float>(2.0f));  // r (2 - d r)
+}
+#endif
+
 // Vectors of K per-lane values: fixed-size (unrolled) for K <= 8, heap-allocated otherwise.
 template <typename T, int KT>
 struct Lanes {
@@ -119,12 +139,16 @@ void gather(Coeffs<T, KT>& co, const T* a, const T* c, const T* b, const T* g, c
 // z_k and the floored, unnormalised weights e_k of one vector x; returns sum_k e_k.
 template <typename T, int KT>
 inline V<T> weights(const V<T>& x, const Coeffs<T, KT>& co, int64_t k, Lanes<T, KT>& z, Lanes<T, KT>& e) {
-  const V<T> half(T(0.5)), floor(floor_of<T>());
+  const V<T> mhalf(T(-0.5)), floor(floor_of<T>());
   V<T> top;
   for (int64_t i = 0; i < k; ++i) {
     z[i] = at::vec::fmadd(x, co.a[i], co.c[i]);
-    e[i] = co.b[i] - half * z[i] * z[i];  // l_k
+    e[i] = at::vec::fmadd(z[i] * mhalf, z[i], co.b[i]);  // l_k
     top = i == 0 ? e[i] : at::vec::maximum(top, e[i]);
+  }
+  if constexpr (KT == 1) {  // one component: its weight is 1, no exp
+    e[0] = V<T>(T(1));
+    return e[0];
   }
   V<T> den(T(0));
   for (int64_t i = 0; i < k; ++i) {
@@ -139,7 +163,7 @@ inline V<T> forward_value(const V<T>& x, const Coeffs<T, KT>& co, int64_t k, Lan
   const V<T> den = weights<T, KT>(x, co, k, z, e);
   V<T> num(T(0));
   for (int64_t i = 0; i < k; ++i) num = at::vec::fmadd(e[i], co.g[i] * z[i], num);
-  return at::vec::fmadd(co.p, x, num / den + co.q);
+  return at::vec::fmadd(co.p, x, at::vec::fmadd(num, recip<T>(den), co.q));
 }
 
 template <typename T, int KT>
@@ -189,7 +213,7 @@ void forward_impl(const T* x, T* y, const T* a, const T* c, const T* b, const T*
 template <typename T, int KT>
 inline V<T> backward_value(const V<T>& x, const V<T>& u, const Coeffs<T, KT>& co, int64_t k, Lanes<T, KT>& z,
                            Lanes<T, KT>& e, V<T>* acc) {
-  const V<T> inv = V<T>(T(1)) / weights<T, KT>(x, co, k, z, e);
+  const V<T> inv = recip<T>(weights<T, KT>(x, co, k, z, e));
   V<T> m(T(0));
   for (int64_t i = 0; i < k; ++i) {
     e[i] = e[i] * inv;  // t_k
