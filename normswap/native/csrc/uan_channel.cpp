@@ -67,6 +67,35 @@ constexpr T floor_of() {
   return std::is_same_v<T, float> ? T(-64) : T(-512);  // fused.py's EXP_FLOOR
 }
 
+// 2^y on [floor log2(e), 0] for the forward: float32 splits y = n + r (n rounded with a magic-number add, r exact,
+// |r| <= 1/2), a degree-6 polynomial for 2^r (fitted here; 1.6 ulp), and 2^n through the exponent bits:
+// 11 operations. float64, and CPUs without AVX2, use Sleef's exp2 through ATen.
+template <typename T>
+inline V<T> vexp2(const V<T>& v) {
+  return v.exp2();
+}
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+template <>
+inline V<float> vexp2<float>(const V<float>& y) {
+  const V<float> magic(12582912.0f + 127.0f);
+  const V<float> t = y + magic;
+  const V<float> r = y - (t - magic);
+  V<float> p = at::vec::fmadd(V<float>(1.5370704932138324e-4f), r, V<float>(1.3399848248809576e-3f));
+  p = at::vec::fmadd(p, r, V<float>(9.618373587727547e-3f));
+  p = at::vec::fmadd(p, r, V<float>(5.550329014658928e-2f));
+  p = at::vec::fmadd(p, r, V<float>(2.4022647738456726e-1f));
+  p = at::vec::fmadd(p, r, V<float>(6.931471824645996e-1f));
+  p = at::vec::fmadd(p, r, V<float>(1.0f));
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23));
+#else
+  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+#endif
+  return p * V<float>(scale);
+}
+#endif
+
 // 1 / d for d in [1, K] (the sum of the weights, the largest being exactly 1): float32 takes the hardware's
 // reciprocal estimate and one Newton step (about 1 ulp) instead of a division, which alone costs as much as a
 // component's exp; float64 divides.
@@ -98,45 +127,67 @@ struct Lanes {
   const V<T>& operator[](int64_t i) const { return v[i]; }
 };
 
-// The coefficients of one channel (broadcast) or of a run of channels (one per lane).
+// The coefficients of one channel (broadcast) or of a run of channels (one per lane). For the forward
+// (Log2 = true) they are rescaled so that each component costs fewer operations per value:
+//   s_k = a'_k x + c'_k = z_k sqrt(log2(e) / 2),  l_k log2(e) = b'_k - s_k^2,  g_k z_k = G_k x + H_k,
+// and the weights are 2^(l_k log2(e) - max), the same numbers as exp(l_k - max).
 template <typename T, int KT>
 struct Coeffs {
-  Lanes<T, KT> a, c, b, g;
+  Lanes<T, KT> a, c, b, g, h;
   V<T> p, q;
-  explicit Coeffs(int64_t k) : a(k), c(k), b(k), g(k), p(T(0)), q(T(0)) {}
+  explicit Coeffs(int64_t k) : a(k), c(k), b(k), g(k), h(k), p(T(0)), q(T(0)) {}
+};
+
+template <typename T>
+struct Rows {
+  const T *a, *c, *b, *g, *p, *q;  // (K, C) and (C,) or null
 };
 
 struct Args {
   int64_t n, ch, s, k;
 };
 
-template <typename T, int KT>
-void broadcast(Coeffs<T, KT>& co, const T* a, const T* c, const T* b, const T* g, const T* p, const T* q,
-               int64_t ch, int64_t k, int64_t j) {
-  for (int64_t i = 0; i < k; ++i) {
-    co.a[i] = V<T>(a[i * ch + j]);
-    co.c[i] = V<T>(c[i * ch + j]);
-    co.b[i] = V<T>(b[i * ch + j]);
-    co.g[i] = V<T>(g[i * ch + j]);
+constexpr double kLog2e = 1.4426950408889634;
+
+template <typename T, int KT, bool Log2>
+void set(Coeffs<T, KT>& co, int64_t i, const V<T>& a, const V<T>& c, const V<T>& b, const V<T>& g) {
+  if constexpr (Log2) {
+    const V<T> sc(static_cast<T>(0.84932180028801907)), l2e(static_cast<T>(kLog2e));  // sqrt(log2(e) / 2), log2(e)
+    co.a[i] = a * sc;
+    co.c[i] = c * sc;
+    co.b[i] = b * l2e;
+    co.g[i] = g * a;
+    co.h[i] = g * c;
+  } else {
+    co.a[i] = a;
+    co.c[i] = c;
+    co.b[i] = b;
+    co.g[i] = g;
   }
-  co.p = V<T>(p ? p[j] : T(0));
-  co.q = V<T>(q ? q[j] : T(0));
 }
 
-template <typename T, int KT>
-void gather(Coeffs<T, KT>& co, const T* a, const T* c, const T* b, const T* g, const T* p, const T* q,
-            int64_t ch, int64_t k, int64_t j, int64_t cnt) {
+template <typename T, int KT, bool Log2>
+void broadcast(Coeffs<T, KT>& co, const Rows<T>& r, int64_t ch, int64_t k, int64_t j) {
   for (int64_t i = 0; i < k; ++i) {
-    co.a[i] = V<T>::loadu(a + i * ch + j, cnt);
-    co.c[i] = V<T>::loadu(c + i * ch + j, cnt);
-    co.b[i] = V<T>::loadu(b + i * ch + j, cnt);
-    co.g[i] = V<T>::loadu(g + i * ch + j, cnt);
+    const int64_t o = i * ch + j;
+    set<T, KT, Log2>(co, i, V<T>(r.a[o]), V<T>(r.c[o]), V<T>(r.b[o]), V<T>(r.g[o]));
   }
-  co.p = p ? V<T>::loadu(p + j, cnt) : V<T>(T(0));
-  co.q = q ? V<T>::loadu(q + j, cnt) : V<T>(T(0));
+  co.p = V<T>(r.p ? r.p[j] : T(0));
+  co.q = V<T>(r.q ? r.q[j] : T(0));
 }
 
-// z_k and the floored, unnormalised weights e_k of one vector x; returns sum_k e_k.
+template <typename T, int KT, bool Log2>
+void gather(Coeffs<T, KT>& co, const Rows<T>& r, int64_t ch, int64_t k, int64_t j, int64_t cnt) {
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t o = i * ch + j;
+    set<T, KT, Log2>(co, i, V<T>::loadu(r.a + o, cnt), V<T>::loadu(r.c + o, cnt), V<T>::loadu(r.b + o, cnt),
+                     V<T>::loadu(r.g + o, cnt));
+  }
+  co.p = r.p ? V<T>::loadu(r.p + j, cnt) : V<T>(T(0));
+  co.q = r.q ? V<T>::loadu(r.q + j, cnt) : V<T>(T(0));
+}
+
+// z_k and the floored, unnormalised weights e_k of one vector x (unscaled coefficients); returns sum_k e_k.
 template <typename T, int KT>
 inline V<T> weights(const V<T>& x, const Coeffs<T, KT>& co, int64_t k, Lanes<T, KT>& z, Lanes<T, KT>& e) {
   const V<T> mhalf(T(-0.5)), floor(floor_of<T>());
@@ -158,30 +209,43 @@ inline V<T> weights(const V<T>& x, const Coeffs<T, KT>& co, int64_t k, Lanes<T, 
   return den;
 }
 
+// y of one vector x (coefficients scaled for the forward, Log2 = true).
 template <typename T, int KT>
-inline V<T> forward_value(const V<T>& x, const Coeffs<T, KT>& co, int64_t k, Lanes<T, KT>& z, Lanes<T, KT>& e) {
-  const V<T> den = weights<T, KT>(x, co, k, z, e);
-  V<T> num(T(0));
-  for (int64_t i = 0; i < k; ++i) num = at::vec::fmadd(e[i], co.g[i] * z[i], num);
+inline V<T> forward_value(const V<T>& x, const Coeffs<T, KT>& co, int64_t k, Lanes<T, KT>& l) {
+  if constexpr (KT == 1) {
+    return at::vec::fmadd(co.p, x, at::vec::fmadd(x, co.g[0], co.h[0]) + co.q);
+  }
+  const V<T> floor(static_cast<T>(floor_of<T>() * kLog2e));
+  V<T> top;
+  for (int64_t i = 0; i < k; ++i) {
+    const V<T> s = at::vec::fmadd(x, co.a[i], co.c[i]);
+    l[i] = at::vec::fnmadd(s, s, co.b[i]);  // l_k log2(e)
+    top = i == 0 ? l[i] : at::vec::maximum(top, l[i]);
+  }
+  V<T> num(T(0)), den(T(0));
+  for (int64_t i = 0; i < k; ++i) {
+    const V<T> e = vexp2<T>(at::vec::maximum(l[i] - top, floor));
+    den = den + e;
+    num = at::vec::fmadd(e, at::vec::fmadd(x, co.g[i], co.h[i]), num);
+  }
   return at::vec::fmadd(co.p, x, at::vec::fmadd(num, recip<T>(den), co.q));
 }
 
 template <typename T, int KT>
-void forward_impl(const T* x, T* y, const T* a, const T* c, const T* b, const T* g, const T* p, const T* q,
-                  Args d) {
+void forward_impl(const T* x, T* y, const Rows<T>& rows, Args d) {
   constexpr int64_t L = V<T>::size();
   if (d.s >= L) {
     const int64_t grain = std::max<int64_t>(1, kGrainValues / d.s);
     at::parallel_for(0, d.n * d.ch, grain, [&](int64_t begin, int64_t end) {
       Coeffs<T, KT> co(d.k);
-      Lanes<T, KT> z(d.k), e(d.k);
+      Lanes<T, KT> l(d.k);
       for (int64_t plane = begin; plane < end; ++plane) {
-        broadcast<T, KT>(co, a, c, b, g, p, q, d.ch, d.k, plane % d.ch);
+        broadcast<T, KT, true>(co, rows, d.ch, d.k, plane % d.ch);
         const T* xp = x + plane * d.s;
         T* yp = y + plane * d.s;
         int64_t i = 0;
-        for (; i + L <= d.s; i += L) forward_value<T, KT>(V<T>::loadu(xp + i), co, d.k, z, e).store(yp + i);
-        if (i < d.s) forward_value<T, KT>(V<T>::loadu(xp + i, d.s - i), co, d.k, z, e).store(yp + i, d.s - i);
+        for (; i + L <= d.s; i += L) forward_value<T, KT>(V<T>::loadu(xp + i), co, d.k, l).store(yp + i);
+        if (i < d.s) forward_value<T, KT>(V<T>::loadu(xp + i, d.s - i), co, d.k, l).store(yp + i, d.s - i);
       }
     });
     return;
@@ -190,17 +254,17 @@ void forward_impl(const T* x, T* y, const T* a, const T* c, const T* b, const T*
   const int64_t grain = std::max<int64_t>(1, kGrainValues / (d.ch * d.s));
   at::parallel_for(0, d.n, grain, [&](int64_t begin, int64_t end) {
     Coeffs<T, KT> co(d.k);
-    Lanes<T, KT> z(d.k), e(d.k);
+    Lanes<T, KT> l(d.k);
     std::vector<T> xs(L), ys(L);
     for (int64_t j = 0; j < d.ch; j += L) {
       const int64_t cnt = std::min<int64_t>(L, d.ch - j);
-      gather<T, KT>(co, a, c, b, g, p, q, d.ch, d.k, j, cnt);
+      gather<T, KT, true>(co, rows, d.ch, d.k, j, cnt);
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t s = 0; s < d.s; ++s) {
           const T* xp = x + (n * d.ch + j) * d.s + s;
           T* yp = y + (n * d.ch + j) * d.s + s;
           for (int64_t l = 0; l < cnt; ++l) xs[l] = xp[l * d.s];
-          forward_value<T, KT>(V<T>::loadu(xs.data(), cnt), co, d.k, z, e).store(ys.data(), cnt);
+          forward_value<T, KT>(V<T>::loadu(xs.data(), cnt), co, d.k, l).store(ys.data(), cnt);
           for (int64_t l = 0; l < cnt; ++l) yp[l * d.s] = ys[l];
         }
       }
@@ -237,8 +301,7 @@ inline V<T> backward_value(const V<T>& x, const V<T>& u, const Coeffs<T, KT>& co
 
 // part (Q, N, C): the per-(n, c) sums of the Q = 4K + 2 quantities.
 template <typename T, int KT>
-void backward_impl(const T* u, const T* x, T* dx, const T* a, const T* c, const T* b, const T* g, const T* p,
-                   T* part, Args d) {
+void backward_impl(const T* u, const T* x, T* dx, const Rows<T>& rows, T* part, Args d) {
   constexpr int64_t L = V<T>::size();
   const int64_t nq = 4 * d.k + 2, planes = d.n * d.ch;
   if (d.s >= L) {
@@ -248,7 +311,7 @@ void backward_impl(const T* u, const T* x, T* dx, const T* a, const T* c, const 
       Lanes<T, KT> z(d.k), e(d.k);
       std::vector<V<T>> acc(nq);
       for (int64_t plane = begin; plane < end; ++plane) {
-        broadcast<T, KT>(co, a, c, b, g, p, nullptr, d.ch, d.k, plane % d.ch);
+        broadcast<T, KT, false>(co, rows, d.ch, d.k, plane % d.ch);
         std::fill(acc.begin(), acc.end(), V<T>(T(0)));
         const int64_t off = plane * d.s;
         int64_t i = 0;
@@ -277,7 +340,7 @@ void backward_impl(const T* u, const T* x, T* dx, const T* a, const T* c, const 
     std::vector<T> xs(L), us(L), out(L);
     for (int64_t j = 0; j < d.ch; j += L) {
       const int64_t cnt = std::min<int64_t>(L, d.ch - j);
-      gather<T, KT>(co, a, c, b, g, p, nullptr, d.ch, d.k, j, cnt);
+      gather<T, KT, false>(co, rows, d.ch, d.k, j, cnt);
       for (int64_t n = begin; n < end; ++n) {
         std::fill(acc.begin(), acc.end(), V<T>(T(0)));
         for (int64_t s = 0; s < d.s; ++s) {
@@ -346,10 +409,9 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& a, const at::Tensor& c
   if (x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "uan_channel_forward", [&] {
     dispatch_k<scalar_t>(d.k, [&](auto kt) {
-      forward_impl<scalar_t, decltype(kt)::value>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                                  a.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
-                                                  b.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), ptr<scalar_t>(p),
-                                                  ptr<scalar_t>(q), d);
+      const Rows<scalar_t> rows{a.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                                g.data_ptr<scalar_t>(), ptr<scalar_t>(p), ptr<scalar_t>(q)};
+      forward_impl<scalar_t, decltype(kt)::value>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, d);
     });
   });
   return y;
@@ -369,10 +431,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "uan_channel_backward", [&] {
       dispatch_k<scalar_t>(d.k, [&](auto kt) {
-        backward_impl<scalar_t, decltype(kt)::value>(
-            grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
-            c.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), ptr<scalar_t>(p),
-            part.data_ptr<scalar_t>(), d);
+        const Rows<scalar_t> rows{a.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                                  g.data_ptr<scalar_t>(), ptr<scalar_t>(p), nullptr};
+        backward_impl<scalar_t, decltype(kt)::value>(grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                                     dx.data_ptr<scalar_t>(), rows, part.data_ptr<scalar_t>(), d);
       });
       // Over samples in order, per quantity: independent of how the planes were split between threads.
       const scalar_t* pp = part.data_ptr<scalar_t>();
