@@ -19,102 +19,13 @@
 #include <vector>
 
 #include "native.h"
+#include "uan_math.h"
 
 namespace normswap_native {
 namespace uan {
 namespace {
 
-template <typename T>
-using V = at::vec::Vectorized<T>;
-
 constexpr int64_t kGrainValues = 1 << 14;  // values per parallel task, at least
-
-// exp on [floor, 0] (floored above the subnormal range, at most 0 after the max is subtracted), so no range
-// checks: float32 rounds x log2(e) to n with a magic-number add, takes r = x - n ln2 (ln2 split in two) and
-// Cephes' degree-7 polynomial for exp(r) (|r| <= ln2 / 2; about 1 ulp), then scales by 2^n through the
-// exponent bits. That is half the instructions of ATen's exp_u20 and as accurate as the eager path's exp (the
-// tests compare them). float64, and CPUs without AVX2, use Sleef's exp through ATen.
-template <typename T>
-inline V<T> vexp(const V<T>& v) {
-  return v.exp();
-}
-
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-template <>
-inline V<float> vexp<float>(const V<float>& x) {
-  const V<float> magic(12582912.0f + 127.0f);  // 1.5 * 2^23 + the exponent bias
-  const V<float> t = at::vec::fmadd(x, V<float>(1.44269504088896341f), magic);
-  const V<float> n = t - magic;
-  V<float> r = at::vec::fmadd(n, V<float>(-0.693359375f), x);
-  r = at::vec::fmadd(n, V<float>(2.12194440e-4f), r);
-  V<float> p = at::vec::fmadd(V<float>(1.9875691500e-4f), r, V<float>(1.3981999507e-3f));
-  p = at::vec::fmadd(p, r, V<float>(8.3334519073e-3f));
-  p = at::vec::fmadd(p, r, V<float>(4.1665795894e-2f));
-  p = at::vec::fmadd(p, r, V<float>(1.6666665459e-1f));
-  p = at::vec::fmadd(p, r, V<float>(5.0000001201e-1f));
-  p = at::vec::fmadd(p, r * r, r + V<float>(1.0f));
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23));
-#else
-  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
-#endif
-  return p * V<float>(scale);
-}
-#endif
-
-template <typename T>
-constexpr T floor_of() {
-  return std::is_same_v<T, float> ? T(-64) : T(-512);  // fused.py's EXP_FLOOR
-}
-
-// 2^y on [floor log2(e), 0] for the forward: float32 splits y = n + r (n rounded with a magic-number add, r exact,
-// |r| <= 1/2), a degree-6 polynomial for 2^r (fitted here; 1.6 ulp), and 2^n through the exponent bits:
-// 11 operations. float64, and CPUs without AVX2, use Sleef's exp2 through ATen.
-template <typename T>
-inline V<T> vexp2(const V<T>& v) {
-  return v.exp2();
-}
-
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-template <>
-inline V<float> vexp2<float>(const V<float>& y) {
-  const V<float> magic(12582912.0f + 127.0f);
-  const V<float> t = y + magic;
-  const V<float> r = y - (t - magic);
-  V<float> p = at::vec::fmadd(V<float>(1.5370704932138324e-4f), r, V<float>(1.3399848248809576e-3f));
-  p = at::vec::fmadd(p, r, V<float>(9.618373587727547e-3f));
-  p = at::vec::fmadd(p, r, V<float>(5.550329014658928e-2f));
-  p = at::vec::fmadd(p, r, V<float>(2.4022647738456726e-1f));
-  p = at::vec::fmadd(p, r, V<float>(6.931471824645996e-1f));
-  p = at::vec::fmadd(p, r, V<float>(1.0f));
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23));
-#else
-  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
-#endif
-  return p * V<float>(scale);
-}
-#endif
-
-// 1 / d for d in [1, K] (the sum of the weights, the largest being exactly 1): float32 takes the hardware's
-// reciprocal estimate and one Newton step (about 1 ulp) instead of a division, which alone costs as much as a
-// component's exp; float64 divides.
-template <typename T>
-inline V<T> recip(const V<T>& d) {
-  return V<T>(T(1)) / d;
-}
-
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-template <>
-inline V<float> recip<float>(const V<float>& d) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const V<float> r(_mm512_rcp14_ps(d));
-#else
-  const V<float> r(_mm256_rcp_ps(d));
-#endif
-  return r * at::vec::fnmadd(d, r, V<float>(2.0f));  // r (2 - d r)
-}
-#endif
 
 // Vectors of K per-lane values: fixed-size (unrolled) for K <= 8, heap-allocated otherwise.
 template <typename T, int KT>
@@ -146,8 +57,6 @@ struct Rows {
 struct Args {
   int64_t n, ch, s, k;
 };
-
-constexpr double kLog2e = 1.4426950408889634;
 
 template <typename T, int KT, bool Log2>
 void set(Coeffs<T, KT>& co, int64_t i, const V<T>& a, const V<T>& c, const V<T>& b, const V<T>& g) {
