@@ -39,14 +39,15 @@ struct Lanes {
 };
 
 // The coefficients of one channel (broadcast) or of a run of channels (one per lane). For the forward
-// (Log2 = true) they are rescaled so that each component costs fewer operations per value:
-//   s_k = a'_k x + c'_k = z_k sqrt(log2(e) / 2),  l_k log2(e) = b'_k - s_k^2,  g_k z_k = G_k x + H_k,
-// and the weights are 2^(l_k log2(e) - max), the same numbers as exp(l_k - max).
+// (Log2 = true) b_k is scaled by log2(e), so that with s_k = z_k sqrt(log2(e) / 2) one fma gives
+// l_k log2(e) = b'_k - s_k^2 and the weights are 2^(l_k log2(e) - max), the same numbers as exp(l_k - max)
+// at fewer operations. z_k = a_k x + c_k stays one fma of the unscaled coefficients: a scaled a_k or a folded
+// g_k a_k would add its own rounding to z_k where a_k x and c_k cancel (values near a component's mean).
 template <typename T, int KT>
 struct Coeffs {
-  Lanes<T, KT> a, c, b, g, h;
+  Lanes<T, KT> a, c, b, g;
   V<T> p, q;
-  explicit Coeffs(int64_t k) : a(k), c(k), b(k), g(k), h(k), p(T(0)), q(T(0)) {}
+  explicit Coeffs(int64_t k) : a(k), c(k), b(k), g(k), p(T(0)), q(T(0)) {}
 };
 
 template <typename T>
@@ -60,19 +61,10 @@ struct Args {
 
 template <typename T, int KT, bool Log2>
 void set(Coeffs<T, KT>& co, int64_t i, const V<T>& a, const V<T>& c, const V<T>& b, const V<T>& g) {
-  if constexpr (Log2) {
-    const V<T> sc(static_cast<T>(0.84932180028801907)), l2e(static_cast<T>(kLog2e));  // sqrt(log2(e) / 2), log2(e)
-    co.a[i] = a * sc;
-    co.c[i] = c * sc;
-    co.b[i] = b * l2e;
-    co.g[i] = g * a;
-    co.h[i] = g * c;
-  } else {
-    co.a[i] = a;
-    co.c[i] = c;
-    co.b[i] = b;
-    co.g[i] = g;
-  }
+  co.a[i] = a;
+  co.c[i] = c;
+  co.b[i] = Log2 ? b * V<T>(static_cast<T>(kLog2e)) : b;
+  co.g[i] = g;
 }
 
 template <typename T, int KT, bool Log2>
@@ -118,16 +110,18 @@ inline V<T> weights(const V<T>& x, const Coeffs<T, KT>& co, int64_t k, Lanes<T, 
   return den;
 }
 
-// y of one vector x (coefficients scaled for the forward, Log2 = true).
+// y of one vector x (b_k scaled by log2(e) for the forward, Log2 = true).
 template <typename T, int KT>
-inline V<T> forward_value(const V<T>& x, const Coeffs<T, KT>& co, int64_t k, Lanes<T, KT>& l) {
+inline V<T> forward_value(const V<T>& x, const Coeffs<T, KT>& co, int64_t k, Lanes<T, KT>& z, Lanes<T, KT>& l) {
   if constexpr (KT == 1) {
-    return at::vec::fmadd(co.p, x, at::vec::fmadd(x, co.g[0], co.h[0]) + co.q);
+    return at::vec::fmadd(co.p, x, at::vec::fmadd(co.g[0], at::vec::fmadd(x, co.a[0], co.c[0]), co.q));
   }
+  const V<T> sc(static_cast<T>(0.84932180028801907));  // sqrt(log2(e) / 2)
   const V<T> floor(static_cast<T>(floor_of<T>() * kLog2e));
   V<T> top;
   for (int64_t i = 0; i < k; ++i) {
-    const V<T> s = at::vec::fmadd(x, co.a[i], co.c[i]);
+    z[i] = at::vec::fmadd(x, co.a[i], co.c[i]);
+    const V<T> s = z[i] * sc;
     l[i] = at::vec::fnmadd(s, s, co.b[i]);  // l_k log2(e)
     top = i == 0 ? l[i] : at::vec::maximum(top, l[i]);
   }
@@ -135,7 +129,7 @@ inline V<T> forward_value(const V<T>& x, const Coeffs<T, KT>& co, int64_t k, Lan
   for (int64_t i = 0; i < k; ++i) {
     const V<T> e = vexp2<T>(at::vec::maximum(l[i] - top, floor));
     den = den + e;
-    num = at::vec::fmadd(e, at::vec::fmadd(x, co.g[i], co.h[i]), num);
+    num = at::vec::fmadd(e, co.g[i] * z[i], num);
   }
   return at::vec::fmadd(co.p, x, at::vec::fmadd(num, recip<T>(den), co.q));
 }
@@ -147,14 +141,14 @@ void forward_impl(const T* x, T* y, const Rows<T>& rows, Args d) {
     const int64_t grain = std::max<int64_t>(1, kGrainValues / d.s);
     at::parallel_for(0, d.n * d.ch, grain, [&](int64_t begin, int64_t end) {
       Coeffs<T, KT> co(d.k);
-      Lanes<T, KT> l(d.k);
+      Lanes<T, KT> z(d.k), l(d.k);
       for (int64_t plane = begin; plane < end; ++plane) {
         broadcast<T, KT, true>(co, rows, d.ch, d.k, plane % d.ch);
         const T* xp = x + plane * d.s;
         T* yp = y + plane * d.s;
         int64_t i = 0;
-        for (; i + L <= d.s; i += L) forward_value<T, KT>(V<T>::loadu(xp + i), co, d.k, l).store(yp + i);
-        if (i < d.s) forward_value<T, KT>(V<T>::loadu(xp + i, d.s - i), co, d.k, l).store(yp + i, d.s - i);
+        for (; i + L <= d.s; i += L) forward_value<T, KT>(V<T>::loadu(xp + i), co, d.k, z, l).store(yp + i);
+        if (i < d.s) forward_value<T, KT>(V<T>::loadu(xp + i, d.s - i), co, d.k, z, l).store(yp + i, d.s - i);
       }
     });
     return;
@@ -163,7 +157,7 @@ void forward_impl(const T* x, T* y, const Rows<T>& rows, Args d) {
   const int64_t grain = std::max<int64_t>(1, kGrainValues / (d.ch * d.s));
   at::parallel_for(0, d.n, grain, [&](int64_t begin, int64_t end) {
     Coeffs<T, KT> co(d.k);
-    Lanes<T, KT> l(d.k);
+    Lanes<T, KT> z(d.k), l(d.k);
     std::vector<T> xs(L), ys(L);
     for (int64_t j = 0; j < d.ch; j += L) {
       const int64_t cnt = std::min<int64_t>(L, d.ch - j);
@@ -173,7 +167,7 @@ void forward_impl(const T* x, T* y, const Rows<T>& rows, Args d) {
           const T* xp = x + (n * d.ch + j) * d.s + s;
           T* yp = y + (n * d.ch + j) * d.s + s;
           for (int64_t l = 0; l < cnt; ++l) xs[l] = xp[l * d.s];
-          forward_value<T, KT>(V<T>::loadu(xs.data(), cnt), co, d.k, l).store(ys.data(), cnt);
+          forward_value<T, KT>(V<T>::loadu(xs.data(), cnt), co, d.k, z, l).store(ys.data(), cnt);
           for (int64_t l = 0; l < cnt; ++l) yp[l * d.s] = ys[l];
         }
       }
