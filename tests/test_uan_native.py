@@ -185,7 +185,7 @@ def test_results_do_not_depend_on_the_thread_count(lib):
             assert torch.equal(a, b)
 
 
-def test_the_module_runs_native_by_default_and_agrees_with_eager(lib, monkeypatch):
+def test_the_module_runs_the_native_kernel_and_agrees_with_eager(lib, monkeypatch):
     """A UAN layer with separated components: eval (cached coefficients) and training-mode gradients agree
     between the native kernel and the eager path; the native operator is what runs."""
     torch.manual_seed(0)
@@ -216,3 +216,17 @@ def _module_out(module, x):
     y1 = module(xx)
     dx, dm = torch.autograd.grad(y1.square().sum(), (xx, module.mix_mean))
     return y0, y1.detach(), dx, dm
+
+
+def test_coinciding_components_get_equal_gradients(lib):
+    """Every component's terms are the same instructions (no product left for the compiler to contract into an
+    fma for some components only): coinciding components get bitwise equal gradients, so an optimiser keeps
+    them coinciding (tests/test_finetune.py's one-process vs two-process run relies on it)."""
+    a, c, b, g, p, _ = (t if t is None or t.dim() == 1 else t[:1].expand_as(t).contiguous()
+                        for t in fitted(6, 3, spread=1.0, rho=0.5))
+    x = torch.randn(8, 6, 8, 8, generator=torch.Generator().manual_seed(12))
+    u = torch.randn(8, 6, 8, 8, generator=torch.Generator().manual_seed(13))
+    for xs, us in ((x, u), (x[:, :, 0, :3].contiguous(), u[:, :, 0, :3].contiguous())):  # planes and lanes over C
+        _, da, dc, db, dg, _, _ = lib.uan_channel_backward(us, xs, a, c, b, g, p)
+        for t in (da, dc, db, dg):
+            assert torch.equal(t, t[:1].expand_as(t))

@@ -176,7 +176,10 @@ void forward_impl(const T* x, T* y, const Rows<T>& rows, Args d) {
 }
 
 // The backward's per-value terms, added to vector accumulators acc (4K + 2: a, c, b, g per k, then p, q);
-// returns dx. Lanes with u = 0 (the padding of a partial vector) add exactly zero.
+// returns dx. Lanes with u = 0 (the padding of a partial vector) add exactly zero. Every product that meets a
+// sum is an explicit fma (and 2^n is applied by an integer add, uan_math.h), so the compiler has no product to
+// contract into an fma for some components and not for others: coinciding components get bitwise equal
+// gradients, and an optimiser moves them together (a fine-tune of an uncalibrated layer keeps them coinciding).
 template <typename T, int KT>
 inline V<T> backward_value(const V<T>& x, const V<T>& u, const Coeffs<T, KT>& co, int64_t k, Lanes<T, KT>& z,
                            Lanes<T, KT>& e, V<T>* acc) {
@@ -189,11 +192,11 @@ inline V<T> backward_value(const V<T>& x, const V<T>& u, const Coeffs<T, KT>& co
   V<T> dx = u * co.p;
   for (int64_t i = 0; i < k; ++i) {
     const V<T> ut = u * e[i];
-    const V<T> dl = ut * (co.g[i] * z[i] - m);
-    const V<T> dz = ut * co.g[i] - dl * z[i];
-    acc[i] = at::vec::fmadd(dz, x, acc[i]);          // da
-    acc[k + i] = acc[k + i] + dz;                    // dc
-    acc[2 * k + i] = acc[2 * k + i] + dl;            // db
+    const V<T> wm = at::vec::fmsub(co.g[i], z[i], m);         // w_k - m
+    const V<T> dz = at::vec::fnmadd(ut * wm, z[i], ut * co.g[i]);  // u t_k g_k - dl_k z_k
+    acc[i] = at::vec::fmadd(dz, x, acc[i]);                    // da
+    acc[k + i] = acc[k + i] + dz;                              // dc
+    acc[2 * k + i] = at::vec::fmadd(ut, wm, acc[2 * k + i]);  // db: dl_k = u t_k (w_k - m)
     acc[3 * k + i] = at::vec::fmadd(ut, z[i], acc[3 * k + i]);  // dg
     dx = at::vec::fmadd(dz, co.a[i], dx);
   }

@@ -20,7 +20,7 @@ constexpr T floor_of() {
 }
 
 // 2^y: float32 splits y = n + r (n rounded by a magic-number add, r exact, |r| <= 1/2), takes a degree-6
-// polynomial for 2^r (fitted for this kernel: 1.6 ulp on [-1/2, 1/2]) and writes 2^n into the exponent bits:
+// polynomial for 2^r (fitted for this kernel: 1.6 ulp on [-1/2, 1/2]) and adds n to the exponent bits:
 // 11 operations. float64, and CPUs without AVX2, use Sleef's exp2 through ATen.
 template <typename T>
 inline V<T> vexp2(const V<T>& v) {
@@ -44,8 +44,8 @@ inline V<T> recip(const V<T>& d) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 template <>
 inline V<float> vexp2<float>(const V<float>& y) {
-  const V<float> magic(12582912.0f + 127.0f);  // 1.5 * 2^23 + the exponent bias
-  const V<float> t = y + magic;                // n + 127 in the low mantissa bits
+  const V<float> magic(12582912.0f);  // 1.5 * 2^23: y + magic rounds y to n, held in the low mantissa bits
+  const V<float> t = y + magic;
   const V<float> r = y - (t - magic);
   V<float> p = at::vec::fmadd(V<float>(1.5370704932138324e-4f), r, V<float>(1.3399848248809576e-3f));
   p = at::vec::fmadd(p, r, V<float>(9.618373587727547e-3f));
@@ -53,12 +53,15 @@ inline V<float> vexp2<float>(const V<float>& y) {
   p = at::vec::fmadd(p, r, V<float>(2.4022647738456726e-1f));
   p = at::vec::fmadd(p, r, V<float>(6.931471824645996e-1f));
   p = at::vec::fmadd(p, r, V<float>(1.0f));
+  // 2^r 2^n: n << 23 (two's complement, from t's low bits) added to p's exponent bits. An integer add, not a
+  // float product, so no later sum can be contracted with it.
 #if defined(CPU_CAPABILITY_AVX512)
-  const V<float> scale(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23)));
+  return _mm512_castsi512_ps(
+      _mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_castps_si512(t), 23)));
 #else
-  const V<float> scale(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
+  return _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_castps_si256(t), 23)));
 #endif
-  return p * scale;
 }
 
 template <>

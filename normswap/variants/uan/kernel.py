@@ -12,6 +12,11 @@ The layer's output, with the affine folded into per-component coefficients of sh
 which is ``gamma ((1 - rho) x_one + rho x_mix) + beta`` term for term. ``p`` is ``None`` when
 ``rho == 1`` (a dead term skipped) and ``q`` is ``None`` when it is known to be zero.
 
+By default eager calls, forward and backward, run the native kernel ``normswap/native/csrc/uan_channel.cpp``
+(one pass over ``x``; docs/native.md) whenever :func:`normswap.native.ops` hands out the library and ``x`` is
+contiguous; the blocked torch kernel below is its fallback (``NORMSWAP_NATIVE=0``, no compiler, other layouts)
+and the reference the tests compare it with.
+
 Eagerly the input is processed in blocks of about :data:`BLOCK` values per component (whole samples,
 or channel ranges of one sample), so the ``(K, block)`` temporaries stay in cache and the peak memory
 is the output plus a few blocks, whatever the batch. Without autograd the temporaries are reused in
