@@ -1,5 +1,6 @@
 """UAN channel mode's fast path (normswap/variants/uan/kernel.py): blocked forward and the hand-written
-backward against autograd of the plain formula (docs/methods.md section 3.1), in float64."""
+backward against autograd of the plain formula (docs/methods.md section 3.1), in float64. Every test runs twice:
+with the eager blocks (native kernels off) and with the native kernel (tests/test_uan_native.py has its own)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,20 @@ import pytest
 import torch
 
 import normswap  # noqa: F401  (import guard before torchvision)
+import normswap.native as native
 from normswap.variants.uan import fused, kernel
 from normswap.variants.uan import UANChannel, UANConfig
+from test_native import require_library
+
+
+@pytest.fixture(autouse=True, params=["eager", "native"])
+def kernel_path(request):
+    """The eager blocks (``NORMSWAP_NATIVE=0``) or the native kernel (required, skipped where it cannot build)."""
+    if request.param == "native":
+        require_library()
+    native.set_enabled(request.param == "native")
+    yield request.param
+    native.set_enabled(None)
 
 
 def plain(x, mu, var, logit, rho, weight, bias, mean, rv, eps):

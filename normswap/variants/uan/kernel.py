@@ -12,6 +12,11 @@ The layer's output, with the affine folded into per-component coefficients of sh
 which is ``gamma ((1 - rho) x_one + rho x_mix) + beta`` term for term. ``p`` is ``None`` when
 ``rho == 1`` (a dead term skipped) and ``q`` is ``None`` when it is known to be zero.
 
+By default eager calls, forward and backward, run the native kernel ``normswap/native/csrc/uan_channel.cpp``
+(one pass over ``x``; docs/native.md) whenever :func:`normswap.native.ops` hands out the library and ``x`` is
+contiguous; the blocked torch kernel below is its fallback (``NORMSWAP_NATIVE=0``, no compiler, other layouts)
+and the reference the tests compare it with.
+
 Eagerly the input is processed in blocks of about :data:`BLOCK` values per component (whole samples,
 or channel ranges of one sample), so the ``(K, block)`` temporaries stay in cache and the peak memory
 is the output plus a few blocks, whatever the batch. Without autograd the temporaries are reused in
@@ -31,6 +36,7 @@ import math
 import torch
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
+from normswap.native import ops
 from normswap.variants.uan.fused import compiled_enabled, exp_floor, pointwise_mixture, run_compiled
 
 __all__ = ["BLOCK", "channel_coefficients", "channel_mixture", "coincide", "needs_floor", "tracing"]
@@ -129,6 +135,29 @@ def _blocks(shape: torch.Size):
             yield slice(i, i + 1), slice(j, j + step_c)
 
 
+def _native(x: torch.Tensor, coeffs) -> tuple | None:
+    """``(ops, x in the compute dtype, contiguous coefficients)`` when the native kernel
+    (normswap/native/csrc/uan_channel.cpp) can run this call, else ``None`` (the eager blocks run): the library
+    on, a contiguous CPU ``x`` (other layouts, e.g. channels-last, stay eager) and float32/float64 coefficients.
+    Half and bfloat16 inputs are converted to the compute dtype and back, as the eager blocks do."""
+    o = ops()
+    if o is None or x.device.type != "cpu" or not x.is_contiguous() or x.dim() < 2:
+        return None
+    if coeffs[0].dtype not in (torch.float32, torch.float64) or coeffs[0].device.type != "cpu":
+        return None
+    return o, x.to(coeffs[0].dtype), tuple(None if t is None else t.contiguous() for t in coeffs)
+
+
+def _forward(x: torch.Tensor, coeffs, cdt: torch.dtype, floor: bool = True) -> torch.Tensor:
+    """The formula's ``y`` without a graph: the native kernel where it runs (it always floors, which costs it
+    nothing), else the eager blocks."""
+    native = _native(x, coeffs)
+    if native is None:
+        return _forward_blocks(x, coeffs, cdt, floor)
+    o, xc, cs = native
+    return o.uan_channel_forward(xc, *cs).to(x.dtype)
+
+
 def _block_coeffs(coeffs, cs: slice, ndim: int):
     a, c, b, g, p, q = (None if t is None else t[..., cs] for t in coeffs)
     return (*(_view(t, (t.shape[0], 1), ndim) for t in (a, c, b, g)), _view(p, (1,), ndim), _view(q, (1,), ndim))
@@ -163,7 +192,7 @@ class _ChannelMixture(torch.autograd.Function):
         ctx.save_for_backward(x, *(t for t in coeffs if t is not None))
         ctx.has = (p is not None, q is not None)
         with torch.no_grad():
-            return _forward_blocks(x, coeffs, cdt)
+            return _forward(x, coeffs, cdt)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -171,6 +200,11 @@ class _ChannelMixture(torch.autograd.Function):
         x, a, c, b, g, *rest = ctx.saved_tensors
         p = rest.pop(0) if ctx.has[0] else None
         q = rest.pop(0) if ctx.has[1] else None
+        native = _native(x, (a, c, b, g, p, q))
+        if native is not None:
+            o, xc, (a, c, b, g, p, _) = native
+            dx, da, dc, db, dg, dp, dq = o.uan_channel_backward(grad.to(a.dtype).contiguous(), xc, a, c, b, g, p)
+            return dx.to(x.dtype), da, dc, db, dg, dp if p is not None else None, dq if q is not None else None
         cdt, k, nd = a.dtype, a.shape[0], x.dim()
         acc = {name: torch.zeros_like(a) for name in ("a", "c", "b", "g")}
         dp = torch.zeros_like(p) if p is not None else None
@@ -226,7 +260,7 @@ def channel_mixture(x: torch.Tensor, a, c, b, g, p, q, *, k: int, floor: bool = 
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _ChannelMixture.apply(*tensors)
     with torch.no_grad():
-        return _forward_blocks(x, (a, c, b, g, p, q), cdt, floor)
+        return _forward(x, (a, c, b, g, p, q), cdt, floor)
 
 
 def coincide(a: torch.Tensor, c: torch.Tensor, b: torch.Tensor) -> bool:
