@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from normswap.variants.cache import cache_for
 from normswap.variants.patchnorm import fused as _fused, layer as _patch, native_path as _native
@@ -41,9 +42,17 @@ __all__ = ["CHUNK_BYTES", "chunk_step", "conv_inference", "frozen_terms", "infer
 CHUNK_BYTES = 2 << 20  # input bytes per chunk: one 144 x 56 x 56 float32 sample is 1.8 MB
 
 
-def inference_path(module: torch.nn.Module) -> bool:
-    """True where the cached, chunked path applies: eval mode and autograd off."""
-    return not module.training and not torch.is_grad_enabled()
+def inference_path(module: torch.nn.Module, x: torch.Tensor | None = None) -> bool:
+    """True where the cached, chunked (or native) path applies: eval mode and autograd off, and not traced.
+    Under ``torch.fx`` symbolic tracing the plain formula is traced (the cache compares tensors by identity,
+    which a proxy cannot answer); under ``torch.compile`` only a depthwise conv whose input ``x`` the fusable
+    expression takes (:func:`conv_inference`), every other layer tracing its plain formula."""
+    if module.training or torch.is_grad_enabled() or is_fx_symbolic_tracing():
+        return False
+    if torch.compiler.is_compiling():
+        geom = getattr(module, "geom", None)
+        return x is not None and geom is not None and _fused.supports(geom, x)
+    return True
 
 
 def frozen_terms(module: Any, build: Callable[[], tuple]) -> tuple:

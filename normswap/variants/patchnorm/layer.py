@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from normswap.core.kinds import qualname
 
@@ -238,7 +239,8 @@ def _group_sq_sum(x: torch.Tensor, groups: int, cg: int) -> torch.Tensor:
     if cg == 1:
         return x.square()
     if groups == 1:
-        if not torch.is_grad_enabled() and cg <= CHAIN_MAX_CHANNELS and x[:, 0].numel() >= CHAIN_MIN_SLICE:
+        if (not torch.is_grad_enabled() and not is_fx_symbolic_tracing() and cg <= CHAIN_MAX_CHANNELS
+                and x[:, 0].numel() >= CHAIN_MIN_SLICE):  # (a proxy's numel cannot be compared: fx traces vecdot)
             # one addcmul per channel into a slice-sized sum that stays in the cache: a single read of x
             # (vecdot multiplies into a full-size temporary, then reduces it: 2-3x slower on large maps)
             acc = x[:, :1].square()

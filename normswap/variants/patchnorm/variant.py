@@ -356,7 +356,7 @@ class PatchNormConv(PatchNorm):
         self._init_common(weight, bias, g.out_channels, form, eps, offset, strength, groups=g.groups)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._s != 0.0 and _fast.inference_path(self):  # cached gain-scaled weight, chunked batch
+        if self._s != 0.0 and _fast.inference_path(self, x):  # cached gain-scaled weight, chunked batch
             return _fast.conv_inference(self, x)
         x_in, padding = self.geom.prepare(x)
         if self._s == 0.0:
