@@ -26,8 +26,9 @@ from normswap.core.kinds import is_activation, is_norm
 from normswap.core.plan import FOLDED, Plan
 from normswap.sources.inputs import example_input
 from normswap.core.probe import ProbeInput
-from normswap.surgery.verify import (DEFAULT_RTOL, VerifyReport, nonfinite_message, nonfinite_tensors, run_recording,
-                                     verify)
+from normswap.surgery.local import Recording, record
+from normswap.surgery.verify import (DEFAULT_RTOL, VerifyReport, compare_names, nonfinite_message, nonfinite_tensors,
+                                     run_recording, verify)
 from normswap.variants import registry
 
 META_ATTR = "_normswap_meta"
@@ -85,6 +86,19 @@ def plan(model: nn.Module | str, to: str, targets: Iterable[str] | None = None,
     return find(module, to, targets, exclude, strength, options, strict_trace=strict_trace)
 
 
+def _recording(original: nn.Module, the_plan: Plan, probe: ProbeInput) -> Recording | None:
+    """One recorded forward of ``original`` on the probe that serves calibration and verification alike (every
+    call's inputs at the sites, the outputs at the sites and compare points): the data pass of a variant calibrated
+    on the probe (ANAct) sees the values the original's sites see, which are what the converted model at strength
+    0 gives them, so it needs no forward of its own. ``None`` where a site is no module of the original (a
+    functional call the conversion turned into one): then calibration runs the converted model."""
+    sites = [s.name for s in the_plan.converted]
+    modules = dict(original.named_modules(remove_duplicate=False))
+    if any(name not in modules for name in sites):
+        return None
+    return record(original, probe, sorted(set(sites) | set(compare_names(the_plan))))
+
+
 def require_sites(the_plan: Plan, module: nn.Module) -> None:
     """The one-line error of a plan that converts nothing (``convert`` and ``convert --dry-run`` alike)."""
     if not the_plan.converted:
@@ -127,12 +141,14 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
     given = _probe(example_inputs)
     probe = given or example_input(reference, source)
     calibrates = any(registry.get(s.variant).needs_calibration for s in the_plan.converted)
+    recording = _recording(reference, the_plan, probe) if probe is not None and calibrates and check else None
     if probe is not None and calibrates:  # variants whose exact start needs statistics (ANAct) fit them on the probe
-        run_calibration(converted, the_plan, [probe], only_required=True)
+        run_calibration(converted, the_plan, [probe], only_required=True,
+                        site_inputs=None if recording is None else recording.calls(s.name for s in the_plan.converted))
     if check:  # an inferred probe is first tried smaller (normswap.surgery.probes; not where it was calibrated on)
         smaller = None if given is not None or calibrates else smaller_probe(probe)
         report = verify(reference, converted, the_plan, probe, rtol=rtol, graph=graph, snapshot=snapshot,
-                        smaller=smaller)
+                        smaller=smaller, recording=recording)
     else:
         report = VerifyReport("none", the_plan.strength, [], None, None, False, True, note="verification disabled")
     if not report.ok and nonfinite_tensors(reference):  # the original is broken, not the conversion
