@@ -16,6 +16,7 @@ from normswap.calibration.runner import run_calibration
 from normswap.errors import FileFormatError, NormswapError, UsageError, VerificationError, WeightsError, one_line
 from normswap.io import check_output, read_file, state_tensors, write_file
 from normswap.api.metadata import plan_from_file, replay, source_from_file
+from normswap.api.skipinit import build_uninitialised
 from normswap.sources import SourceSpec, load_model, rebuild
 from normswap.surgery.apply import apply_checked
 from normswap.surgery.copying import copy_model
@@ -202,16 +203,27 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trust_sourc
     the_plan = plan_from_file(meta.get("plan"), path)
     source = source_from_file(meta.get("source"), path)
     own = model is None  # built here for this load alone: converted in place, not copied first
+    rewrites = any(s.facts.get("graph_rewrite") for s in the_plan.sites)  # those make a new GraphModule anyway
+    converted = None
     if model is None:
         if source is None:
             raise NormswapError(f"{path} was made from a model object, not a named source: pass model= "
                                 "(the unconverted architecture) to load it")
-        try:
-            model = rebuild(source, allow_code=trust_source)
-        except UsageError as exc:  # a bad name or builder kwarg read from the file: the file is at fault
-            raise FileFormatError(one_line(f"{path}: {exc}")) from None
-    rewrites = any(s.facts.get("graph_rewrite") for s in the_plan.sites)  # those make a new GraphModule anyway
-    converted = replay(path, model, the_plan, tensors, inplace=own and not rewrites)
+        # without the random initialisation the file overwrites (normswap.api.skipinit); where that build could
+        # differ from a normal one, or the file does not set every tensor, the normal build decides
+        bare = build_uninitialised(lambda: rebuild(source, allow_code=trust_source))
+        if bare is not None:
+            try:
+                converted = replay(path, bare, the_plan, tensors, inplace=not rewrites, complete=True)
+            except FileFormatError:
+                converted = None
+        if converted is None:
+            try:
+                model = rebuild(source, allow_code=trust_source)
+            except UsageError as exc:  # a bad name or builder kwarg read from the file: the file is at fault
+                raise FileFormatError(one_line(f"{path}: {exc}")) from None
+    if converted is None:
+        converted = replay(path, model, the_plan, tensors, inplace=own and not rewrites)
     converted.eval()
     setattr(converted, META_ATTR, {"plan": the_plan, "source": source})
     return converted
