@@ -117,3 +117,56 @@ def test_normswap_evaluate_notes_the_skip(tmp_path):
     rep = normswap.evaluate(r, str(path), original=r.original, eval_samples=12, batch_size=6)
     assert any(n.startswith("'converted' at strength 0 was not run") for n in rep.notes)
     assert rep.row("converted", 0.0).rel_error == 0.0 and rep.row("converted", 0.5) is not None
+
+
+def _patchnorm_sites() -> list[tuple[nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    return [(nn.Linear(6, 4), torch.randn(3, 6)),
+            (nn.Linear(6, 4, bias=False), torch.randn(2, 3, 6)),
+            (nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.randn(2, 3, 9, 9)),
+            (nn.Conv2d(4, 4, 3, padding="same", groups=2, bias=False, padding_mode="reflect"), torch.randn(2, 4, 7, 7)),
+            (nn.Conv1d(3, 5, 3, dilation=2, padding_mode="circular", padding=2), torch.randn(2, 3, 11)),
+            (nn.Conv3d(2, 3, 2, padding="valid"), torch.randn(1, 2, 4, 4, 4))]
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_an_unpaired_patchnorm_site_at_strength_zero_is_its_source(i):
+    from normswap.variants.patchnorm import PatchNormConv, PatchNormLinear
+
+    source, x = _patchnorm_sites()[i]
+    source.eval()
+    site = (PatchNormLinear.from_linear if isinstance(source, nn.Linear) else PatchNormConv.from_conv)(source).eval()
+    plain = site.source_function()
+    assert plain is not None and type(plain) is type(source) and same_function(plain, source)
+    with torch.no_grad():
+        assert torch.equal(site(x), source(x)) and torch.equal(plain(x), source(x))
+    site.set_strength(0.5)
+    assert site.source_function() is None
+
+
+def test_a_folded_pair_has_no_such_proof():
+    from normswap.variants.patchnorm import PatchNormConv
+
+    conv, bn = nn.Conv2d(3, 4, 3), randomize_bn(nn.BatchNorm2d(4))
+    assert PatchNormConv.from_conv(conv, bn).source_function() is None  # the fold is exact only to rounding
+    timm = pytest.importorskip("timm")
+    same = timm.layers.Conv2dSame(3, 4, 3, stride=2)
+    assert PatchNormConv.from_conv(same, kind="conv_same").source_function() is None
+
+
+def test_evaluate_skips_a_patchnorm_model_whose_sites_are_all_unpaired(monkeypatch):
+    from normswap.variants.patchnorm import PatchNormConv, PatchNormLinear
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 8), nn.ReLU(),
+                        nn.Linear(8, 5)).eval()
+    r = normswap.convert(mlp, to="patchnorm", targets=["0", "3", "5"], strength=1.0, example_inputs=batches(1)[0])
+    assert {s.name for s in r.plan.converted} == {"0", "3", "5"} and all(not s.absorbs for s in r.plan.converted)
+    ev = [(x, torch.arange(6) % 5) for x in batches(2, seed=7)]
+    notes: list[str] = []
+    fast = report.measure(r.original, {"converted": r.model}, r.plan, ev, [0.0, 1.0], 1.0, notes=notes)
+    assert len(notes) == 1 and notes[0].startswith("'converted' at strength 0 was not run")
+    for cls in (PatchNormLinear, PatchNormConv):
+        monkeypatch.setattr(cls, "source_function", lambda self: None)
+    slow = report.measure(r.original, {"converted": r.model}, r.plan, ev, [0.0, 1.0], 1.0)
+    assert _figures(fast) == _figures(slow)

@@ -60,7 +60,7 @@ from normswap.variants.uan.calib import UANCalibration
 from normswap.variants.cache import cache_for
 from normswap.variants.uan.kernel import channel_coefficients, channel_mixture, needs_floor, tracing
 from normswap.core.kinds import qualname
-from normswap.variants.base import Variant
+from normswap.variants.base import Variant, share_tensors
 from normswap.variants.bn import copy_batchnorm_state
 from normswap.variants.config import VariantConfig
 from normswap.variants.strength import StrengthMirror
@@ -74,15 +74,6 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
-
-def _share_tensors(plain: nn.Module, module: nn.Module, keys: tuple[str, ...]) -> nn.Module:
-    """``plain`` (a freshly built source module) holding ``module``'s own tensors under ``keys``, as parameters or
-    buffers wherever ``plain`` has them (one ``module`` lacks: ``None``)."""
-    for key in keys:
-        table = plain._parameters if key in plain._parameters else plain._buffers
-        if key in table:
-            table[key] = getattr(module, key, None)
-    return plain.eval()
 
 
 @dataclass
@@ -287,7 +278,7 @@ class UANChannel(UAN):
                         device="meta")
         else:
             return None
-        return _share_tensors(plain, self, _BN_STATE)
+        return share_tensors(plain, self, _BN_STATE)
 
     def extra_repr(self) -> str:
         return (
@@ -366,7 +357,7 @@ class UANSample(UAN):
             return None
         plain = cls(self.normalized_shape, eps=self.eps, elementwise_affine=self.weight is not None,
                     bias=self.bias is not None, device="meta")
-        return _share_tensors(plain, self, ("weight", "bias"))
+        return share_tensors(plain, self, ("weight", "bias"))
 
     def extra_repr(self) -> str:
         return (
