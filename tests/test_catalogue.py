@@ -372,7 +372,7 @@ def test_labels_of_other_classes_warn_and_leave_accuracy_out():
                                          r"has 3 outputs \(agreement with the original is still measured\)$"):
         rep = normswap.evaluate(_converted(), split, strengths=[0.0])
     assert rep.original_accuracy is None and rep.row("converted", 0.0).accuracy is None
-    assert rep.row("converted", 0.0).agreement == 1.0 and rep.notes[-1].startswith("accuracy not computed")
+    assert rep.row("converted", 0.0).agreement == 1.0 and any(n.startswith("accuracy not computed") for n in rep.notes)
     rep = normswap.evaluate(_converted(), _split(GOOD, torch.arange(10) % 3, classes=3), strengths=[0.0])
     assert rep.original_accuracy is not None and "accuracy not computed" not in " ".join(rep.notes)
 

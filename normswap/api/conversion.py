@@ -16,6 +16,7 @@ from normswap.calibration.runner import run_calibration
 from normswap.errors import FileFormatError, NormswapError, UsageError, VerificationError, WeightsError, one_line
 from normswap.io import check_output, read_file, state_tensors, write_file
 from normswap.api.metadata import plan_from_file, replay, source_from_file
+from normswap.api.skipinit import build_uninitialised
 from normswap.sources import SourceSpec, load_model, rebuild
 from normswap.surgery.apply import apply_checked
 from normswap.surgery.copying import copy_model
@@ -26,8 +27,9 @@ from normswap.core.kinds import is_activation, is_norm
 from normswap.core.plan import FOLDED, Plan
 from normswap.sources.inputs import example_input
 from normswap.core.probe import ProbeInput
-from normswap.surgery.verify import (DEFAULT_RTOL, VerifyReport, nonfinite_message, nonfinite_tensors, run_recording,
-                                     verify)
+from normswap.surgery.local import Recording, record
+from normswap.surgery.verify import (DEFAULT_RTOL, VerifyReport, compare_names, nonfinite_message, nonfinite_tensors,
+                                     run_recording, verify)
 from normswap.variants import registry
 
 META_ATTR = "_normswap_meta"
@@ -85,6 +87,19 @@ def plan(model: nn.Module | str, to: str, targets: Iterable[str] | None = None,
     return find(module, to, targets, exclude, strength, options, strict_trace=strict_trace)
 
 
+def _recording(original: nn.Module, the_plan: Plan, probe: ProbeInput) -> Recording | None:
+    """One recorded forward of ``original`` on the probe that serves calibration and verification alike (every
+    call's inputs at the sites, the outputs at the sites and compare points): the data pass of a variant calibrated
+    on the probe (ANAct) sees the values the original's sites see, which are what the converted model at strength
+    0 gives them, so it needs no forward of its own. ``None`` where a site is no module of the original (a
+    functional call the conversion turned into one): then calibration runs the converted model."""
+    sites = [s.name for s in the_plan.converted]
+    modules = dict(original.named_modules(remove_duplicate=False))
+    if any(name not in modules for name in sites):
+        return None
+    return record(original, probe, sorted(set(sites) | set(compare_names(the_plan))))
+
+
 def require_sites(the_plan: Plan, module: nn.Module) -> None:
     """The one-line error of a plan that converts nothing (``convert`` and ``convert --dry-run`` alike)."""
     if not the_plan.converted:
@@ -127,12 +142,14 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
     given = _probe(example_inputs)
     probe = given or example_input(reference, source)
     calibrates = any(registry.get(s.variant).needs_calibration for s in the_plan.converted)
+    recording = _recording(reference, the_plan, probe) if probe is not None and calibrates and check else None
     if probe is not None and calibrates:  # variants whose exact start needs statistics (ANAct) fit them on the probe
-        run_calibration(converted, the_plan, [probe], only_required=True)
+        run_calibration(converted, the_plan, [probe], only_required=True,
+                        site_inputs=None if recording is None else recording.calls(s.name for s in the_plan.converted))
     if check:  # an inferred probe is first tried smaller (normswap.surgery.probes; not where it was calibrated on)
         smaller = None if given is not None or calibrates else smaller_probe(probe)
         report = verify(reference, converted, the_plan, probe, rtol=rtol, graph=graph, snapshot=snapshot,
-                        smaller=smaller)
+                        smaller=smaller, recording=recording)
     else:
         report = VerifyReport("none", the_plan.strength, [], None, None, False, True, note="verification disabled")
     if not report.ok and nonfinite_tensors(reference):  # the original is broken, not the conversion
@@ -186,16 +203,27 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trust_sourc
     the_plan = plan_from_file(meta.get("plan"), path)
     source = source_from_file(meta.get("source"), path)
     own = model is None  # built here for this load alone: converted in place, not copied first
+    rewrites = any(s.facts.get("graph_rewrite") for s in the_plan.sites)  # those make a new GraphModule anyway
+    converted = None
     if model is None:
         if source is None:
             raise NormswapError(f"{path} was made from a model object, not a named source: pass model= "
                                 "(the unconverted architecture) to load it")
-        try:
-            model = rebuild(source, allow_code=trust_source)
-        except UsageError as exc:  # a bad name or builder kwarg read from the file: the file is at fault
-            raise FileFormatError(one_line(f"{path}: {exc}")) from None
-    rewrites = any(s.facts.get("graph_rewrite") for s in the_plan.sites)  # those make a new GraphModule anyway
-    converted = replay(path, model, the_plan, tensors, inplace=own and not rewrites)
+        # without the random initialisation the file overwrites (normswap.api.skipinit); where that build could
+        # differ from a normal one, or the file does not set every tensor, the normal build decides
+        bare = build_uninitialised(lambda: rebuild(source, allow_code=trust_source))
+        if bare is not None:
+            try:
+                converted = replay(path, bare, the_plan, tensors, inplace=not rewrites, complete=True)
+            except FileFormatError:
+                converted = None
+        if converted is None:
+            try:
+                model = rebuild(source, allow_code=trust_source)
+            except UsageError as exc:  # a bad name or builder kwarg read from the file: the file is at fault
+                raise FileFormatError(one_line(f"{path}: {exc}")) from None
+    if converted is None:
+        converted = replay(path, model, the_plan, tensors, inplace=own and not rewrites)
     converted.eval()
     setattr(converted, META_ATTR, {"plan": the_plan, "source": source})
     return converted

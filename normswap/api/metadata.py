@@ -279,10 +279,11 @@ def plan_from_file(data: Any, path: str | os.PathLike) -> Plan:
 
 
 def replay(path: str | os.PathLike, model: "nn.Module", plan: Plan, tensors: dict[str, "torch.Tensor"], *,
-           inplace: bool = False) -> "nn.Module":
+           inplace: bool = False, complete: bool = False) -> "nn.Module":
     """``plan`` applied to a copy of ``model`` (to ``model`` itself with ``inplace``: a model built for this load
     alone) and the file's ``tensors`` loaded strictly. Whatever a crafted file makes the variants or the load trip
-    over is one FileFormatError naming ``path``."""
+    over is one FileFormatError naming ``path``. ``complete``: ``model``'s values are placeholders (built without
+    initialisation), so the file must hold every key (no older layout a module completes itself)."""
     from normswap.surgery.apply import apply_plan
     from normswap.sources.weights import first_line
 
@@ -296,6 +297,8 @@ def replay(path: str | os.PathLike, model: "nn.Module", plan: Plan, tensors: dic
     own = converted.state_dict()
     miss = [k for k in own if k not in tensors]
     extra = [k for k in tensors if k not in own]
+    if miss and complete:
+        raise FileFormatError(one_line(f"{path} does not hold every tensor of the model ({first_three(miss)})"))
     if miss and not extra:  # a module may accept an older layout in _load_from_state_dict (ANAct's strength)
         try:
             miss = converted.load_state_dict(tensors, strict=False).missing_keys

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from normswap.core import dist
 from normswap.errors import NormswapError
 from normswap.core.plan import Plan, Site
 from normswap.core.probe import ProbeInput
+from normswap.surgery.local import clone_tensors
 from normswap.variants import registry
 from normswap.variants import CalibrationSettings, Variant, set_strengths, strengths_of
 
@@ -162,7 +163,8 @@ def _reestimate_bn(model: nn.Module, batches: list[ProbeInput], bar: Any) -> lis
 
 def run_calibration(model: nn.Module, plan: Plan, batches: Iterable[Any], *, reference: nn.Module | None = None,
               settings: CalibrationSettings | None = None, only_required: bool = False,
-              reestimate_bn: bool = False, layerwise: bool = False, progress: bool = False) -> CalibrationLog:
+              reestimate_bn: bool = False, layerwise: bool = False, progress: bool = False,
+              site_inputs: Sequence[tuple[str, tuple, dict]] | None = None) -> CalibrationLog:
     """Calibrate ``model`` (converted by ``plan``) on ``batches`` (tensors, ``(x, y)`` pairs or ProbeInputs).
 
     Args:
@@ -177,6 +179,11 @@ def run_calibration(model: nn.Module, plan: Plan, batches: Iterable[Any], *, ref
             at the layer; exact but slow) instead of streaming (two forward passes per batch, each layer
             re-solved from all batches so far just before it runs).
         progress: show progress bars.
+        site_inputs: ``(site, args, kwargs)`` of every call of the data-pass sites in a forward of the *original*
+            network on ``batches``, in call order (``convert`` records them in its verification forward): the data
+            pass feeds them to the site modules (copies: a module may write into its input) instead of running the
+            model, which at strength 0 computes the original function, so the sites see the same values. Only
+            for a data pass alone (no ``reestimate_bn``, no network-order site).
 
     The model's strengths and train/eval modes are the same afterwards; at strength 0 it still computes the
     original function (unless ``reestimate_bn`` changed its BatchNorms).
@@ -199,6 +206,9 @@ def run_calibration(model: nn.Module, plan: Plan, batches: Iterable[Any], *, ref
     start = time.perf_counter()
     collect = [(c, s, m) for c, s, m in sites if not c.needs_targets]
     ordered = [(c, s, m) for c, s, m in sites if c.needs_targets]
+    if site_inputs is not None and (ordered or reestimate_bn):
+        raise NormswapError("recorded site inputs stand for a data pass only: not with BatchNorm re-estimation or "
+                            "a network-order variant")
     modes = {m: m.training for m in model.modules()}
     saved_strengths = strengths_of(model)
     bn_state = {k: v.clone() for k, v in model.state_dict().items()} if reestimate_bn else None
@@ -220,9 +230,13 @@ def run_calibration(model: nn.Module, plan: Plan, batches: Iterable[Any], *, ref
                 for _, _, module in collect:
                     module.calibration_begin(settings)
                     begun.append(module)
-                for batch in data:
-                    _run(model, batch)
-                    bar.update(1)
+                if site_inputs is None:
+                    for batch in data:
+                        _run(model, batch)
+                        bar.update(1)
+                else:
+                    _feed(model, collect, site_inputs)
+                    bar.update(len(data))
                 by_class: dict[type, list[Variant]] = {}
                 for cls, site, module in collect:  # one call per variant: UAN fits all its layers' EM at once
                     begun.remove(module)
@@ -253,6 +267,18 @@ def run_calibration(model: nn.Module, plan: Plan, batches: Iterable[Any], *, ref
     log.batches, log.samples = dist.total(len(data), sum(_size(b) for b in data))  # over all ranks
     log.seconds = time.perf_counter() - start
     return log
+
+
+def _feed(model: nn.Module, collect: list[tuple[Any, Site, Variant]], calls: Sequence[tuple[str, tuple, dict]]
+          ) -> None:
+    """The data pass from recorded calls: each data-pass site module run on copies of its recorded inputs (it may
+    write into them; the recording serves verification after), in the recorded order. A site with no recorded call
+    was not reached, and sees nothing, as in a data pass."""
+    modules = {site.name: module for _, site, module in collect}
+    for name, args, kwargs in calls:
+        module = modules.get(name)
+        if module is not None:
+            module(*clone_tensors(args), **clone_tensors(kwargs))
 
 
 def _network_order(model: nn.Module, ordered: list[tuple[Any, Site, Variant]], data: list[ProbeInput],

@@ -35,7 +35,7 @@ see the effect of such a branch on the probe; this proof does not.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ from normswap.surgery.copying import Snapshot
 from normswap.variants import registry
 from normswap.variants.base import Variant
 
-__all__ = ["Recording", "check_sites", "output_tensors", "record", "sites"]
+__all__ = ["Recording", "check_sites", "clone_tensors", "output_tensors", "record", "sites"]
 
 
 def output_tensors(out: Any) -> list[torch.Tensor]:
@@ -61,14 +61,14 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _clone(value: Any) -> Any:
+def clone_tensors(value: Any) -> Any:
     """``value`` with every tensor in it (in tuples, lists and dicts) cloned."""
     if torch.is_tensor(value):
         return value.detach().clone()
     if isinstance(value, dict):
-        return type(value)((k, _clone(v)) for k, v in value.items())
+        return type(value)((k, clone_tensors(v)) for k, v in value.items())
     if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
-        return type(value)(_clone(v) for v in value)
+        return type(value)(clone_tensors(v) for v in value)
     return value
 
 
@@ -147,6 +147,12 @@ class Recording:
     inputs: dict[str, list[tuple[tuple, dict]]] = field(default_factory=dict)
     outputs: dict[str, list[Any]] = field(default_factory=dict)
     unsafe: dict[str, str] = field(default_factory=dict)  # site -> why its original module breaks the argument
+    order: list[tuple[str, int]] = field(default_factory=list)  # every call: (site, its index in inputs[site])
+
+    def calls(self, names: Iterable[str]) -> list[tuple[str, tuple, dict]]:
+        """``(site, args, kwargs)`` of every recorded call of the named sites, in the forward's order."""
+        wanted = set(names)
+        return [(name, *self.inputs[name][i]) for name, i in self.order if name in wanted]
 
     def last_outputs(self) -> dict[str, Any]:
         """Each site's last output (what the end-to-end method compares with)."""
@@ -167,14 +173,15 @@ def record(original: nn.Module, probe: ProbeInput, names: list[str]) -> Recordin
 
         def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             pending.append(_versions((args, kwargs)))
-            rec.inputs[name].append((_clone(args), _clone(kwargs)))
+            rec.order.append((name, len(rec.inputs[name])))
+            rec.inputs[name].append((clone_tensors(args), clone_tensors(kwargs)))
 
         def post(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             if _written(pending.pop()):
                 rec.unsafe.setdefault(name, f"site {name}'s original module writes into its input")
             elif _aliasing(out, (args, kwargs), own):
                 rec.unsafe.setdefault(name, f"site {name}'s original module returns storage of its input or weights")
-            rec.outputs[name].append(_clone(out))
+            rec.outputs[name].append(clone_tensors(out))
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
@@ -198,8 +205,9 @@ def check_sites(converted: nn.Module, names: list[str], rec: Recording) -> dict[
     """Run each named site's converted module on every input recorded at the original's: per site, the
     ``(original output, converted output)`` pairs, or why the site-local argument fails (a module writes into
     or returns its input, or an original module was left mid-call)."""
-    if rec.unsafe:
-        return rec.unsafe[sorted(rec.unsafe)[0]]
+    unsafe = sorted(n for n in rec.unsafe if n in names)  # the recording may hold other modules (compare points)
+    if unsafe:
+        return rec.unsafe[unsafe[0]]
     pairs: dict[str, list[tuple[Any, Any]]] = {}
     modules = dict(converted.named_modules(remove_duplicate=False))
     for name in names:

@@ -170,8 +170,7 @@ def _forward_compare(original: nn.Module, converted: nn.Module, plan: Plan, prob
     """The ``forward`` method (``recorded``: the original's output and compare-point outputs, if already run)."""
     sites = plan.converted
     points = [registry.get(s.variant).compare_points(s) for s in sites]
-    names_a = sorted({a for pts in points for a, _ in pts})
-    out_a, acts_a = recorded if recorded is not None else run_recording(original, probe, names_a)
+    out_a, acts_a = recorded if recorded is not None else run_recording(original, probe, compare_names(plan))
     out_b, acts_b = run_recording(converted, probe, sorted({b for pts in points for _, b in pts}))
     checks = [_site_check(site, converted.get_submodule(site.name),
                           [(acts_a[a], acts_b[b]) for a, b in pts if a in acts_a and b in acts_b], rtol)
@@ -193,7 +192,7 @@ def _finite(out: Any) -> bool:
 
 def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeInput | None,
            rtol: float = DEFAULT_RTOL, *, graph: ModelGraph | None = None, snapshot: Snapshot | None = None,
-           smaller: ProbeInput | None = None) -> VerifyReport:
+           smaller: ProbeInput | None = None, recording: local.Recording | None = None) -> VerifyReport:
     """Compare ``converted`` with ``original`` on ``probe`` at every converted site and end to end.
 
     ``graph`` (the finder's fx graph of ``original``) and ``snapshot`` (of ``converted`` when it was a fresh copy
@@ -204,11 +203,13 @@ def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeIn
     reports are figures of the model's behaviour, which the full probe measures: MobileNetV2's logits move 2.5 at
     32 pixels and 7.6 at 224 under PatchNorm at strength 1); where the original does not run on it, or it leaves a
     site unreached, ``probe`` decides (a replacement that raises on
-    an input the original runs on raises here, as on the full probe)."""
+    an input the original runs on raises here, as on the full probe). ``recording``: :func:`~.local.record` of
+    ``original`` on ``probe`` already made (every converted site and every original compare point recorded), which
+    stands for the original's forward (``convert`` calibrates ANAct from the same recording); not with ``smaller``."""
     if probe is None:
         return VerifyReport("none", plan.strength, [], None, None, False, True,
                             note="no probe input could be inferred for this model; pass example inputs to verify")
-    if smaller is not None:
+    if smaller is not None and recording is None:
         try:
             report = _verify(original, converted, plan, smaller, rtol, graph, snapshot)
         except Exception:  # noqa: BLE001  (a model that does not run at that size: the full probe decides)
@@ -219,7 +220,12 @@ def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeIn
                                                         for c in report.sites)):
             report.shrunk_from = probe.describe()
             return report
-    return _verify(original, converted, plan, probe, rtol, graph, snapshot)
+    return _verify(original, converted, plan, probe, rtol, graph, snapshot, recording)
+
+
+def compare_names(plan: Plan) -> list[str]:
+    """The original modules whose outputs verification compares (each site's variant's compare points)."""
+    return sorted({a for s in plan.converted for a, _ in registry.get(s.variant).compare_points(s)})
 
 
 def _runs(model: nn.Module, probe: ProbeInput) -> bool:
@@ -232,11 +238,14 @@ def _runs(model: nn.Module, probe: ProbeInput) -> bool:
 
 
 def _verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeInput, rtol: float,
-            graph: ModelGraph | None, snapshot: Snapshot | None) -> VerifyReport:
+            graph: ModelGraph | None, snapshot: Snapshot | None, recording: local.Recording | None = None
+            ) -> VerifyReport:
     names = local.sites(plan, original, converted, graph, snapshot)
     if isinstance(names, str):
-        return _forward_compare(original, converted, plan, probe, rtol, why=names if snapshot is not None else "")
-    rec = local.record(original, probe, names)
+        recorded = None if recording is None else (recording.output, recording.last_outputs())
+        return _forward_compare(original, converted, plan, probe, rtol, recorded,
+                                why=names if snapshot is not None else "")
+    rec = recording if recording is not None else local.record(original, probe, names)
     pairs = local.check_sites(converted, names, rec)
     if isinstance(pairs, str):
         return _forward_compare(original, converted, plan, probe, rtol, (rec.output, rec.last_outputs()), pairs)

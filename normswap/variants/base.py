@@ -32,7 +32,7 @@ from normswap.variants.calibration import CalibrationHooks
 from normswap.variants.config import VariantConfig
 from normswap.variants.export import ExportHooks
 
-__all__ = ["Variant"]
+__all__ = ["Variant", "share_tensors"]
 
 
 class Variant(CalibrationHooks, ExportHooks, nn.Module):
@@ -163,3 +163,14 @@ class Variant(CalibrationHooks, ExportHooks, nn.Module):
         The contract test suite (tests/test_variant_contract.py) converts each of them through the
         whole pipeline, so a new variant is tested with no new test code."""
         return []
+
+
+def share_tensors(plain: nn.Module, module: nn.Module, keys: tuple[str, ...]) -> nn.Module:
+    """``plain`` (a freshly built source module, for :meth:`Variant.source_function`) holding ``module``'s own
+    tensors under ``keys``, as parameters or buffers wherever ``plain`` has them (one ``module`` lacks: ``None``),
+    in eval mode."""
+    for key in keys:
+        table = plain._parameters if key in plain._parameters else plain._buffers
+        if key in table:
+            table[key] = getattr(module, key, None)
+    return plain.eval()

@@ -35,6 +35,7 @@ from torch import nn
 from normswap.errors import NormswapError, OptionError
 from normswap.core.plan import CONVERT, SKIP, Site
 from normswap.core.kinds import qualname
+from normswap.variants.base import share_tensors
 from normswap.variants.config import VariantConfig
 
 __all__ = ["ADAPTERS", "KINDS", "NormActTail", "register_adapter"]
@@ -312,3 +313,21 @@ def propose(cls: Any, infos: list[Any], config: VariantConfig, ln_reason: str) -
                 facts=info.facts(), **common,
             ))
     return sites
+
+
+def plain_source(layer: nn.Module) -> nn.Module | None:
+    """The plain module a PatchNorm layer at strength 0 computes, bit for bit (``Variant.source_function``): an
+    ``nn.Linear`` or ``nn.Conv1d/2d/3d`` it was built from with no BatchNorm folded in, rebuilt around the layer's
+    own weight and bias; its forward then makes that module's own call (``F.linear``; the conv with the same
+    stride, padding, dilation, groups, padding mode). ``None`` for a folded pair (exact only to rounding), a
+    same-padding conv and any other class (their forwards are their own)."""
+    source = getattr(layer, "_source", None)
+    if source is nn.Linear:
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    elif source in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and layer.geom.pre_pads is None:
+        plain = source(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.geom.padding,
+                       layer.dilation, layer.groups, bias=layer.bias is not None, padding_mode=layer.padding_mode,
+                       device="meta")
+    else:
+        return None
+    return share_tensors(plain, layer, ("weight", "bias"))

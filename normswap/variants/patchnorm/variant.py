@@ -195,6 +195,10 @@ class PatchNorm(StrengthMirror, GainCalibration, ScaleTracking, Variant):
     def claims_exact(self) -> bool:
         return self._s == 0.0
 
+    def source_function(self) -> nn.Module | None:
+        """At strength 0, an unpaired nn.Linear / nn.ConvNd site's source (:func:`.adapters.plain_source`)."""
+        return _patch_adapters.plain_source(self) if self._s == 0.0 and self._calib is None else None
+
     @classmethod
     def examples(cls) -> list[tuple[nn.Module, torch.Tensor]]:
         """A Conv2d->BN2d->ReLU CNN (an affine=False BN too), a Linear->BN1d MLP, a Conv1d net with reflect
@@ -278,6 +282,7 @@ class PatchNormLinear(PatchNorm):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(*_source_params(linear, bn), form, eps, offset, strength)
+        self._source = None if bn is not None else type(linear)  # a fold computes the pair only to rounding
         return self.train(linear.training)
 
     def _setup(self, weight, bias, form, eps, offset, strength) -> None:
@@ -344,6 +349,7 @@ class PatchNormConv(PatchNorm):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(conv, *_source_params(conv, bn), form, eps, offset, strength, kind)
+        self._source = None if bn is not None else type(conv)
         return self.train(conv.training)
 
     def _setup(self, conv, weight, bias, form, eps, offset, strength, kind=None) -> None:

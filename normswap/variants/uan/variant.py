@@ -60,7 +60,7 @@ from normswap.variants.uan.calib import UANCalibration
 from normswap.variants.cache import cache_for
 from normswap.variants.uan.kernel import channel_coefficients, channel_mixture, needs_floor, tracing
 from normswap.core.kinds import qualname
-from normswap.variants.base import Variant
+from normswap.variants.base import Variant, share_tensors
 from normswap.variants.bn import copy_batchnorm_state
 from normswap.variants.config import VariantConfig
 from normswap.variants.strength import StrengthMirror
@@ -71,6 +71,9 @@ __all__ = ["UAN", "UANChannel", "UANConfig", "UANSample"]
 _CHANNEL_KINDS = ("bn", "bn_act", "frozen_bn")
 _SAMPLE_KINDS = ("ln", "ln2d")
 _LOG_2PI = math.log(2.0 * math.pi)
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
 
 
 @dataclass
@@ -195,6 +198,7 @@ class UANChannel(UAN):
         super().__init__()
         self.kind = kind
         self.eps = float(source.eps)
+        self._source = (type(source), getattr(source, "momentum", None))  # what source_function rebuilds
         rm, rv = source.running_mean.detach(), source.running_var.detach()
         self.num_features = rm.numel()
         copy_batchnorm_state(self, source, frozen=kind == "frozen_bn")
@@ -259,6 +263,23 @@ class UANChannel(UAN):
             and torch.equal(self.mix_var.clamp_min(self.var_floor), start_var)
         )
 
+    def source_function(self) -> nn.Module | None:
+        """At ``rho == 0`` outside calibration, the source BatchNorm1d/2d/3d or FrozenBatchNorm2d with this module's
+        own tensors (not copies): forward then makes the source's own call on them (``F.batch_norm`` in eval mode,
+        whose momentum is unused there; FrozenBatchNorm2d's formula term for term), so the two agree bit for bit on
+        every input. ``None`` elsewhere, and for timm's BatchNormAct2d (its forward has more to it)."""
+        cls, momentum = self._source
+        if not self._rho_zero or self._calib is not None or self.kind == "bn_act":
+            return None
+        if self.kind == "frozen_bn":
+            plain = cls(self.num_features, eps=self.eps)
+        elif cls in _PLAIN_BN:
+            plain = cls(self.num_features, eps=self.eps, momentum=momentum, affine=self.weight is not None,
+                        device="meta")
+        else:
+            return None
+        return share_tensors(plain, self, _BN_STATE)
+
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, kind={self.kind}, k={self.k}, eps={self.eps}, "
@@ -277,6 +298,7 @@ class UANSample(UAN):
         super().__init__()
         self.kind = kind
         self.eps = float(source.eps)
+        self._source = (type(source), None)  # what source_function rebuilds
         self.normalized_shape = tuple(source.normalized_shape)
         for key in ("weight", "bias"):
             p = getattr(source, key, None)
@@ -325,6 +347,17 @@ class UANSample(UAN):
 
     def claims_exact(self) -> bool:
         return self._rho_zero or self._components_coincide()
+
+    def source_function(self) -> nn.Module | None:
+        """At ``rho == 0`` outside calibration, the source ``nn.LayerNorm`` with this module's own ``weight`` and
+        ``bias``: forward then calls ``F.layer_norm`` exactly as ``nn.LayerNorm.forward`` does. ``None`` elsewhere,
+        and for timm's LayerNorm and the LayerNorm2d kinds (their forwards differ from that call)."""
+        cls = self._source[0]
+        if not self._rho_zero or self._calib is not None or cls is not nn.LayerNorm:
+            return None
+        plain = cls(self.normalized_shape, eps=self.eps, elementwise_affine=self.weight is not None,
+                    bias=self.bias is not None, device="meta")
+        return share_tensors(plain, self, ("weight", "bias"))
 
     def extra_repr(self) -> str:
         return (
