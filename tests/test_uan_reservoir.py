@@ -10,6 +10,7 @@ import torch
 
 from normswap.variants.uan import reservoir as res
 from normswap.variants.uan.reservoir import Reservoir
+from test_native import require_library
 
 
 def _fill(stream: torch.Tensor, widths: list[int], capacity: int, seed: int, channel_dim: int = 1) -> Reservoir:
@@ -28,7 +29,7 @@ def _fill(stream: torch.Tensor, widths: list[int], capacity: int, seed: int, cha
 
 
 @pytest.mark.parametrize("capacity, count", [(64, 5000), (500, 20000), (7, 300), (40, 40), (100, 60)])
-def test_the_same_columns_whatever_the_block_widths(capacity, count):
+def test_the_same_columns_whatever_the_block_widths(capacity, count, kernels):
     stream = torch.randn(3, count)
     whole = _fill(stream, [count], capacity, seed=5, channel_dim=0)
     for widths, dim in (([1], 1), ([7, 130, 1], 1), ([capacity - 1, 3], 0), ([999], 1)):
@@ -45,7 +46,7 @@ def test_the_same_columns_whatever_the_block_widths(capacity, count):
         assert torch.equal(whole.positions(), torch.arange(count))  # nothing is dropped before the reservoir is full
 
 
-def test_blocks_of_activations_keep_whole_columns():
+def test_blocks_of_activations_keep_whole_columns(kernels):
     x = torch.randn(4, 3, 5, 6)
     r = Reservoir(50, torch.Generator().manual_seed(0))
     r.add(x, channel_dim=1)
@@ -59,6 +60,30 @@ def test_blocks_of_activations_keep_whole_columns():
     a.add(strided, channel_dim=1)
     b.add(strided.contiguous(), channel_dim=1)
     assert torch.equal(a.values(), b.values())
+
+
+@pytest.mark.parametrize("shape, channel_dim, dtype", [((4, 6, 9, 11), 1, torch.float32), ((7, 5, 3), 2, torch.float64),
+                                                     ((6, 2000), 0, torch.float32), ((3, 4, 5, 6), 1, torch.float16)])
+def test_the_native_copy_keeps_the_same_values(shape, channel_dim, dtype):
+    """The native kernel (csrc/calib_reservoir.cpp) writes the entering columns the eager gather writes, bit for
+    bit (float16 blocks go to a float32 reservoir on the eager path)."""
+    from normswap import native
+
+    outs = []
+    for on in (False, True):
+        if on:
+            require_library()
+        native.set_enabled(on)
+        try:
+            r = Reservoir(300, torch.Generator().manual_seed(2))
+            g = torch.Generator().manual_seed(0)
+            for _ in range(5):
+                r.add(torch.randn(shape, generator=g).to(dtype), channel_dim=channel_dim)
+            outs.append((r.values(), r.values(ordered=False), r.positions()))
+        finally:
+            native.set_enabled(None)
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def _chi_square(count: int, capacity: int, trials: int, widths: list[int]) -> float:

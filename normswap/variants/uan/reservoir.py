@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from normswap.native import ops as native_ops
+
 __all__ = ["Reservoir"]
 
 _F64 = torch.float64
@@ -73,7 +75,12 @@ class Reservoir:
             dtype = torch.promote_types(block.dtype, torch.float32)
             self._vals = torch.empty(c, cap, dtype=dtype, device=block.device)
             self._pos = torch.empty(cap, dtype=torch.int64)
-        self._vals[:, slots.to(self._vals.device)] = _gather(block, channel_dim, cols.to(block.device)).to(self._vals)
+        o = native_ops() if block.device.type == "cpu" and block.dtype == self._vals.dtype \
+            and block.dtype in (torch.float32, torch.float64) else None
+        if o is not None:  # one read and one write per value, no (C, P) index tensor (csrc/calib_reservoir.cpp)
+            o.reservoir_put(block.contiguous(), channel_dim, cols, slots, self._vals)
+        else:
+            self._vals[:, slots.to(self._vals.device)] = _gather(block, channel_dim, cols.to(block.device)).to(self._vals)
         self._pos[slots] = cols + start
         self._n = min(cap, self.count)
 
