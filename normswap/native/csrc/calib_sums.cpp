@@ -151,24 +151,13 @@ void anact_plane(const T* x, int64_t n, T shift, Kind kind, T p, bool step, doub
     (x_v - vs).store(bd);
     f.store(bf);
     fp.store(bp);
-    if (m == L) {
-      for (int l = 0; l < L; ++l) {
-        const double d = bd[l], fv = bf[l], g = bp[l];
-        acc[0][l] += d;
-        acc[1][l] += d * d;
-        acc[2][l] += fv;
-        acc[3][l] += fv * fv;
-        acc[4][l] += step ? g : g * g;
-      }
-    } else {
-      for (int l = 0; l < m; ++l) {
-        const double d = bd[l], fv = bf[l], g = bp[l];
-        acc[0][l] += d;
-        acc[1][l] += d * d;
-        acc[2][l] += fv;
-        acc[3][l] += fv * fv;
-        acc[4][l] += step ? g : g * g;
-      }
+    for (int l = 0; l < m; ++l) {  // lanes past m (the plane's tail) add nothing
+      const double d = bd[l], fv = bf[l], g = bp[l];
+      acc[0][l] += d;
+      acc[1][l] += d * d;
+      acc[2][l] += fv;
+      acc[3][l] += fv * fv;
+      acc[4][l] += step ? g : g * g;
     }
   }
   for (int s = 0; s < 5; ++s) {
