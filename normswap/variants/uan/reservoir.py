@@ -80,7 +80,8 @@ class Reservoir:
         if o is not None:  # one read and one write per value, no (C, P) index tensor (csrc/calib_reservoir.cpp)
             o.reservoir_put(block.contiguous(), channel_dim, cols, slots, self._vals)
         else:
-            self._vals[:, slots.to(self._vals.device)] = _gather(block, channel_dim, cols.to(block.device)).to(self._vals)
+            taken = _gather(block, channel_dim, cols.to(block.device))
+            self._vals[:, slots.to(self._vals.device)] = taken.to(self._vals)
         self._pos[slots] = cols + start
         self._n = min(cap, self.count)
 
