@@ -19,7 +19,9 @@ from test_native import require_library
 
 @pytest.fixture
 def library():
+    """The native operators, required and switched on (whatever ``NORMSWAP_NATIVE`` says) for the test."""
     require_library()
+    native.set_enabled(True)
     yield native.ops()
     native.set_enabled(None)
 
