@@ -183,3 +183,19 @@ def small_cnn_uan_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("cnn") / "cnn.safetensors"
     normswap.convert(model, to="uan", example_inputs=torch.randn(2, 3, 16, 16)).save(path)
     return path, model
+
+
+@pytest.fixture(params=["eager", "native"])
+def kernels(request):
+    """Runs a test twice: with the native kernels off (the eager torch paths) and required (skipped through
+    ``missing_asset`` where the library cannot be built); the switch goes back to ``NORMSWAP_NATIVE`` after."""
+    import normswap.native as native
+
+    if request.param == "native":
+        try:
+            native.build()
+        except native.NativeBuildError as e:
+            missing_asset(f"normswap's native library ({e})", "run scripts/setup.sh on a machine with g++")
+    native.set_enabled(request.param == "native")
+    yield request.param
+    native.set_enabled(None)

@@ -159,7 +159,7 @@ def test_train_updates_eval_frozen():
 
 # ---- calibration -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_calibration_gives_exact_full_data_statistics(per_channel):
+def test_calibration_gives_exact_full_data_statistics(per_channel, kernels):
     g = torch.Generator().manual_seed(3)
     shapes = ((1, 0), (3, 2), (0.2, -1))
     batches = [torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64) * s + o for s, o in shapes]

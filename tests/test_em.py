@@ -106,7 +106,7 @@ def test_variance_floor_and_degenerate_channels():
     torch.testing.assert_close(fit.mean[:, 1], torch.full((3,), 1.25, dtype=torch.float64))
     assert torch.all(fit.var[:, 1] == 1e-3)
     torch.testing.assert_close(fit.log_pi.exp().sum(0), torch.ones(3, dtype=torch.float64))
-    assert fit.gain[1] == 0
+    assert abs(float(fit.gain[1])) < 1e-13  # a constant channel: no gain over K = 1 (float64 rounding of the sums)
     # a dead component (no responsibility left) keeps finite parameters and a floored prior
     dead = fit_gmm(torch.cat([torch.zeros(1, 2000), torch.ones(1, 2000)], 1), 3, var_floor=1e-4)
     assert torch.isfinite(dead.mean).all() and torch.isfinite(dead.log_pi).all()

@@ -36,7 +36,7 @@ def test_terms_without_the_source_equal_the_terms_with_it(form, bias):
             assert torch.equal(base, base2) and torch.allclose(source - base, source - m.bias.view(base.shape))
 
 
-def test_least_squares_sums_keep_float64_accuracy_on_float32_far_from_zero():
+def test_least_squares_sums_keep_float64_accuracy_on_float32_far_from_zero(kernels):
     """A regressor whose mean is 1000 times its spread, over batches whose means differ: the float32 sums
     (centred per batch) give the slope and intercept of the float64 fit."""
     g = torch.Generator().manual_seed(0)

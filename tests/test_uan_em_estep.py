@@ -43,7 +43,7 @@ def _compare(fast: torch.Tensor, plain: torch.Tensor, var: torch.Tensor, n: int)
 
 
 @pytest.mark.parametrize("spread", [0.5, 3.0, 12.0])
-def test_fast_form_matches_the_plain_formula(spread):
+def test_fast_form_matches_the_plain_formula(spread, kernels):
     x, mu, var, log_pi = _mixture(40, 3000, spread)
     _, r = es._centres(mu, var.sqrt())
     assert float(r.max()) <= es._R_MAX  # every row takes the fast form here
@@ -59,7 +59,7 @@ def test_fast_form_matches_the_plain_formula(spread):
     assert ll < 2e-13 and s1 < 1e-11 and s2 < 1e-11, (ll, s1, s2)
 
 
-def test_error_of_the_expanded_square_grows_as_spread_squared_and_far_rows_take_the_plain_form():
+def test_error_of_the_expanded_square_grows_as_spread_squared_and_far_rows_take_the_plain_form(kernels):
     """The fast form's error on its own (every row forced through it) grows like eps R^2; ``estep`` sends rows
     with R > _R_MAX to the plain form, so its error stays at the R_MAX level."""
     errs = {}
@@ -77,6 +77,34 @@ def test_error_of_the_expanded_square_grows_as_spread_squared_and_far_rows_take_
     assert errs[1024.0] / errs[4.0] > 1e3
 
 
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_the_native_fast_form_equals_the_eager_one(k):
+    """csrc/calib_estep.cpp against the batched-product form, plain and grouped values, float32 and float64 rows
+    (K = 1 and 3 take its unrolled loops, 5 the general one); the sums agree to float64 rounding."""
+    from normswap import native
+    from test_native import require_library
+
+    require_library()
+    x, mu, var, log_pi = _mixture(30, 2500, 3.0, seed=7)
+    mu, var = torch.cat([mu, mu[:2] + 0.3 * var[:2].sqrt()])[:k], torch.cat([var, 2 * var[:2]])[:k]
+    log_pi = torch.full_like(mu, -math.log(k))
+    gx, gw, gs2 = _groups(x, 100)
+    centre, _ = es._centres(mu, var.sqrt())
+    for args, kw in (((x,), {}), ((x.double(),), {}), ((gx,), {"w": gw, "s2": gs2})):
+        out = []
+        for on in (False, True):
+            native.set_enabled(on)
+            try:
+                out.append(es._estep_fast(*args, mu, var, log_pi, centre, None, stats=True,
+                                          **{"w": None, "s2": None, **kw}))
+            finally:
+                native.set_enabled(None)
+        (a, low_a), (b, low_b) = out
+        assert torch.equal(low_a, low_b) and (k == 1 or not low_a.any())  # K = 1: far values underflow
+        scale = torch.cat([a[:k], a[:k] * var.sqrt(), a[:k] * var, a[3 * k :].abs()]).clamp_min(1.0)
+        assert float(((a - b).abs() / scale)[:, ~low_a].max()) < 1e-12
+
+
 def test_centre_minimises_the_largest_component_distance():
     g = torch.Generator().manual_seed(2)
     mu = torch.randn(4, 50, dtype=F64, generator=g) * 5
@@ -88,7 +116,7 @@ def test_centre_minimises_the_largest_component_distance():
     assert torch.all(r <= brute + 1e-12) and torch.all(brute - r < 0.01 * (1 + r))
 
 
-def test_a_row_whose_density_underflows_takes_the_plain_form():
+def test_a_row_whose_density_underflows_takes_the_plain_form(kernels):
     x, mu, var, log_pi = _mixture(6, 1000, 3.0, seed=3)
     x[2, 17] = float(mu[1, 2] + 80 * var[1, 2].sqrt())  # 80 deviations beyond every component: p(x) e^-cmax = 0
     centre, _ = es._centres(mu, var.sqrt())
@@ -102,7 +130,7 @@ def test_a_row_whose_density_underflows_takes_the_plain_form():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_each_row_depends_on_that_row_alone(threads):
+def test_each_row_depends_on_that_row_alone(threads, kernels):
     """Fits of channels batched together must equal their fits alone (calibration_end_many): rows in any
     blocks, at any thread count, give bit-identical sums; float32 and float64 values give the same."""
     x, mu, var, log_pi = _mixture(70, 4096, 2.0, seed=4)
@@ -119,7 +147,7 @@ def test_each_row_depends_on_that_row_alone(threads):
         torch.set_num_threads(old)
 
 
-def test_fit_on_far_separated_components_keeps_the_monotone_log_likelihood():
+def test_fit_on_far_separated_components_keeps_the_monotone_log_likelihood(kernels):
     """EM through the fast form (and the plain form where R > _R_MAX): the log-likelihood never decreases by
     more than 1e-12 per value, on narrow components far from wide ones and far from zero."""
     x = torch.cat([_mixture(4, 4096, spread, seed=5)[0] for spread in (2.0, 6.0, 14.0, 40.0)])

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from normswap.errors import NormswapError
+from normswap.native import ops as native_ops
 from normswap.variants.anact.activations import apply_activation, derivative, sum_over_ranks
 from normswap.variants.calibration import CalibrationSettings
 
@@ -161,12 +162,18 @@ def block_sums(kind: str, params: dict[str, Any], x: torch.Tensor, channels: int
     ``sum f'^2`` over everything (or per channel of dim 1) -- and ``count`` the values per channel. ``shift`` (a
     first batch: the mean of its first values, rounded to the working dtype) keeps ``Var = E[d^2] - E[d]^2`` from
     cancelling. The work is in blocks that stay in cache, in float32 (float64 for float64 inputs) with float32
-    cascade sums per block added up in float64: one read of ``x``, no full-size float64 copy."""
+    cascade sums per block added up in float64: one read of ``x``, no full-size float64 copy. With the native
+    kernels (normswap/native/csrc/calib_sums.cpp) the activations :data:`NATIVE_KINDS` of a contiguous float32 or
+    float64 CPU tensor take one pass, every value and product summed in float64, the same at any thread count."""
     work = torch.promote_types(x.dtype, torch.float32)
     first, blocks, dims = _blocks(x, channels)
     if shift is None:
         mean = first.to(work).mean(-1).to(torch.float64)
         shift = mean.reshape(-1, 1) if channels is not None else mean.reshape(1)  # the layout sum_over_ranks reads
+    count = x.numel() // channels if channels is not None else x.numel()
+    native = _native_sums(kind, params, x, channels, shift)
+    if native is not None:
+        return shift, native if channels is not None else native.reshape(len(SUM_KEYS)), count
     sh = shift.to(work)
     shape = (len(SUM_KEYS),) + ((channels,) if channels is not None else ())
     total = torch.zeros(shape, dtype=torch.float64, device=x.device)
@@ -184,5 +191,24 @@ def block_sums(kind: str, params: dict[str, Any], x: torch.Tensor, channels: int
             total += part
         else:
             total[:, cs] += part
-    count = x.numel() // channels if channels is not None else x.numel()
     return shift, total, count
+
+
+NATIVE_KINDS = {"relu": None, "relu6": None, "leaky_relu": "negative_slope", "hardswish": None, "hardsigmoid": None,
+                "silu": None, "gelu": None, "gelu_tanh": None, "sigmoid": None, "tanh": None}  # kind: its parameter
+
+
+def _native_sums(kind: str, params: dict[str, Any], x: torch.Tensor, channels: int | None,
+                 shift: torch.Tensor) -> torch.Tensor | None:
+    """:func:`block_sums`' ``(5, C)`` (``(5, 1)`` flat) float64 sums from the native kernel, or None where it does
+    not apply (off or unbuilt, another activation, device or dtype, a strided tensor, tracing)."""
+    if kind not in NATIVE_KINDS or not isinstance(x, torch.Tensor) or x.device.type != "cpu" \
+            or x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.numel() == 0 \
+            or torch.compiler.is_compiling():
+        return None
+    o = native_ops()
+    if o is None:
+        return None
+    name = NATIVE_KINDS[kind]
+    return o.anact_sums(x, shift.reshape(-1), kind, float(params[name]) if name else 0.0,
+                        channels if channels is not None else 0)

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import torch
 
 from normswap.errors import NormswapError, OptionError
+from normswap.native import ops as native_ops
 from normswap.variants.calibration import CalibrationSettings
 
 __all__ = ["GainCalibration", "fit_gain", "lsq_accumulate", "lsq_solve"]
@@ -55,7 +56,7 @@ class GainCalibration:
             if target.shape != w.shape:
                 raise NormswapError(f"calibration target has shape {tuple(target.shape)}, expected {tuple(w.shape)}")
             ch = 1 if self._conv_layout else w.dim() - 1
-            lsq_accumulate(self._calib, w, target if base is None else target - base, ch)
+            lsq_accumulate(self._calib, w, target, ch, base)
 
     def reuse_observation(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's output on ``x`` from the terms :meth:`observe` just computed on this same tensor, when
@@ -119,16 +120,28 @@ class GainCalibration:
 
 
 
-def lsq_accumulate(acc: dict, w: torch.Tensor, r: torch.Tensor, ch: int) -> None:
-    """Add one batch to the sums for fitting ``r ~ g * w + o`` per channel ``ch`` (float64 sums).
+def lsq_accumulate(acc: dict, w: torch.Tensor, r: torch.Tensor, ch: int, base: torch.Tensor | None = None) -> None:
+    """Add one batch to the sums for fitting ``r - base ~ g * w + o`` per channel ``ch`` (float64 sums; ``base``
+    broadcasts against ``r``: a per-channel bias, or full-size).
 
-    The batch is reduced per channel in the activations' precision (float32 at least), centred on its own
+    With the native kernels (normswap/native/csrc/calib_sums.cpp), a contiguous float32/float64 CPU batch with its
+    channels in dim 1 takes one pass: every value and product summed in float64, the same at any thread count.
+    Otherwise the batch is reduced per channel in the activations' precision (float32 at least), centred on its own
     channel means so that nothing cancels, and only the per-channel results go to float64 (no float64 copy
     of a whole activation): ``sum w^2 = sum (w - mean w)^2 + n mean(w)^2`` and alike, added in float64."""
+    n = w.numel() // w.shape[ch]
+    native = _native_lsq(w, r, ch, base)
+    if native is not None:
+        sw, sr, sww, swr = native.unbind(0)
+        for k, v in (("ww", sww), ("wr", swr), ("w", sw), ("r", sr)):
+            acc[k] = acc[k] + v if k in acc else v
+        acc["n"] = acc.get("n", 0) + n
+        return
+    if base is not None:
+        r = r - base
     dims = [d for d in range(w.dim()) if d != ch]
     cdt = torch.promote_types(w.dtype, torch.float32)
     w, r = w.to(cdt), r.to(cdt)
-    n = w.numel() // w.shape[ch]
     mw, mr = w.mean(dims, keepdim=True), r.mean(dims, keepdim=True)
     dw, dr = w - mw, r - mr  # the only two new activation-sized tensors; the products are taken in place
     sdw, sdr = dw.sum(dims).double(), dr.sum(dims).double()  # what the float32 means missed
@@ -139,6 +152,23 @@ def lsq_accumulate(acc: dict, w: torch.Tensor, r: torch.Tensor, ch: int) -> None
     for k, v in stats.items():
         acc[k] = acc[k] + v if k in acc else v
     acc["n"] = acc.get("n", 0) + n
+
+
+def _native_lsq(w: torch.Tensor, r: torch.Tensor, ch: int, base: torch.Tensor | None) -> torch.Tensor | None:
+    """:func:`lsq_accumulate`'s ``(4, C)`` sums (w, r, w^2, w r) from the native kernel, or None where it does not
+    apply (off or unbuilt, channels not in dim 1, another device or dtype, strided or mismatched tensors)."""
+    if ch != 1 or w.dim() < 2 or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64) \
+            or r.dtype != w.dtype or r.shape != w.shape or not (w.is_contiguous() and r.is_contiguous()) \
+            or w.numel() == 0 or torch.compiler.is_compiling():
+        return None
+    if base is not None:
+        lead = (1,) * (w.dim() - base.dim()) + tuple(base.shape)  # as it broadcasts against w
+        if base.dim() <= w.dim() and base.numel() == w.shape[1] and lead[1] == w.shape[1]:
+            base = base.reshape(-1)  # a per-channel bias: (C, 1, ...) or (1, C, 1, ...)
+        elif base.shape != w.shape or base.dtype != w.dtype or not base.is_contiguous():
+            return None
+    o = native_ops()
+    return None if o is None else o.lsq_sums(w, r, base)
 
 
 def lsq_solve(acc: dict, with_offset: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -34,6 +34,8 @@ import math
 import numpy as np
 import torch
 
+from normswap.native import ops as native_ops
+
 __all__ = ["estep"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -116,14 +118,53 @@ def _estep_fast(
     cmax = head.amax(dim=0)  # (C,)
     coef = torch.stack([shift / var, -0.5 / var], dim=2).transpose(0, 1).contiguous()  # (C, K, 2): [B, A]
     const = (head - cmax - 0.5 * shift.square() / var).t().unsqueeze(2).contiguous()  # (C, K, 1)
+    native = _native_fast(x, centre, coef, const, w, s2, stats)
+    if native is not None:
+        sums, loglik, tmin = native
+    else:
+        sums, loglik, tmin = _fast_blocks(x, centre, coef, const, chunk, w, s2, stats)
+    low = tmin < _TINY
+    out = mu.new_empty(3 * k + 1, c)
+    out[3 * k] = loglik + cmax * (float(n) if w is None else w.sum())
+    if stats:
+        s0, sy, sq = sums.permute(2, 1, 0)  # (K, C) each
+        out[:k] = s0
+        out[k : 2 * k] = sy - shift * s0  # sum r (x - mu)
+        out[2 * k : 3 * k] = sq - 2.0 * shift * sy + shift.square() * s0  # sum r (x - mu)^2 (+ s2)
+    return out, low
+
+
+def _native_fast(x: torch.Tensor, centre: torch.Tensor, coef: torch.Tensor, const: torch.Tensor,
+                 w: torch.Tensor | None, s2: torch.Tensor | None, stats: bool) -> tuple | None:
+    """:func:`_fast_blocks`' sums from the native kernel (normswap/native/csrc/calib_estep.cpp: one pass over each
+    row, every row's sums its own), or None where it does not apply (off or unbuilt, another device or dtype)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or centre.dtype != torch.float64 \
+            or coef.shape[1] > 64 or torch.compiler.is_compiling():
+        return None
+    o = native_ops()
+    if o is None:
+        return None
+    f64 = lambda t: None if t is None else t.to(torch.float64).contiguous()  # noqa: E731
+    c, k = coef.shape[:2]
+    sums, loglik, tmin = o.estep_fast(x.contiguous(), centre.contiguous(), coef.contiguous(),
+                                      const.reshape(c, k).contiguous(), f64(w), f64(s2), stats)
+    return sums, loglik, tmin
+
+
+def _fast_blocks(x: torch.Tensor, centre: torch.Tensor, coef: torch.Tensor, const: torch.Tensor, chunk: int | None,
+                 w: torch.Tensor | None, s2: torch.Tensor | None, stats: bool) -> tuple:
+    """The fast form's sums in torch operations, over blocks of rows and columns: ``(sums (C, K, 3), loglik (C,),
+    tmin (C,))`` with ``tmin`` each row's smallest ``p(x) e^-cmax``."""
+    c, k = coef.shape[:2]
+    n = x.shape[1]
     cols = _cols(n, chunk)
     rows = max(1, _FAST_WORK // (k * cols))
-    feat = mu.new_empty(rows, 2, cols)  # [y, y^2 (+ s2)]
-    scaled = mu.new_empty(rows, 3, cols)  # [1, y, y^2 (+ s2)] * w / p(x)
-    dens = mu.new_empty(rows * k * cols)  # (rows, K, cols) p_k(x) e^-cmax, then tau_k(x)
-    sums = mu.new_zeros(c, k, 3)  # sum r, sum r y, sum r y^2 (+ s2), weighted
-    loglik = mu.new_zeros(c)
-    tmin = mu.new_full((c,), math.inf)  # smallest p(x) e^-cmax of each row
+    feat = coef.new_empty(rows, 2, cols)  # [y, y^2 (+ s2)]
+    scaled = coef.new_empty(rows, 3, cols)  # [1, y, y^2 (+ s2)] * w / p(x)
+    dens = coef.new_empty(rows * k * cols)  # (rows, K, cols) p_k(x) e^-cmax, then tau_k(x)
+    sums = coef.new_zeros(c, k, 3)  # sum r, sum r y, sum r y^2 (+ s2), weighted
+    loglik = coef.new_zeros(c)
+    tmin = coef.new_full((c,), math.inf)  # smallest p(x) e^-cmax of each row
     for r0 in range(0, c, rows):
         r1 = min(c, r0 + rows)
         nr = r1 - r0
@@ -147,15 +188,7 @@ def _estep_fast(
             inv = torch.reciprocal(tot, out=g[:, 0]) if w is None else torch.div(w[:, c0:c1], tot, out=g[:, 0])
             torch.mul(f, inv.unsqueeze(1), out=g[:, 1:])
             sr.baddbmm_(e, g.transpose(1, 2))
-    low = tmin < _TINY
-    out = mu.new_empty(3 * k + 1, c)
-    out[3 * k] = loglik + cmax * (float(n) if w is None else w.sum())
-    if stats:
-        s0, sy, sq = sums.permute(2, 1, 0)  # (K, C) each
-        out[:k] = s0
-        out[k : 2 * k] = sy - shift * s0  # sum r (x - mu)
-        out[2 * k : 3 * k] = sq - 2.0 * shift * sy + shift.square() * s0  # sum r (x - mu)^2 (+ s2)
-    return out, low
+    return sums, loglik, tmin
 
 
 def _estep_plain(
