@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import normswap
 from normswap.variants import set_strengths
 
-from .models import build
+from .models import build, native_available, native_off
 from .timing import Bench, peak_rise_mib
 
 HOW = ("Public API calls timed whole, interleaved with their baseline. Conversion: `normswap.plan` (find), "
@@ -32,12 +32,24 @@ HOW = ("Public API calls timed whole, interleaved with their baseline. Conversio
        "`normswap.calibrate(..., evaluate=False)` on N inputs stored in a `.safetensors` file (batches of 16), "
        "against plain forwards of the original over the same batches: the ratio is time per sample, its inverse "
        "the throughput (UAN and ANAct converted at strength 0, PatchNorm at 1, the strength each is calibrated "
-       "at). PatchNorm's `floor` is what its network-order calibration cannot avoid: a forward of the original "
+       "at); `calibrate (...) eager`, where normswap's native kernels are built: the same call with them off "
+       "(`NORMSWAP_NATIVE=0`). PatchNorm's `floor` is what its network-order calibration cannot avoid: a forward of the original "
        "(the targets) and one of the converted model at strength 1 (each layer's input) per batch. Evaluation: "
        "`normswap.evaluate` (UAN at strength 0.5: the original and the model at 0, 0.5, 1, per-site errors) "
        "against plain forwards of the original over the same samples; its `floor` is the forwards of the rows "
        "it must run (the original and the model at 0.5 and 1: the model at 0 is not run, since every UAN site from "
        "a BatchNorm proves by inspection that it is the original there, `Variant.source_function`), batches of 32; its peak is the rise of this process's peak resident set over one call.")
+
+
+def _eager(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with normswap's native kernels off for its own call (``NORMSWAP_NATIVE=0``)."""
+    def run() -> object:
+        native_off(True)
+        try:
+            return fn()
+        finally:
+            native_off(False)
+    return run
 
 
 def _forwards(model: torch.nn.Module, batches: list[torch.Tensor]) -> Callable[[], object]:
@@ -147,6 +159,8 @@ def _run(bench: Bench, tmp: Path) -> dict[str, Any]:
         calib = lambda r=r: normswap.calibrate(r, str(data), original=base, calib_samples=n, batch_size=16,  # noqa: E731
                                                evaluate=False)
         fns = {"forwards": _forwards(base, batches), f"calibrate ({variant})": calib}
+        if native_available():  # the same call on the torch paths every kernel keeps as its fallback
+            fns[f"calibrate ({variant}) eager"] = _eager(calib)
         if variant == "patchnorm":
             fns["floor"] = _chain(_forwards(base, batches), _forwards(r.model, batches))
         rows += bench.compare("calibration", f"{name}, {n} samples at {size} px", fns, "forwards", reps, warmup=warm,

@@ -164,6 +164,11 @@ def test_targets_show_the_eager_fallback_beside_the_default() -> None:
     uan = {t["what"]: t for t in targets.evaluate({"models": {"rows": rows}})}["resnet50 inference, UAN K=3 at strength 1"]
     assert uan["met"] is True  # the default (native) decides; the eager figure is shown, never used
     assert uan["today"] == "1.25x (IQR 1.15-1.35); eager torch path (`NORMSWAP_NATIVE=0`): 4.50x (IQR 4.40-4.60)"
+    calib = [{"group": "calibration", "what": "mobilenet_v2", "candidate": c, "baseline": "forwards", "ratio": r,
+              "q1": r, "q3": r, "flags": []} for c, r in (("calibrate (anact)", 1.25), ("calibrate (anact) eager", 2.0))]
+    anact = {t["what"]: t for t in targets.evaluate({"tool": {"rows": calib}})}[
+        "calibration throughput vs plain forward, ANAct"]
+    assert anact["today"] == "0.80x throughput (1.2x the time); eager torch path (`NORMSWAP_NATIVE=0`): 0.50x throughput"
 
 
 def test_bad_section_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
