@@ -167,6 +167,25 @@ def test_float32_backward_agrees_with_the_eager_backward(lib, shape):
         torch.testing.assert_close(g, e, rtol=2e-5, atol=2e-5 * scale, msg=name)
 
 
+def test_the_backward_takes_the_path_its_forward_took(lib, monkeypatch):
+    """A forward run with the kernels off keeps the eager backward though they are on again by then (the harness's
+    eager rows switch the library off around the forward call only); a native forward gets the native backward."""
+    coeffs = fitted(6, 3, spread=1.0, rho=0.7)
+    x = torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(3))
+    calls = []
+    op = lib.uan_channel_backward
+    monkeypatch.setattr(lib, "uan_channel_backward", lambda *a: calls.append("native") or op(*a))
+    for forward_native in (False, True):
+        calls.clear()
+        leaves = [x.clone().requires_grad_()] + [None if t is None else t.clone().requires_grad_() for t in coeffs]
+        native.set_enabled(forward_native)
+        out = kernel.channel_mixture(*leaves, k=3)
+        native.set_enabled(True)
+        out.sum().backward()
+        assert calls == (["native"] if forward_native else [])
+        assert leaves[0].grad is not None and torch.isfinite(leaves[0].grad).all()
+
+
 def test_results_do_not_depend_on_the_thread_count(lib):
     """Per-(n, c) sums reduced over n in order: 1 and 2 threads give the same bits, forward and backward."""
     coeffs = fitted(16, 3, spread=1.0, rho=0.7)

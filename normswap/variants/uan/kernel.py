@@ -191,6 +191,7 @@ class _ChannelMixture(torch.autograd.Function):
         coeffs = (a, c, b, g, p, q)
         ctx.save_for_backward(x, *(t for t in coeffs if t is not None))
         ctx.has = (p is not None, q is not None)
+        ctx.native = _native(x, coeffs) is not None  # the backward takes the path the forward took
         with torch.no_grad():
             return _forward(x, coeffs, cdt)
 
@@ -200,7 +201,7 @@ class _ChannelMixture(torch.autograd.Function):
         x, a, c, b, g, *rest = ctx.saved_tensors
         p = rest.pop(0) if ctx.has[0] else None
         q = rest.pop(0) if ctx.has[1] else None
-        native = _native(x, (a, c, b, g, p, q))
+        native = _native(x, (a, c, b, g, p, q)) if ctx.native else None
         if native is not None:
             o, xc, (a, c, b, g, p, _) = native
             dx, da, dc, db, dg, dp, dq = o.uan_channel_backward(grad.to(a.dtype).contiguous(), xc, a, c, b, g, p)
