@@ -157,3 +157,23 @@ def recorded(*args, **kwargs):
 command.run_calibration = recorded
 cli.main(sys.argv[1:], prog_name="normswap")
 """
+
+
+def test_the_group_is_torn_down_at_exit(tmp_path, monkeypatch):
+    """init_from_env registers the teardown that a torchrun worker runs at exit (left to the C++ destructors, gloo's
+    threads sometimes aborted the process after its work was done)."""
+    import atexit
+
+    from normswap.core import dist as ndist
+
+    registered, real_init = [], dist.init_process_group
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: registered.append(backend))
+    ndist.init_from_env()
+    assert registered == ["gloo", ndist._shutdown]
+    real_init("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    ndist._shutdown()
+    assert not dist.is_initialized()
+    ndist._shutdown()  # nothing left: a no-op

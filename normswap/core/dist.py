@@ -8,6 +8,7 @@ on every rank. Nothing here does anything in a single process.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -43,7 +44,19 @@ def init_from_env() -> World:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+        atexit.register(_shutdown)
     return world()
+
+
+def _shutdown() -> None:
+    """Tear the group down before the interpreter exits: left to the C++ static destructors, gloo's threads were
+    destroyed still running now and then, and the process aborted (``terminate called without an active
+    exception``, SIGABRT) after its work was done."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except (RuntimeError, ValueError):  # another rank already gone: nothing left to tear down cleanly
+            pass
 
 
 def _sum(t: torch.Tensor) -> torch.Tensor:
