@@ -141,11 +141,15 @@ def _native(x: torch.Tensor, coeffs) -> tuple | None:
     on, a contiguous CPU ``x`` (other layouts, e.g. channels-last, stay eager) and float32/float64 coefficients.
     Half and bfloat16 inputs are converted to the compute dtype and back, as the eager blocks do."""
     o = ops()
-    if o is None or x.device.type != "cpu" or not x.is_contiguous() or x.dim() < 2:
-        return None
-    if coeffs[0].dtype not in (torch.float32, torch.float64) or coeffs[0].device.type != "cpu":
+    if o is None or not _native_takes(x, coeffs[0]):
         return None
     return o, x.to(coeffs[0].dtype), tuple(None if t is None else t.contiguous() for t in coeffs)
+
+
+def _native_takes(x: torch.Tensor, a: torch.Tensor) -> bool:
+    """Whether the native kernel takes ``x`` with coefficients like ``a`` (the library aside)."""
+    return (x.device.type == "cpu" and x.is_contiguous() and x.dim() >= 2 and a.device.type == "cpu"
+            and a.dtype in (torch.float32, torch.float64))
 
 
 def _forward(x: torch.Tensor, coeffs, cdt: torch.dtype, floor: bool = True) -> torch.Tensor:
@@ -191,7 +195,7 @@ class _ChannelMixture(torch.autograd.Function):
         coeffs = (a, c, b, g, p, q)
         ctx.save_for_backward(x, *(t for t in coeffs if t is not None))
         ctx.has = (p is not None, q is not None)
-        ctx.native = _native(x, coeffs) is not None  # the backward takes the path the forward took
+        ctx.native = ops() is not None and _native_takes(x, a)  # the backward takes the path the forward took
         with torch.no_grad():
             return _forward(x, coeffs, cdt)
 
@@ -247,7 +251,8 @@ def channel_mixture(x: torch.Tensor, a, c, b, g, p, q, *, k: int, floor: bool = 
     """``y`` of the module docstring for (N, C, ...) inputs and coefficients (K, C), (C,) of the compute
     dtype (``k`` = K as a Python int); returned in ``x``'s dtype. Traced (fx, ``torch.compile``) it is
     :func:`normswap.variants.uan.fused.pointwise_mixture`, which compiles to one fused loop; eagerly,
-    the blocked kernel below, or that expression compiled when ``NORMSWAP_COMPILE=1``. ``floor=False``
+    the native kernel where the library is built and takes ``x``, else that expression compiled when
+    ``NORMSWAP_COMPILE=1``, else the blocked kernel below. ``floor=False``
     (components known to coincide, :func:`coincide`) lets the eager forward skip the exponent floor."""
     cdt = a.dtype
     if tracing():
@@ -255,7 +260,7 @@ def channel_mixture(x: torch.Tensor, a, c, b, g, p, q, *, k: int, floor: bool = 
         views = [None if t is None else t.reshape(lead + (-1,) + tail)
                  for t, lead in zip((a, c, b, g, p, q), ((k,),) * 4 + ((),) * 2)]
         return pointwise_mixture(x, k, *views)
-    if compiled_enabled():
+    if compiled_enabled() and (ops() is None or not _native_takes(x, a)):  # native first: it measured faster
         return run_compiled(x, k, a, c, b, g, p, q)
     tensors = (x, a, c, b, g, p, q)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
