@@ -186,3 +186,46 @@ def test_overwrite_sorts_in_place_and_fits_the_same(threads):
     assert torch.equal(mine, before.sort(dim=1).values)  # sorted in place
     for key in ("mean", "var", "log_pi", "loglik", "history"):
         assert torch.equal(getattr(fit, key), getattr(plain, key)), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_the_native_row_moments_equal_the_eager_sums(dtype):
+    """csrc/calib_moments.cpp against single_gaussian's and _groups' torch sums: the K = 1 fit (own means, and a
+    given centre as under torch.distributed) and the warm start's group means and spreads, to float64 rounding;
+    a row of another length or a non-dividing group size falls back; fit_gmm's fits agree either way."""
+    from normswap import native
+    from normswap.variants.uan import em
+    from test_native import require_library
+
+    require_library()
+    x = _mixture(30, 2560, 3.0, seed=3)[0].to(dtype).sort(dim=1).values
+    native.set_enabled(False)
+    try:
+        mean, var, ll, n = em.single_gaussian(x)
+        gm, gw, gs2 = _groups(x, 160)
+        assert em._native_moments(x, None, 16) is None
+        eager = fit_gmm(x.clone(), 3, var_init=var)
+    finally:
+        native.set_enabled(None)
+    native.set_enabled(True)
+    try:
+        moments = em._native_moments(x, None, 16)
+        mean2, var2, ll2, n2 = em.single_gaussian(x, moments=moments)
+        centred = em._native_moments(x, mean + 1.0)[1]  # about a given centre
+        assert em._native_moments(x, None, 17) is None  # 2560 is no multiple of 17: the torch groups
+        fast = fit_gmm(x.clone(), 3, var_init=var)
+        with pytest.raises(ValueError, match="not with reduce"):
+            em.single_gaussian(x, moments=moments, reduce=lambda t: t)
+    finally:
+        native.set_enabled(None)
+    assert n2 == n == 2560
+    torch.testing.assert_close(mean2, mean, rtol=1e-14, atol=1e-12)
+    torch.testing.assert_close(var2, var, rtol=1e-13, atol=0)
+    torch.testing.assert_close(ll2, ll, rtol=1e-13, atol=1e-13)
+    want = ((x.double() - (mean + 1.0)[:, None]) ** 2).sum(1)
+    torch.testing.assert_close(centred, want, rtol=1e-13, atol=0)
+    assert moments[2].shape == (30, 160) and torch.equal(gw, torch.full((1, 160), 16.0, dtype=F64))
+    torch.testing.assert_close(moments[2], gm, rtol=1e-15, atol=1e-13)
+    torch.testing.assert_close(moments[3], gs2, rtol=1e-12, atol=1e-12)
+    for a, b in ((fast.mean, eager.mean), (fast.var, eager.var), (fast.loglik, eager.loglik)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)

@@ -44,9 +44,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
+from normswap.native import ops as native_ops
 from normswap.variants.uan.estep import estep as _estep
 from normswap.variants.uan.reservoir import Reservoir
 
@@ -113,15 +113,34 @@ def _row_blocks(x: torch.Tensor, work: int = 1 << 16):
         yield slice(r0, r0 + rows)
 
 
+def _native_moments(x: torch.Tensor, mean: torch.Tensor | None = None, group: int = 0) -> list[torch.Tensor] | None:
+    """Row sums, squared deviations from ``mean`` (default: each row's own mean) and, with ``group`` > 0, the
+    means and mean squared deviations of runs of ``group`` values, all float64, in one read of ``x`` (C, n)
+    (normswap/native/csrc/calib_moments.cpp); None where the kernel does not apply (off or unbuilt, another device
+    or dtype, ``group`` not dividing n)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, _F64) or (group and x.shape[1] % group) \
+            or torch.compiler.is_compiling():
+        return None
+    o = native_ops()
+    return None if o is None else o.row_moments(x.contiguous(), None if mean is None else mean.contiguous(), group)
+
+
 def single_gaussian(
-    x: torch.Tensor, *, var_floor: float = 1e-5, reduce: Collective | None = None
+    x: torch.Tensor, *, var_floor: float = 1e-5, reduce: Collective | None = None,
+    moments: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The ML Gaussian per row of ``x`` (C, n) over all workers: ``(mean, var, loglik, n)``, where ``var``
     is floored at ``var_floor``, ``loglik`` is the mean per-value log-likelihood (C,) and ``n`` the
-    number of values per row (all workers). Raises ValueError when there are none, or any non-finite one."""
+    number of values per row (all workers). Raises ValueError when there are none, or any non-finite one.
+    ``moments``: :func:`_native_moments` of ``x`` already taken (about each row's own mean; one worker only)."""
     red = reduce or _same
     x = x.detach()  # any floating dtype: the sums are taken in float64 (as of the values converted first)
-    sums = x.sum(dim=1, dtype=_F64)  # finite sums: every value is finite (a NaN or an inf makes its row's non-finite)
+    if moments is None and reduce is None:
+        moments = _native_moments(x)
+    if moments is not None and reduce is not None:
+        raise ValueError("precomputed moments are about this worker's own means: not with reduce")
+    # finite sums: every value is finite (a NaN or an inf makes its row's non-finite)
+    sums = moments[0] if moments is not None else x.sum(dim=1, dtype=_F64)
     bad = sums.new_tensor(0.0) if bool(torch.isfinite(sums).all()) else (~torch.isfinite(x)).sum().to(_F64)
     head = red(torch.cat([torch.stack([sums.new_tensor(float(x.shape[1])), bad]), sums]))
     n = int(round(float(head[0])))
@@ -130,9 +149,14 @@ def single_gaussian(
     if float(head[1]) > 0:  # decided on the summed count, so every worker raises
         raise ValueError(f"{int(head[1])} of the values to fit are NaN or infinite")
     mean = head[2:] / n
-    var_ml = sums.new_empty(x.shape[0])
-    for rs in _row_blocks(x):  # row blocks: no full-size temporary (its page faults cost more than the sums)
-        torch.sum((x[rs] - mean[rs, None]).square_(), dim=1, out=var_ml[rs])
+    if moments is None:
+        moments = _native_moments(x, mean)
+    if moments is not None:
+        var_ml = moments[1]
+    else:
+        var_ml = sums.new_empty(x.shape[0])
+        for rs in _row_blocks(x):  # row blocks: no full-size temporary (its page faults cost more than the sums)
+            torch.sum((x[rs] - mean[rs, None]).square_(), dim=1, out=var_ml[rs])
     var_ml = red(var_ml) / n
     var = var_ml.clamp_min(var_floor)
     loglik = -0.5 * (torch.log(var) + _LOG_2PI) - var_ml / (2.0 * var)
@@ -326,7 +350,11 @@ def fit_gmm(
     # (every sum is taken in float64, on the values converted exactly): half the memory and the traffic
     x = _sort_rows(x, overwrite=overwrite)
     c = x.shape[0]
-    mean1, var1, loglik_k1, n = single_gaussian(x, var_floor=var_floor, reduce=reduce)
+    size = min(int(warm_group), x.shape[1] // 64)  # values per group (below: n // 64 over all workers)
+    # one worker: the K = 1 fit's sums and the warm start's groups in one read of the values, where native
+    moments = _native_moments(x, None, size if size >= 2 and x.shape[1] % size == 0 else 0) \
+        if reduce is None and x.shape[1] else None
+    mean1, var1, loglik_k1, n = single_gaussian(x, var_floor=var_floor, reduce=reduce, moments=moments)
     mu = _init_means(x, k, init, seed, mean1, var1)
     v0 = var1 if var_init is None else var_init.detach().to(device=x.device, dtype=_F64).reshape(c)
     mu, var = bc(torch.stack([mu, v0.clamp_min(var_floor).expand(k, c)]).contiguous()).unbind(0)
@@ -338,7 +366,10 @@ def fit_gmm(
     size = min(int(warm_group), n // 64)  # values per group: at most warm_group, at least 64 groups
     warm = torch.zeros_like(budget)
     if size >= 2:
-        gx, gw, gs2 = _groups(x, -(-x.shape[1] // size))
+        if moments is not None and moments[2].shape[1] == -(-x.shape[1] // size):
+            gx, gw, gs2 = moments[2], moments[2].new_full((1, moments[2].shape[1]), float(size)), moments[3]
+        else:
+            gx, gw, gs2 = _groups(x, -(-x.shape[1] // size))
         _, warm, _, _ = _em(gx, mu, var, log_pi, n, budget=budget, w=gw, s2=gs2, **opts)
     loglik, steps, met, history = _em(x, mu, var, log_pi, n, budget=budget - warm, **opts)
 
