@@ -147,3 +147,31 @@ def test_the_eager_floor_is_chosen_only_where_tails_get_deep():
         with torch.no_grad():
             assert torch.equal(kernel.channel_mixture(x, *full, k=3, floor=True),
                                kernel.channel_mixture(x, *full, k=3, floor=False))
+
+
+def test_switching_between_strengths_reuses_each_strengths_coefficients(monkeypatch):
+    """evaluate alternates a model between two strengths: the coefficients are keyed by the strength's value and
+    kept for a few strengths, so each is built once; a new value, or any other change, still builds afresh."""
+    module, x = _layer(0.5), torch.randn(2, 4, 5, 5)
+    built = []
+    real = UANChannel._coefficients
+    monkeypatch.setattr(UANChannel, "_coefficients",  # counted for this module, not the fresh copies compared with
+                        lambda self, *a: (self is module and built.append(self._s)) or real(self, *a))
+    with torch.no_grad():
+        outs = {}
+        for s in (0.5, 1.0, 0.5, 1.0, 0.5):
+            module.set_strength(s)
+            y = module(x)
+            assert torch.equal(y, outs.setdefault(s, y))
+        assert built == [0.5, 1.0]
+        for s in (0.25, 0.75, 0.9, 0.5, 1.0):  # four entries kept: 1.0, the least recently used, is built again
+            module.set_strength(s)
+            assert torch.equal(module(x), _fresh(module, x))
+        assert built == [0.5, 1.0, 0.25, 0.75, pytest.approx(0.9), 1.0]
+        module.mix_mean.add_(0.1)
+        module.set_strength(0.75)  # kept for the old mix_mean only
+        assert torch.equal(module(x), _fresh(module, x)) and built[-1] == 0.75 and len(built) == 7
+        module.rho.fill_(0.25)  # the buffer written directly counts by its value too
+        module.rho.fill_(0.75)
+        module(x)
+        assert len(built) == 7

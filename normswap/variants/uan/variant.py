@@ -239,9 +239,9 @@ class UANChannel(UAN):
         if tracing():
             return channel_mixture(x, *self._coefficients(cdt, one_dead=False), k=self.k)
         one_dead = self._s == 1.0
-        tensors = (self.mix_mean, self.mix_var, self.mix_logit, self.rho, self.weight, self.bias,
-                   self.running_mean, self.running_var)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        tensors = (self.mix_mean, self.mix_var, self.mix_logit, self.weight, self.bias, self.running_mean,
+                   self.running_var)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, self.rho)):
             return channel_mixture(x, *self._coefficients(cdt, one_dead), k=self.k)
 
         def build() -> tuple:
@@ -250,7 +250,8 @@ class UANChannel(UAN):
             return coeffs, needs_floor(*coeffs[:3], self.running_mean.to(cdt), sd)
 
         extra = (cdt, one_dead, torch.is_inference_mode_enabled())
-        coeffs, floor = cache_for(self).get(tensors, extra, build)
+        # keyed by the strength's value, several entries: evaluate's switches between strengths rebuild nothing
+        coeffs, floor = cache_for(self).get(tensors, extra, build, by_value=(self.rho,), capacity=4)
         return channel_mixture(x, *coeffs, k=self.k, floor=floor)
 
     def claims_exact(self) -> bool:
