@@ -233,3 +233,63 @@ def test_training_forward_and_gradients_equal_the_plain_formula(per_channel):
     want = torch.autograd.grad((ref * w).sum(), (x, m.alpha))
     for u, v in zip(got, want):
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.07), nn.ReLU6(inplace=True)],
+                         ids=["relu", "relu6", "leaky", "relu6-inplace"])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_native_map_is_the_eager_one_bit_for_bit(act, per_channel, dtype):
+    """csrc/anact_affine.cpp: activation and per-site map in one pass for relu, relu6 and leaky_relu, the same bits
+    as the eager activation + torch.add(b, f, alpha=a), with the same writes: into x only where the eager path's
+    output is x itself (per-channel maps stay eager: the same either way)."""
+    from normswap import native
+    from test_native import require_library
+
+    require_library()
+    inplace = getattr(act, "inplace", False)
+    x0 = torch.randn(3, 4, 5, 7, dtype=dtype) * 4  # 105 values per plane: vector tails too
+    outs = {}
+    for on in (False, True):
+        m = _layer(per_channel, False, 0.6, act=copy.deepcopy(act), reuse_input=True).to(dtype)
+        native.set_enabled(on)
+        try:
+            x = x0.clone()
+            with torch.no_grad():
+                out = m(x)
+        finally:
+            native.set_enabled(None)
+        assert (out.data_ptr() == x.data_ptr()) == inplace and (inplace or torch.equal(x, x0))
+        outs[on] = out
+    assert torch.equal(outs[True], outs[False])
+    torch.testing.assert_close(outs[True].double(), _plain(m, x0), rtol=1e-6 if dtype == torch.float32 else 1e-12,
+                               atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_the_native_map_is_taken_only_where_it_applies(monkeypatch):
+    from normswap import native
+    from test_native import require_library
+
+    require_library()
+    taken = []
+    real = native.ops()
+
+    class Spy:
+        def __getattr__(self, name):
+            if name == "anact_affine":
+                return lambda *a: taken.append(a[1]) or real.anact_affine(*a)
+            return getattr(real, name)
+
+    monkeypatch.setattr("normswap.variants.anact.layer.native_ops", lambda: Spy())
+    x0 = torch.randn(2, 4, 3, 3) * 4
+    with torch.no_grad():
+        _layer(False, False, 0.5, act=nn.ReLU())(x0)
+        _layer(False, False, 0.5, act=nn.SiLU())(x0)  # not computed bit for bit as torch does: eager
+        _layer(False, False, 0.0, act=nn.ReLU())(x0)  # strength 0: the activation itself
+        _layer(True, False, 0.5, act=nn.ReLU())(x0)  # a per-channel map: eager
+        m = _layer(False, False, 0.5, act=nn.ReLU6(inplace=True))  # others read x: eager, x becomes relu6(x)
+        x = x0.clone()
+        out = m(x)
+        assert torch.equal(x, nn.functional.relu6(x0)) and out.data_ptr() != x.data_ptr()
+    _layer(False, False, 0.5, act=nn.ReLU()).train()(x0)  # training: the statistics and AffineMap
+    assert taken == ["relu"]

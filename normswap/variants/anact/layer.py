@@ -60,7 +60,8 @@ from torch.autograd.function import once_differentiable
 
 from normswap.errors import NormswapError
 from normswap.variants.anact.activations import make_activation, resolve_activation
-from normswap.variants.anact.stats import ANActStatistics
+from normswap.native import ops as native_ops
+from normswap.variants.anact.stats import NATIVE_KINDS, ANActStatistics
 from normswap.variants.cache import cache_for
 from normswap.variants.calibration import CalibrationSettings
 from normswap.variants.strength import StrengthMirror
@@ -109,6 +110,9 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return (t.sum(dims) if dims else t).reshape(shape)
 
 
+_EXACT_NATIVE = ("relu", "relu6", "leaky_relu")  # max / min / one multiply: torch's values, bit for bit
+
+
 class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
     """``c * (f(x) - mu)`` around a kept activation module ``act``, blended in by strength where it is not
     folded into the consumers; see the module docstring."""
@@ -152,9 +156,12 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
             self._observe(x)
         elif self.training:
             self._update(x)
-        f = self.act(x)  # after the statistics: an in-place activation may overwrite x
         if self._s == 0.0 and not self.folded:
-            return f  # the source activation itself: no tensor value is read (torch.fx, torch.compile)
+            return self.act(x)  # the source activation itself: no tensor value is read (torch.fx, torch.compile)
+        fused = self._native_map(x)
+        if fused is not None:
+            return fused
+        f = self.act(x)  # after the statistics: an in-place activation may overwrite x
         if not isinstance(f, torch.Tensor) or self.training or torch.compiler.is_compiling() or (
                 torch.is_grad_enabled() and self.alpha.requires_grad):
             scale, shift = self._coefficients(f)  # traced, or gradients flow to alpha
@@ -168,6 +175,33 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
         if torch.is_tensor(scale):  # per channel: two passes in place
             return f.mul_(scale).add_(shift)
         return torch.add(shift, f, alpha=scale, out=f)  # one vectorised pass, in place
+
+    def _native_map(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The frozen per-site map ``a f(x) + b`` in one pass of the native kernel (csrc/anact_affine.cpp) where nothing
+        needs two: eval without gradients, a contiguous float32/float64 CPU input, an activation whose values
+        the kernel computes exactly as torch does (:data:`_EXACT_NATIVE`: a site's exact start must stay exact); in
+        place on ``x`` where the eager path's result would be ``x`` itself (an in-place activation whose input has
+        no other reader), else into a new tensor. None: the eager path (which also keeps an in-place activation's
+        write into an input that others read)."""
+        if self.training or not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.numel() == 0 \
+                or x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() \
+                or self.kind not in _EXACT_NATIVE or torch.compiler.is_compiling() \
+                or (torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad)):
+            return None
+        inplace = bool(getattr(self.act, "inplace", False))
+        if inplace and not self.reuse_input:
+            return None
+        o = native_ops()
+        if o is None:
+            return None
+        scale, shift = self._frozen(x)
+        if torch.is_tensor(scale):  # a per-channel map: mul_ then add_, two roundings the kernel does not repeat
+            return None
+        scale = torch.full((1,), scale, dtype=x.dtype)
+        name = NATIVE_KINDS[self.kind]
+        out = x if inplace else torch.empty_like(x)
+        o.anact_affine(x, self.kind, float(self.act_params[name]) if name else 0.0, scale, shift.reshape(-1), out)
+        return out
 
     def _coefficients(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a, b)`` of the map ``a f + b`` the layer applies now, in ``f``'s dtype, shaped to broadcast
