@@ -17,6 +17,7 @@ QUICK: dict[str, Any] = {
     # 3. the tool
     "convert_model": "resnet50", "tool_model": "mobilenet_v2", "tool_size": 160, "calib_samples": 256,
     "eval_samples": 64, "tool_repeats": 3, "tool_warmup": 0,
+    "convert_repeats": 9, "convert_warmup": 2,  # the conversion rows: 10-400 ms calls, noisy in 3 cold rounds
     # 4. accuracy retention: recipe overrides (the quick profile shortens the recipes and says so)
     "fmnist_overrides": ["finetune.steps=200", "strength.span=100", "eval.every=100", "calibrate.samples=512",
                          "eval.samples=1000"],
@@ -31,6 +32,7 @@ QUICK: dict[str, Any] = {
 FULL = copy.deepcopy(QUICK)
 FULL.update({
     "repeats": 11, "layer_repeats": 31, "model_repeats": 9, "tool_repeats": 5, "tool_warmup": 1,
+    "convert_repeats": 15,
     "compile": ["r50 conv3x3 64->64", "r50 conv1x1 256->64", "r50 BN 256", "mnv2 dw3x3 144", "mnv2 BN 144",
                 "vit LayerNorm 768", "vit GELU 3072"],
     "models": {"resnet50": [8, 224], "mobilenet_v2": [16, 224], "vit_b_16": [4, 224]},
@@ -46,7 +48,7 @@ TINY.update({
     "vit_batch": 1, "vit_tokens": 9, "compile": [],
     "models": {"tiny_resnet": [1, 32]}, "train": [2, 32], "model_repeats": 2, "memory_child": False, "uan_compiled": False,
     "convert_model": "tiny_resnet", "tool_model": "tiny_resnet", "tool_size": 32, "calib_samples": 4, "eval_samples": 4,
-    "tool_repeats": 2,
+    "tool_repeats": 2, "convert_repeats": 2, "convert_warmup": 0,
     "fmnist_overrides": ["finetune.steps=2", "strength.span=1", "eval.every=2", "eval.samples=16",
                          "eval.batch_size=16", "calibrate.samples=16", "calibrate.batch_size=16",
                          "finetune.batch_size=8", "output.checkpoint_every=2"],

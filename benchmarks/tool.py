@@ -140,7 +140,8 @@ def _run(bench: Bench, tmp: Path) -> dict[str, Any]:
         fns.update({"build (no weights)": lambda: build(name, 224),
                     "convert by name (uan)": lambda: _quiet(lambda: normswap.convert(name, to="uan", weights="none")),
                     "load by name (uan)": lambda: normswap.load(tmp / "named.safetensors")})
-    rows += bench.compare("conversion", f"{name} (random init)", fns, "fx.symbolic_trace", reps, warmup=warm)
+    rows += bench.compare("conversion", f"{name} (random init)", fns, "fx.symbolic_trace",
+                          int(sz.get("convert_repeats", reps)), warmup=int(sz.get("convert_warmup", warm)))
 
     name, size, n = sz["tool_model"], sz["tool_size"], sz["calib_samples"]
     torch.manual_seed(0)
