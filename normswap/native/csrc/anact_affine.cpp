@@ -44,15 +44,14 @@ void apply_run(T p, const T* src, T* dst, int64_t m, T a, T b) {
   }
 }
 
-// anact_affine(x, kind, param, scale, shift, out): out = scale * f(x) + shift; scale and shift of one element, x's
-// dtype; out contiguous like x (x itself allowed).
-void anact_affine(const at::Tensor& x, const std::string& kind, double param, const at::Tensor& scale,
-                  const at::Tensor& shift, at::Tensor out) {
+// anact_affine(x, kind, param, scale, shift, out): out = scale * f(x) + shift; scale a number (cast to x's dtype,
+// as torch's add casts its alpha), shift one element of x's dtype; out contiguous like x (x itself allowed).
+void anact_affine(const at::Tensor& x, const std::string& kind, double param, double scale, const at::Tensor& shift,
+                  at::Tensor out) {
   TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && !x.is_cuda() && !out.is_cuda() && out.sizes() == x.sizes(),
               "normswap_native::anact_affine: contiguous CPU tensors of one shape");
-  TORCH_CHECK(scale.scalar_type() == x.scalar_type() && shift.scalar_type() == x.scalar_type() &&
-                  out.scalar_type() == x.scalar_type() && scale.numel() == 1 && shift.numel() == 1,
-              "normswap_native::anact_affine: one scale and one shift, and out, in x's dtype");
+  TORCH_CHECK(shift.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type() && shift.numel() == 1,
+              "normswap_native::anact_affine: one shift, and out, in x's dtype");
   const Kind k = parse_kind(kind);
   TORCH_CHECK(k == kRelu || k == kRelu6 || k == kLeaky, "normswap_native::anact_affine: relu, relu6 or leaky_relu "
               "only (the activations whose values it computes exactly as torch does)");
@@ -61,7 +60,7 @@ void anact_affine(const at::Tensor& x, const std::string& kind, double param, co
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "anact_affine", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const scalar_t a = scale.item<scalar_t>(), b = shift.item<scalar_t>(), p = static_cast<scalar_t>(param);
+    const scalar_t a = static_cast<scalar_t>(scale), b = shift.item<scalar_t>(), p = static_cast<scalar_t>(param);
     at::parallel_for(0, (n + length - 1) / length, 1, [&](int64_t begin, int64_t end) {
       for (int64_t q = begin; q < end; ++q) {
         const int64_t off = q * length, m = std::min(length, n - off);
@@ -81,7 +80,7 @@ void anact_affine(const at::Tensor& x, const std::string& kind, double param, co
 }  // namespace anact
 
 TORCH_LIBRARY_FRAGMENT(normswap_native, m) {
-  m.def("anact_affine(Tensor x, str kind, float param, Tensor scale, Tensor shift, Tensor(a!) out) -> ()",
+  m.def("anact_affine(Tensor x, str kind, float param, float scale, Tensor shift, Tensor(a!) out) -> ()",
         &anact::anact_affine);
 }
 }  // namespace normswap_native

@@ -197,7 +197,6 @@ class ANActLayer(StrengthMirror, ANActStatistics, nn.Module):
         scale, shift = self._frozen(x)
         if torch.is_tensor(scale):  # a per-channel map: mul_ then add_, two roundings the kernel does not repeat
             return None
-        scale = torch.full((1,), scale, dtype=x.dtype)
         name = NATIVE_KINDS[self.kind]
         out = x if inplace else torch.empty_like(x)
         o.anact_affine(x, self.kind, float(self.act_params[name]) if name else 0.0, scale, shift.reshape(-1), out)
