@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,13 @@ from normswap.sources import SourceSpec, load_model, rebuild
 from normswap.surgery.apply import apply_checked
 from normswap.surgery.copying import copy_model
 from normswap.surgery.find import find, find_graph
-from normswap.surgery.probes import smaller_probe
+from normswap.surgery.probes import is_small, smaller_probe
 from normswap.core.graph import ModelGraph, build_graph
 from normswap.core.kinds import is_activation, is_norm
 from normswap.core.plan import FOLDED, Plan
 from normswap.sources.inputs import example_input
 from normswap.core.probe import ProbeInput
+from normswap.core.threads import serial
 from normswap.surgery.local import Recording, record
 from normswap.surgery.verify import (DEFAULT_RTOL, VerifyReport, compare_names, nonfinite_message, nonfinite_tensors,
                                      run_recording, verify)
@@ -142,10 +144,11 @@ def convert(model: nn.Module | str, to: str, targets: Iterable[str] | None = Non
     given = _probe(example_inputs)
     probe = given or example_input(reference, source)
     calibrates = any(registry.get(s.variant).needs_calibration for s in the_plan.converted)
-    recording = _recording(reference, the_plan, probe) if probe is not None and calibrates and check else None
-    if probe is not None and calibrates:  # variants whose exact start needs statistics (ANAct) fit them on the probe
-        run_calibration(converted, the_plan, [probe], only_required=True,
-                        site_inputs=None if recording is None else recording.calls(s.name for s in the_plan.converted))
+    with serial() if is_small(probe) else nullcontext():  # a tiny batch: one thread is faster (verify says why)
+        recording = _recording(reference, the_plan, probe) if probe is not None and calibrates and check else None
+        if probe is not None and calibrates:  # variants whose exact start needs statistics (ANAct) fit them on the probe
+            run_calibration(converted, the_plan, [probe], only_required=True, site_inputs=None if recording is None
+                            else recording.calls(s.name for s in the_plan.converted))
     if check:  # an inferred probe is first tried smaller (normswap.surgery.probes; not where it was calibrated on)
         smaller = None if given is not None or calibrates else smaller_probe(probe)
         report = verify(reference, converted, the_plan, probe, rtol=rtol, graph=graph, snapshot=snapshot,

@@ -25,6 +25,7 @@ from torch import fx, nn
 from normswap.errors import FileFormatError, NormswapError
 from normswap.core.graph import call_name, trace
 from normswap.core.plan import CONVERT, FOLDED, Plan, Site
+from normswap.core.threads import serial
 from normswap.variants import registry
 from normswap.core.kinds import qualname
 from normswap.surgery.copying import Snapshot, copy_model
@@ -107,20 +108,8 @@ def apply_checked(model: nn.Module, plan: Plan, inplace: bool = False, *, graph:
 
     replacements: list[tuple[list[str], nn.Module]] = []
     built = []
-    for site in plan.converted:
-        cls = registry.get(site.variant)
-        old = _get(target, site.name, "the site")
-        if not site.facts.get("graph_rewrite") and qualname(old) != site.source_type:
-            raise FileFormatError(
-                f"the plan does not fit this model: '{site.name}' is {qualname(old)}, the plan expects {site.source_type}"
-            )
-        absorbed = [_get(target, a, f"absorbed by {site.name}") for a in site.absorbs]
-        new = cls.from_site(site, old, absorbed)
-        new.train(old.training)
-        built.append((cls, site, new))
-        replacements.append((names_of[id(old)], new))
-        for a_name, a_mod in zip(site.absorbs, absorbed):
-            replacements.append((names_of.get(id(a_mod), [a_name]), nn.Identity()))
+    with serial():  # per-channel arithmetic, a parallel region each (normswap.core.threads)
+        _build(target, plan, names_of, replacements, built)
     folded = [s for s in plan.sites if s.action == FOLDED]
     for site in folded:
         old = _get(target, site.name, "a folded site")
@@ -136,3 +125,23 @@ def apply_checked(model: nn.Module, plan: Plan, inplace: bool = False, *, graph:
     for site in folded:
         registry.get(site.variant).apply_folded(target, site)
     return target, snapshot
+
+
+def _build(target: nn.Module, plan: Plan, names_of: dict[int, list[str]],
+           replacements: list[tuple[list[str], nn.Module]], built: list) -> None:
+    """Build every converted site's replacement (appended to ``built``) and list what replaces which names
+    (``replacements``: a site's module, and ``nn.Identity`` for each module it absorbs); nothing is changed yet."""
+    for site in plan.converted:
+        cls = registry.get(site.variant)
+        old = _get(target, site.name, "the site")
+        if not site.facts.get("graph_rewrite") and qualname(old) != site.source_type:
+            raise FileFormatError(
+                f"the plan does not fit this model: '{site.name}' is {qualname(old)}, the plan expects {site.source_type}"
+            )
+        absorbed = [_get(target, a, f"absorbed by {site.name}") for a in site.absorbs]
+        new = cls.from_site(site, old, absorbed)
+        new.train(old.training)
+        built.append((cls, site, new))
+        replacements.append((names_of[id(old)], new))
+        for a_name, a_mod in zip(site.absorbs, absorbed):
+            replacements.append((names_of.get(id(a_mod), [a_name]), nn.Identity()))

@@ -23,18 +23,34 @@ import torch
 
 from normswap.core.probe import ProbeInput
 
-__all__ = ["SMALL", "smaller_probe"]
+__all__ = ["SMALL", "SMALL_VALUES", "is_small", "smaller_probe"]
 
 SMALL = 32  # pixels on a side: what normswap already infers for a conv net of unknown input size
+SMALL_VALUES = 2 * 4 * SMALL * SMALL  # the most values of a probe verification runs on one thread (is_small)
+
+
+def _image(probe: ProbeInput | None) -> torch.Tensor | None:
+    """The probe's one floating ``(N, C, H, W)`` or ``(N, C, T, H, W)`` image tensor, or None."""
+    if probe is None or probe.kwargs or len(probe.args) != 1:
+        return None
+    x = probe.args[0]
+    return x if torch.is_tensor(x) and x.is_floating_point() and x.dim() in (4, 5) else None
+
+
+def is_small(probe: ProbeInput | None) -> bool:
+    """Whether ``probe`` is an image batch of at most 2 samples and :data:`SMALL_VALUES` values (what normswap
+    infers for a conv net, 2 x 3 x 32 x 32, or :func:`smaller_probe` makes): a forward on it is made of operations
+    on a few thousand values each, which one torch thread runs faster than several (:mod:`normswap.core.threads`;
+    docs/speed.md, "Seventh pass")."""
+    x = _image(probe)
+    return x is not None and x.shape[0] <= 2 and x.numel() <= SMALL_VALUES
 
 
 def smaller_probe(probe: ProbeInput | None) -> ProbeInput | None:
     """``probe`` with its image's height and width cut to :data:`SMALL` (a new seeded batch of the same batch size,
     channels, dtype and device), or None where that does not apply (see the module docstring)."""
-    if probe is None or probe.kwargs or len(probe.args) != 1:
-        return None
-    x = probe.args[0]
-    if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() not in (4, 5) or min(x.shape[-2:]) <= SMALL:
+    x = _image(probe)
+    if x is None or min(x.shape[-2:]) <= SMALL:
         return None
     shape = (*x.shape[:-2], SMALL, SMALL)
     small = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=x.device, dtype=x.dtype)

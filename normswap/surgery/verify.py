@@ -17,6 +17,7 @@ site compared at its variant's compare points inside the converted network, and 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,9 +27,11 @@ from torch import nn
 from normswap.core.graph import ModelGraph
 from normswap.core.plan import Plan
 from normswap.core.probe import ProbeInput
+from normswap.core.threads import serial
 from normswap.surgery import local
 from normswap.surgery.local import output_tensors
 from normswap.surgery.copying import Snapshot
+from normswap.surgery.probes import is_small
 from normswap.variants import registry
 from normswap.variants.base import Variant
 
@@ -211,16 +214,20 @@ def verify(original: nn.Module, converted: nn.Module, plan: Plan, probe: ProbeIn
                             note="no probe input could be inferred for this model; pass example inputs to verify")
     if smaller is not None and recording is None:
         try:
-            report = _verify(original, converted, plan, smaller, rtol, graph, snapshot)
+            with serial():  # a few thousand values per activation: one thread is faster (normswap.core.threads)
+                report = _verify(original, converted, plan, smaller, rtol, graph, snapshot)
         except Exception:  # noqa: BLE001  (a model that does not run at that size: the full probe decides)
-            if _runs(original, smaller):  # the original does: a replacement failed on its input, which is no size issue
+            with serial():
+                runs = _runs(original, smaller)
+            if runs:  # the original does: a replacement failed on its input, which is no size issue
                 raise
             report = None
         if report is not None and (not report.ok or all(c.max_abs_diff is not None and c.claims_exact
                                                         for c in report.sites)):
             report.shrunk_from = probe.describe()
             return report
-    return _verify(original, converted, plan, probe, rtol, graph, snapshot, recording)
+    with serial() if is_small(probe) else nullcontext():
+        return _verify(original, converted, plan, probe, rtol, graph, snapshot, recording)
 
 
 def compare_names(plan: Plan) -> list[str]:

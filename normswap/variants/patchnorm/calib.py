@@ -10,10 +10,12 @@ before the solve (``CalibrationSettings.reduce``), so every rank writes the same
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Iterable
 
 import torch
 
+from normswap.core.threads import serial
 from normswap.errors import NormswapError, OptionError
 from normswap.native import ops as native_ops
 from normswap.variants.calibration import CalibrationSettings
@@ -109,14 +111,15 @@ class GainCalibration:
     def _solve(self, acc: dict[str, Any]) -> None:
         if not acc.get("n"):
             return
-        g, o, live = lsq_solve(acc, self.offset is not None)  # z = g * k(t) * w + o (+ base)
-        t = acc["t"]
-        self.scale_from_calibration(acc)
-        g = g / self.scale_per_output(t).double()
-        with torch.no_grad():
-            self.gain.copy_(torch.where(live, (g - (1.0 - t)) / t, self.gain.double()).to(self.gain.dtype))
-            if self.offset is not None:
-                self.offset.copy_(torch.where(live, o / t, self.offset.double()).to(self.offset.dtype))
+        with serial() if self.gain.device.type == "cpu" else nullcontext():  # per-channel (normswap.core.threads)
+            g, o, live = lsq_solve(acc, self.offset is not None)  # z = g * k(t) * w + o (+ base)
+            t = acc["t"]
+            self.scale_from_calibration(acc)
+            g = g / self.scale_per_output(t).double()
+            with torch.no_grad():
+                self.gain.copy_(torch.where(live, (g - (1.0 - t)) / t, self.gain.double()).to(self.gain.dtype))
+                if self.offset is not None:
+                    self.offset.copy_(torch.where(live, o / t, self.offset.double()).to(self.offset.dtype))
 
 
 
