@@ -147,6 +147,19 @@ def test_each_row_depends_on_that_row_alone(threads, kernels):
         torch.set_num_threads(old)
 
 
+def test_rows_read_in_place_give_the_sums_of_the_gathered_rows(kernels):
+    """EM's channels still iterating are passed as ``rows`` of the whole value matrix (the native kernel reads them
+    where they are): the sums equal those of ``x[rows]`` bit for bit, plain and grouped values, a row taking the
+    plain form included; the fit itself does not change (it gathers nothing)."""
+    x, mu, var, log_pi = _mixture(12, 1000, 3.0, seed=9)
+    x[5, 3] = float(mu[1, 5] + 80 * var[1, 5].sqrt())  # row 5 underflows: the plain form, on x[rows] too
+    rows = torch.tensor([11, 5, 0, 7])
+    p = tuple(t[:, rows] for t in (mu, var, log_pi))
+    assert torch.equal(es.estep(x, *p, rows=rows), es.estep(x[rows], *p))
+    gx, gw, gs2 = _groups(x, 100)
+    assert torch.equal(es.estep(gx, *p, w=gw, s2=gs2, rows=rows), es.estep(gx[rows], *p, w=gw, s2=gs2[rows]))
+
+
 def test_fit_on_far_separated_components_keeps_the_monotone_log_likelihood(kernels):
     """EM through the fast form (and the plain form where R > _R_MAX): the log-likelihood never decreases by
     more than 1e-12 per value, on narrow components far from wide ones and far from zero."""

@@ -112,13 +112,14 @@ def test_the_uniformity_test_fails_a_biased_reservoir(monkeypatch):
     enter too often) is what a subtle bug looks like; the same test must reject it."""
     real = res.Reservoir._draw
 
-    def frozen_w(self):
+    def frozen_w(self, chunks=1):
         w = self._log_w
-        out = real(self)
+        out = real(self, chunks)
         self._log_w = w if w is not None else self._log_w
         return out
 
     monkeypatch.setattr(res, "EVENTS", 1)
+    monkeypatch.setattr(res, "DRAW_CHUNKS", 1)  # W frozen before every event
     monkeypatch.setattr(res.Reservoir, "_draw", frozen_w)
     assert _chi_square(60, 6, 400, [7, 1, 13]) > 3 * CRITICAL_59
 
@@ -128,3 +129,22 @@ def test_one_event_per_chunk_is_uniform_too(monkeypatch):
     not the sampler's law."""
     monkeypatch.setattr(res, "EVENTS", 1)
     assert _chi_square(60, 6, 1000, [60]) < CRITICAL_59
+
+
+@pytest.mark.parametrize("capacity, events", [(64, 1024), (500, 7), (4096, 1024)])
+def test_chunks_drawn_in_one_batch_are_the_chunks_drawn_one_at_a_time(monkeypatch, capacity, events):
+    """Reservoir._draw batches up to DRAW_CHUNKS chunks: the same events (positions and slots) bit for bit, so the
+    same columns are kept, as when each chunk is drawn alone."""
+    monkeypatch.setattr(res, "EVENTS", events)
+    stream = torch.randn(2, 60 * capacity)
+    kept = {}
+    for chunks in (1, 16):
+        monkeypatch.setattr(res, "DRAW_CHUNKS", chunks)
+        r = _fill(stream, [capacity // 3 + 1, 5 * capacity], capacity, seed=11, channel_dim=0)
+        a = Reservoir(capacity, torch.Generator().manual_seed(3))
+        drawn = [a._draw(1) for _ in range(7)] if chunks == 1 else [a._draw(1), a._draw(6)]  # 7 chunks either way
+        kept[chunks] = (r.positions(), torch.cat([p for p, _ in drawn]), torch.cat([s for _, s in drawn]), a._last,
+                        a._log_w)
+    for x, y in zip(kept[1], kept[16]):
+        assert torch.equal(x, y) if torch.is_tensor(x) else x == y
+

@@ -92,14 +92,30 @@ void estep_row(const T* x, int64_t n, double centre, const double* coef, const d
     for (int s = 0; s < 3; ++s) sums[j * 3 + s] = stats ? lanes_sum(acc[j][s]) : 0.0;
 }
 
-// estep_fast(x (C, n), centre (C,), coef (C, K, 2), const (C, K), w (1, n)?, s2 (C, n)?, stats)
-//   -> [sums (C, K, 3), loglik (C,), tmin (C,)], all float64.
-std::vector<at::Tensor> estep_fast(const at::Tensor& x, const at::Tensor& centre, const at::Tensor& coef,
-                                   const at::Tensor& cst, const std::optional<at::Tensor>& w,
-                                   const std::optional<at::Tensor>& s2, bool stats) {
+// estep_fast(x (R, n), rows (C,)?, centre (C,), coef (C, K, 2), const (C, K), w (1, n)?, s2 (R, n)?, stats)
+//   -> [sums (C, K, 3), loglik (C,), tmin (C,)], all float64. Output row r is x's row rows[r] (row r without
+//   rows): EM's channels still iterating, read where they are instead of gathered into a new matrix each step.
+std::vector<at::Tensor> estep_fast(const at::Tensor& x, const std::optional<at::Tensor>& rows,
+                                   const at::Tensor& centre, const at::Tensor& coef, const at::Tensor& cst,
+                                   const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& s2,
+                                   bool stats) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && !x.is_cuda(), "normswap_native::estep_fast: x must be a "
               "contiguous CPU (C, n) matrix");
-  const int64_t c = x.size(0), n = x.size(1), k = coef.size(1);
+  const bool has_rows = rows.has_value() && rows->defined();
+  const int64_t c = has_rows ? rows->numel() : x.size(0), n = x.size(1), k = coef.size(1);
+  std::vector<int64_t> src(c);
+  if (has_rows) {
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1 && !rows->is_cuda(),
+                "normswap_native::estep_fast: rows must be a CPU int64 vector");
+    const at::Tensor r64 = rows->contiguous();
+    const int64_t* rp = r64.data_ptr<int64_t>();
+    for (int64_t r = 0; r < c; ++r) {
+      TORCH_CHECK(rp[r] >= 0 && rp[r] < x.size(0), "normswap_native::estep_fast: row index out of range");
+      src[r] = rp[r];
+    }
+  } else {
+    for (int64_t r = 0; r < c; ++r) src[r] = r;
+  }
   TORCH_CHECK(k >= 1 && k <= kMaxK, "normswap_native::estep_fast: 1 to 64 components");
   auto f64 = [&](const at::Tensor& t, at::IntArrayRef shape, const char* what) {
     TORCH_CHECK(t.scalar_type() == at::kDouble && t.is_contiguous() && t.sizes() == shape,
@@ -111,7 +127,7 @@ std::vector<at::Tensor> estep_fast(const at::Tensor& x, const at::Tensor& centre
   const double* sp = f64(cst, {c, k}, "const");
   const bool has_w = w.has_value() && w->defined(), has_s2 = s2.has_value() && s2->defined();
   const double* wp = has_w ? f64(*w, {1, n}, "w") : nullptr;
-  const double* qp = has_s2 ? f64(*s2, {c, n}, "s2") : nullptr;
+  const double* qp = has_s2 ? f64(*s2, {x.size(0), n}, "s2") : nullptr;
   at::Tensor sums = at::zeros({c, k, 3}, at::kDouble), ll = at::zeros({c}, at::kDouble),
              tmin = at::empty({c}, at::kDouble);
   double *op = sums.data_ptr<double>(), *lp = ll.data_ptr<double>(), *tp = tmin.data_ptr<double>();
@@ -122,7 +138,7 @@ std::vector<at::Tensor> estep_fast(const at::Tensor& x, const at::Tensor& centre
                : k == 4 ? &estep_row<scalar_t, 4> : &estep_row<scalar_t, 0>;
     at::parallel_for(0, c, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        row(xp + r * n, n, cp[r], kp + r * k * 2, sp + r * k, k, wp, qp ? qp + r * n : nullptr, stats,
+        row(xp + src[r] * n, n, cp[r], kp + r * k * 2, sp + r * k, k, wp, qp ? qp + src[r] * n : nullptr, stats,
             op + r * k * 3, lp + r, tp + r);
       }
     });
@@ -134,8 +150,8 @@ std::vector<at::Tensor> estep_fast(const at::Tensor& x, const at::Tensor& centre
 }  // namespace calib
 
 TORCH_LIBRARY_FRAGMENT(normswap_native, m) {
-  m.def("estep_fast(Tensor x, Tensor centre, Tensor coef, Tensor const, Tensor? w, Tensor? s2, bool stats) -> "
-        "Tensor[]",
+  m.def("estep_fast(Tensor x, Tensor? rows, Tensor centre, Tensor coef, Tensor const, Tensor? w, Tensor? s2, "
+        "bool stats) -> Tensor[]",
         &calib::estep_fast);
 }
 }  // namespace normswap_native

@@ -1,8 +1,10 @@
 // UAN calibration's reservoir (normswap/variants/uan/reservoir.py): the columns of a block that enter the
-// reservoir, copied straight into their slots. A column is one position of the dims other than the channel dim
-// (row-major); with the block seen as (A, C, B) around its channel dim, column j = a * B + b holds
-// block[a, c, b] for every channel c. The eager path builds a (C, P) index tensor, takes, and index_puts; this
-// reads each value once and writes it once, in parallel over channels.
+// reservoir, copied straight into their slots, and each slot's stream position (start + column) recorded. A column
+// is one position of the dims other than the channel dim (row-major); with the block seen as (A, C, B) around its
+// channel dim, column j = a * B + b holds block[a, c, b] for every channel c. The eager path builds a (C, P) index
+// tensor, takes, and index_puts; this reads each value once and writes it once, in parallel over channels. The
+// columns come in stream order and are written in that order, so of several columns entering the same slot within
+// one block the last one stays (what Algorithm L means), without the eager path's search for it.
 #include "native.h"
 
 #include <algorithm>
@@ -13,7 +15,7 @@ namespace calib {
 namespace {
 
 void reservoir_put(const at::Tensor& block, int64_t channel_dim, const at::Tensor& cols, const at::Tensor& slots,
-                   at::Tensor vals) {
+                   at::Tensor vals, at::Tensor pos, int64_t start) {
   TORCH_CHECK(block.is_contiguous() && vals.is_contiguous() && !block.is_cuda() && !vals.is_cuda(),
               "normswap_native::reservoir_put: contiguous CPU tensors only");
   TORCH_CHECK(block.scalar_type() == vals.scalar_type(), "normswap_native::reservoir_put: dtypes differ");
@@ -30,10 +32,16 @@ void reservoir_put(const at::Tensor& block, int64_t channel_dim, const at::Tenso
   const at::Tensor c64 = cols.contiguous(), s64 = slots.contiguous();
   const int64_t* cp = c64.data_ptr<int64_t>();
   const int64_t* sp = s64.data_ptr<int64_t>();
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.is_contiguous() && pos.numel() == cap && !pos.is_cuda(),
+              "normswap_native::reservoir_put: pos must be a contiguous CPU int64 vector of one entry per slot");
+  int64_t* pp = pos.data_ptr<int64_t>();
   std::vector<int64_t> off(p);  // column j's offset in channel 0
   for (int64_t j = 0; j < p; ++j) {
     TORCH_CHECK(sp[j] >= 0 && sp[j] < cap, "normswap_native::reservoir_put: slot out of range");
+    TORCH_CHECK(cp[j] >= 0 && cp[j] < block.numel() / std::max<int64_t>(1, channels),
+                "normswap_native::reservoir_put: column out of range");
     off[j] = (cp[j] / inner) * channels * inner + cp[j] % inner;
+    pp[sp[j]] = cp[j] + start;  // in order: of several columns for one slot the last stays
   }
   AT_DISPATCH_FLOATING_TYPES(block.scalar_type(), "reservoir_put", [&] {
     const scalar_t* src = block.data_ptr<scalar_t>();
@@ -43,7 +51,7 @@ void reservoir_put(const at::Tensor& block, int64_t channel_dim, const at::Tenso
       for (int64_t c = begin; c < end; ++c) {
         const scalar_t* s = src + c * inner;
         scalar_t* d = dst + c * cap;
-        for (int64_t j = 0; j < p; ++j) d[sp[j]] = s[off[j]];
+        for (int64_t j = 0; j < p; ++j) d[sp[j]] = s[off[j]];  // in order too: the last column stays
       }
     });
   });
@@ -53,7 +61,8 @@ void reservoir_put(const at::Tensor& block, int64_t channel_dim, const at::Tenso
 }  // namespace calib
 
 TORCH_LIBRARY_FRAGMENT(normswap_native, m) {
-  m.def("reservoir_put(Tensor block, int channel_dim, Tensor cols, Tensor slots, Tensor(a!) vals) -> ()",
+  m.def("reservoir_put(Tensor block, int channel_dim, Tensor cols, Tensor slots, Tensor(a!) vals, Tensor(b!) pos, "
+        "int start) -> ()",
         &calib::reservoir_put);
 }
 }  // namespace normswap_native

@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from normswap.core.threads import serial
 from normswap.native import ops as native_ops
 from normswap.variants.uan.estep import estep as _estep
 from normswap.variants.uan.reservoir import Reservoir
@@ -281,22 +283,25 @@ def _em(
     going = budget > 0
     active = torch.arange(c, device=x.device)
     p = (mu, var, log_pi)
+    small = serial if x.device.type == "cpu" else nullcontext  # per-channel bookkeeping (normswap.core.threads)
     while True:
-        if not bool(going.all()):
-            active, stats, p = active[going], stats[:, going], tuple(t[:, going] for t in p)
-        if active.numel() == 0:
-            return loglik, steps, met, history
-        xa, s2a = (x, s2) if active.numel() == c else (x[active], None if s2 is None else s2[active])
-        p = _mstep(stats, p, n, var_floor)
-        mu[:, active], var[:, active], log_pi[:, active] = p
-        steps[active] += 1
-        stats = red(_estep(xa, *p, chunk, w=w, s2=s2a))  # this step's log-likelihood, the next step's statistics
-        ll = stats[3 * k] / n
-        improving = (ll - loglik[active]) >= tol  # False for NaN
-        met[active] = ~improving
-        loglik[active] = ll
-        history.append(loglik.clone())
-        going = improving & (steps[active] < budget[active])
+        with small():
+            if not bool(going.all()):
+                active, stats, p = active[going], stats[:, going], tuple(t[:, going] for t in p)
+            if active.numel() == 0:
+                return loglik, steps, met, history
+            p = _mstep(stats, p, n, var_floor)
+            mu[:, active], var[:, active], log_pi[:, active] = p
+            steps[active] += 1
+        rows = None if active.numel() == c else active  # the kernel reads the active rows where they are
+        stats = red(_estep(x, *p, chunk, w=w, s2=s2, rows=rows))  # this step's log-likelihood, the next one's sums
+        with small():
+            ll = stats[3 * k] / n
+            improving = (ll - loglik[active]) >= tol  # False for NaN
+            met[active] = ~improving
+            loglik[active] = ll
+            history.append(loglik.clone())
+            going = improving & (steps[active] < budget[active])
 
 
 def fit_gmm(

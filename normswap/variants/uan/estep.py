@@ -30,10 +30,13 @@ together equal their fits alone.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 import torch
 
+from normswap.core.threads import serial
 from normswap.native import ops as native_ops
 
 __all__ = ["estep"]
@@ -70,10 +73,12 @@ def _blocks(c: int, n: int, k: int, chunk: int | None, work: int = _WORK):
 def estep(
     x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, log_pi: torch.Tensor, chunk: int | None = None, *,
     w: torch.Tensor | None = None, s2: torch.Tensor | None = None, stats: bool = True,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sums over the columns of ``x`` (C, n; float32 or float64, read exactly): rows ``[S0 (K), S1 (K), S2 (K),
     loglik (1)]`` of a float64 (3K+1, C) (only the last row is filled when ``stats`` is False); float64
-    parameters (K, C).
+    parameters (K, C). ``rows`` (C,): the parameters are for these rows of ``x`` (and ``s2``), the sums those of
+    ``x[rows]`` (EM's channels still iterating: the native kernel reads them in place, without the gather).
 
     Grouped values (EM's warm start): column ``j`` stands for ``w[j]`` values ((1, n) weights) with mean
     ``x[:, j]`` and mean squared deviation ``s2[:, j]``, which share one responsibility computed from the
@@ -82,13 +87,15 @@ def estep(
     k, c = mu.shape
     if c == 0 or x.shape[1] == 0:
         return mu.new_zeros(3 * k + 1, c)
-    sd = var.sqrt()
-    centre, spread = _centres(mu, sd)
-    out, low = _estep_fast(x, mu, var, log_pi, centre, chunk, w=w, s2=s2, stats=stats)
-    redo = torch.nonzero((spread > _R_MAX) | low).squeeze(1)
+    with _small(x):
+        centre, spread = _centres(mu, var.sqrt())
+    out, low = _estep_fast(x, mu, var, log_pi, centre, chunk, w=w, s2=s2, stats=stats, rows=rows)
+    with _small(x):
+        redo = torch.nonzero((spread > _R_MAX) | low).squeeze(1)
     if redo.numel():
-        out[:, redo] = _estep_plain(x[redo], mu[:, redo], var[:, redo], log_pi[:, redo], chunk, w=w,
-                                    s2=None if s2 is None else s2[redo], stats=stats)
+        src = redo if rows is None else rows[redo]
+        out[:, redo] = _estep_plain(x[src], mu[:, redo], var[:, redo], log_pi[:, redo], chunk, w=w,
+                                    s2=None if s2 is None else s2[src], stats=stats)
     return out
 
 
@@ -108,34 +115,45 @@ def _centres(mu: torch.Tensor, sd: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def _estep_fast(
     x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, log_pi: torch.Tensor, centre: torch.Tensor,
     chunk: int | None, *, w: torch.Tensor | None, s2: torch.Tensor | None, stats: bool,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fast form (module docstring) on every row: the (3K+1, C) sums and which rows had a value whose
     ``p(x) e^-cmax`` fell below ``_TINY`` (their sums are then not to be used)."""
     k, c = mu.shape
     n = x.shape[1]
-    shift = mu - centre  # (K, C): the means about the centre
-    head = log_pi - 0.5 * (torch.log(var) + _LOG_2PI)
-    cmax = head.amax(dim=0)  # (C,)
-    coef = torch.stack([shift / var, -0.5 / var], dim=2).transpose(0, 1).contiguous()  # (C, K, 2): [B, A]
-    const = (head - cmax - 0.5 * shift.square() / var).t().unsqueeze(2).contiguous()  # (C, K, 1)
-    native = _native_fast(x, centre, coef, const, w, s2, stats)
+    with _small(x):
+        shift = mu - centre  # (K, C): the means about the centre
+        head = log_pi - 0.5 * (torch.log(var) + _LOG_2PI)
+        cmax = head.amax(dim=0)  # (C,)
+        coef = torch.stack([shift / var, -0.5 / var], dim=2).transpose(0, 1).contiguous()  # (C, K, 2): [B, A]
+        const = (head - cmax - 0.5 * shift.square() / var).t().unsqueeze(2).contiguous()  # (C, K, 1)
+    native = _native_fast(x, centre, coef, const, w, s2, stats, rows)
     if native is not None:
         sums, loglik, tmin = native
     else:
+        if rows is not None:
+            x, s2 = x[rows], None if s2 is None else s2[rows]
         sums, loglik, tmin = _fast_blocks(x, centre, coef, const, chunk, w, s2, stats)
-    low = tmin < _TINY
-    out = mu.new_empty(3 * k + 1, c)
-    out[3 * k] = loglik + cmax * (float(n) if w is None else w.sum())
-    if stats:
-        s0, sy, sq = sums.permute(2, 1, 0)  # (K, C) each
-        out[:k] = s0
-        out[k : 2 * k] = sy - shift * s0  # sum r (x - mu)
-        out[2 * k : 3 * k] = sq - 2.0 * shift * sy + shift.square() * s0  # sum r (x - mu)^2 (+ s2)
+    with _small(x):
+        low = tmin < _TINY
+        out = mu.new_empty(3 * k + 1, c)
+        out[3 * k] = loglik + cmax * (float(n) if w is None else w.sum())
+        if stats:
+            s0, sy, sq = sums.permute(2, 1, 0)  # (K, C) each
+            out[:k] = s0
+            out[k : 2 * k] = sy - shift * s0  # sum r (x - mu)
+            out[2 * k : 3 * k] = sq - 2.0 * shift * sy + shift.square() * s0  # sum r (x - mu)^2 (+ s2)
     return out, low
 
 
+def _small(x: torch.Tensor) -> Any:
+    """A context for the per-channel arithmetic around the sums: one thread on the CPU (normswap.core.threads)."""
+    return serial() if x.device.type == "cpu" else nullcontext()
+
+
 def _native_fast(x: torch.Tensor, centre: torch.Tensor, coef: torch.Tensor, const: torch.Tensor,
-                 w: torch.Tensor | None, s2: torch.Tensor | None, stats: bool) -> tuple | None:
+                 w: torch.Tensor | None, s2: torch.Tensor | None, stats: bool,
+                 rows: torch.Tensor | None = None) -> tuple | None:
     """:func:`_fast_blocks`' sums from the native kernel (normswap/native/csrc/calib_estep.cpp: one pass over each
     row, every row's sums its own), or None where it does not apply (off or unbuilt, another device or dtype)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or centre.dtype != torch.float64 \
@@ -146,7 +164,7 @@ def _native_fast(x: torch.Tensor, centre: torch.Tensor, coef: torch.Tensor, cons
         return None
     f64 = lambda t: None if t is None else t.to(torch.float64).contiguous()  # noqa: E731
     c, k = coef.shape[:2]
-    sums, loglik, tmin = o.estep_fast(x.contiguous(), centre.contiguous(), coef.contiguous(),
+    sums, loglik, tmin = o.estep_fast(x.contiguous(), rows, centre.contiguous(), coef.contiguous(),
                                       const.reshape(c, k).contiguous(), f64(w), f64(s2), stats)
     return sums, loglik, tmin
 

@@ -10,14 +10,18 @@ so a block costs one gather of its entering columns, and nothing for the columns
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from normswap.core.threads import serial
 from normswap.native import ops as native_ops
 
 __all__ = ["Reservoir"]
 
 _F64 = torch.float64
 EVENTS = 1024  # entering columns drawn per chunk: fixed, so the draws never depend on the blocks' widths
+DRAW_CHUNKS = 16  # most chunks drawn in one batch (the same values as one at a time: Reservoir._draw)
 _MAX_SKIP = float(1 << 52)  # a skip beyond any stream (keeps float64 positions exact integers)
 
 
@@ -61,6 +65,30 @@ class Reservoir:
             return
         start, cap = self.count, self.capacity
         self.count += m
+        with serial():  # draws and indices: vectors of about a thousand values (normswap.core.threads)
+            cols, slots = self._entering(start, cap)
+        if cols.numel() == 0:
+            return
+        if self._vals is None:
+            dtype = torch.promote_types(block.dtype, torch.float32)
+            self._vals = torch.empty(c, cap, dtype=dtype, device=block.device)
+            self._pos = torch.empty(cap, dtype=torch.int64)
+        o = native_ops() if block.device.type == "cpu" and block.dtype == self._vals.dtype \
+            and block.dtype in (torch.float32, torch.float64) else None
+        if o is not None:  # one read and one write per value, no (C, P) index tensor (csrc/calib_reservoir.cpp);
+            # in stream order, so of several columns entering one slot the last stays, as Algorithm L says
+            o.reservoir_put(block.contiguous(), channel_dim, cols, slots, self._vals, self._pos, start)
+        else:
+            with serial():
+                cols, slots = _last_per_slot(cols, slots, cap)
+            taken = _gather(block, channel_dim, cols.to(block.device))
+            self._vals[:, slots.to(self._vals.device)] = taken.to(self._vals)
+            self._pos[slots] = cols + start
+        self._n = min(cap, self.count)
+
+    def _entering(self, start: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The columns of the block that began at stream position ``start`` (``self.count`` is its end) that enter
+        the reservoir, and their slots, in stream order: the empty slots first, then the drawn events."""
         fill = min(cap, self.count) - min(cap, start)  # columns that go to empty slots
         cols = torch.arange(fill) if fill else torch.empty(0, dtype=torch.int64)
         slots = torch.arange(start, start + fill) if fill else cols
@@ -68,49 +96,51 @@ class Reservoir:
             pos, ev_slots = self._take_events(self.count)
             if pos.numel():
                 cols, slots = torch.cat([cols, pos - start]), torch.cat([slots, ev_slots])
-        if cols.numel() == 0:
-            return
-        cols, slots = _last_per_slot(cols, slots, cap)
-        if self._vals is None:
-            dtype = torch.promote_types(block.dtype, torch.float32)
-            self._vals = torch.empty(c, cap, dtype=dtype, device=block.device)
-            self._pos = torch.empty(cap, dtype=torch.int64)
-        o = native_ops() if block.device.type == "cpu" and block.dtype == self._vals.dtype \
-            and block.dtype in (torch.float32, torch.float64) else None
-        if o is not None:  # one read and one write per value, no (C, P) index tensor (csrc/calib_reservoir.cpp)
-            o.reservoir_put(block.contiguous(), channel_dim, cols, slots, self._vals)
-        else:
-            taken = _gather(block, channel_dim, cols.to(block.device))
-            self._vals[:, slots.to(self._vals.device)] = taken.to(self._vals)
-        self._pos[slots] = cols + start
-        self._n = min(cap, self.count)
+        return cols, slots
 
     def _take_events(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The drawn events (stream positions, slots) before position ``end``, in stream order; drawing more
         chunks as needed and keeping those beyond ``end`` for later blocks."""
         pos, slots = self._events
-        while self._last < end:
-            p, s = self._draw()
+        while self._last < end:  # about capacity * ln(end / last) events to come (Algorithm L)
+            need = self.capacity * math.log(max(end, 1) / max(self._last, 1.0)) / EVENTS
+            p, s = self._draw(max(1, min(DRAW_CHUNKS, math.ceil(need))))
             pos, slots = torch.cat([pos, p]), torch.cat([slots, s])
         cut = int(torch.searchsorted(pos, torch.tensor(end, dtype=torch.int64)))
         self._events = (pos[cut:], slots[cut:])
         return pos[:cut], slots[:cut]
 
-    def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One chunk of :data:`EVENTS` entering columns of Algorithm L: ``W *= u^(1/k)`` per event, the next
-        position ``+= floor(log u' / log(1 - W)) + 1``, the evicted slot uniform; ``u`` in (0, 1]."""
+    def _draw(self, chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``chunks`` chunks of :data:`EVENTS` entering columns of Algorithm L: ``W *= u^(1/k)`` per event, the next
+        position ``+= floor(log u' / log(1 - W)) + 1``, the evicted slot uniform; ``u`` in (0, 1].
+
+        Several chunks are drawn as one batch with the values of as many one-chunk draws, bit for bit: the
+        generator's values are consumed in the same order (one (chunks, 3, EVENTS) draw), every operation is
+        element-wise or a sum along one chunk, and each chunk starts from the W and the position the one before
+        left, computed with the same float64 operations (tests/test_uan_reservoir.py). The first chunk is drawn
+        alone: the W before the first event is drawn after its values."""
         k = self.capacity
-        u = 1.0 - torch.rand(3, EVENTS, generator=self.generator, dtype=_F64)  # (0, 1]
+        if self._log_w is None:
+            chunks = 1
+        u = 1.0 - torch.rand(chunks, 3, EVENTS, generator=self.generator, dtype=_F64)  # (0, 1]
         if self._log_w is None:  # W before the first event
             self._log_w = float(torch.log(1.0 - torch.rand(1, generator=self.generator, dtype=_F64)) / k)
-        step = u[0].log() / k
-        log_w = self._log_w + torch.cumsum(step, 0) - step  # W at each event (before its own update)
-        self._log_w = float(log_w[-1] + step[-1])
-        skip = torch.floor(u[1].log() / torch.log1p(-log_w.exp())).clamp_(0, _MAX_SKIP)
-        pos = self._last + torch.cumsum(skip + 1.0, 0)
-        self._last = float(pos[-1])
-        slots = torch.floor(u[2] * k).clamp_(max=k - 1).long()
-        return pos.clamp_(max=float(1 << 62)).long(), slots
+        step = u[:, 0].log() / k
+        cum = torch.cumsum(step, 1)
+        first_w = []
+        for total, last in zip(cum[:, -1].tolist(), step[:, -1].tolist()):  # log W after each chunk
+            first_w.append(self._log_w)
+            self._log_w = ((self._log_w + total) - last) + last
+        log_w = torch.tensor(first_w, dtype=_F64)[:, None] + cum - step  # W at each event (before its own update)
+        skip = torch.floor(u[:, 1].log() / torch.log1p(-log_w.exp())).clamp_(0, _MAX_SKIP)
+        cum = torch.cumsum(skip + 1.0, 1)
+        first_pos = []
+        for total in cum[:, -1].tolist():  # the position after each chunk
+            first_pos.append(self._last)
+            self._last = self._last + total
+        pos = torch.tensor(first_pos, dtype=_F64)[:, None] + cum
+        slots = torch.floor(u[:, 2] * k).clamp_(max=k - 1).long()
+        return pos.clamp_(max=float(1 << 62)).long().reshape(-1), slots.reshape(-1)
 
     def values(self, ordered: bool = True) -> torch.Tensor:
         """The kept columns, (C, n) with ``n = min(count, capacity)``, in stream order; (0, 0) before any block.
