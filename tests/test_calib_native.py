@@ -170,3 +170,44 @@ def test_calibration_with_the_kernels_equals_the_eager_one(library, variant, str
     assert moved
     for k in moved:
         torch.testing.assert_close(states[1][k], states[0][k], rtol=2e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5, 7, 9), torch.float32), ((70001,), torch.float64), ((0, 4), torch.float32),
+                                          ((2, 1 << 17), torch.float32)])
+def test_diff_sums_are_the_float64_sums_of_the_exact_difference_at_any_thread_count(library, shape, dtype):
+    """evaluate's per-site sums (normswap/calibration/site_errors.py): sum (a - b)^2 and sum b^2 of the values
+    converted exactly, to float64 rounding; the same bits on one thread and two (planes of fixed size)."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(shape, generator=g, dtype=dtype)
+    b = (a + 1e-3 * torch.randn(shape, generator=g, dtype=dtype)).to(dtype)
+    want = torch.stack([(a.double() - b.double()).square().sum(), b.double().square().sum()])
+    old = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append(library.diff_sums(a, b))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(got[0], got[1])
+    torch.testing.assert_close(got[0], want, rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError, match="b must match a"):
+        library.diff_sums(a, b.reshape(-1)[:max(0, b.numel() - 1)])
+
+
+def test_per_site_errors_with_the_kernel_equal_the_eager_ones(library):
+    """The fidelity report's per-site table with the native sums and with torch's float32 norms: the same figures
+    to float32 rounding, and exactly 0 at a site equal to the reference."""
+    import normswap
+    from normswap.calibration.report import measure
+    from test_calibrate import batches, cnn
+
+    r = normswap.convert(cnn(), to="uan", strength=0.5)
+    ev = [(x, None) for x in batches(2, seed=3)]
+    tables = [_sums(lambda: measure(r.original, {"m": r.model}, r.plan, ev, [0.5], 0.5)[1], on) for on in (False, True)]
+    eager, fast = tables[0]["m"], tables[1]["m"]
+    assert eager.keys() == fast.keys() and eager
+    for site in eager:
+        assert fast[site] == pytest.approx(eager[site], rel=1e-5, abs=1e-7) and fast[site] > 0
+    zero = [_sums(lambda: measure(r.original, {"m": r.model}, r.plan, ev, [0.0], 0.0)[1], on) for on in (False, True)]
+    assert all(v == 0.0 for t in zero for v in t["m"].values())

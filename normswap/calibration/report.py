@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from normswap.calibration.identity import same_function
 from normswap.core.plan import Plan
+from normswap.calibration.site_errors import add_reference_norms, has_module, site_hooks
 from normswap.surgery.verify import output_tensors, record_outputs
 from normswap.variants.strength import set_strengths, strengths_of
 from normswap.variants import registry
@@ -202,14 +203,6 @@ class _Acc:
                         self.sure if cls else None, self.nonfinite)
 
 
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:  # e.g. an anact_fn_* module that only the rewritten graph has
-        return False
-
-
 RECORD_BUDGET = 256 << 20  # bytes of reference activations that one recorded slice of a batch may hold
 
 
@@ -230,7 +223,7 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
     ``counts["reference_nonfinite"]`` is set to the samples whose reference output holds NaN or inf; ``notes``
     gets a line for each row proven equal to the reference through its converted sites (not run)."""
     points = {s.name: registry.get(s.variant).compare_points(s) for s in plan.converted}
-    ref_names = sorted({a for pts in points.values() for a, _ in pts if _has(reference, a)})
+    ref_names = sorted({a for pts in points.values() for a, _ in pts if has_module(reference, a)})
     accs = {(label, s): _Acc() for label in models for s in strengths}
     site_sums = {label: {name: [0.0, 0.0] for name in points} for label in models}
     ref_correct = ref_labelled = 0.0
@@ -279,12 +272,12 @@ def measure(reference: nn.Module, models: dict[str, nn.Module], plan: Plan,
                         if same == "reference":  # provably the reference's own output: no forward
                             accs[(label, s)].add(ref, ref, ys)
                             if s is at_site:
-                                _add_reference_norms(model, points, store, site_sums[label], ref2)
+                                add_reference_norms(model, points, store, site_sums[label], ref2)
                             continue
                         if same is not None:
                             continue  # the row of another model in the same state: copied below
                         set_strengths(model, s)
-                        handles = _site_hooks(model, points, store, site_sums[label], ref2, work) \
+                        handles = site_hooks(model, points, store, site_sums[label], ref2, work) \
                             if s is at_site else []
                         try:
                             out = _first_tensor(model(xs))
@@ -341,44 +334,3 @@ def _aliases(reference: nn.Module, models: dict[str, nn.Module], strengths: list
                     alias[(label, s)] = (other, s)
                     break
     return alias
-
-
-def _ref_norm2(store: dict[str, torch.Tensor], ref2: dict[str, float], a: str) -> float:
-    if a not in ref2:
-        ref2[a] = float(torch.linalg.vector_norm(store[a].float())) ** 2
-    return ref2[a]
-
-
-def _add_reference_norms(model: nn.Module, points: dict[str, list[tuple[str, str]]], store: dict[str, torch.Tensor],
-                         sums: dict[str, list[float]], ref2: dict[str, float]) -> None:
-    """What :func:`_site_hooks` adds for a model whose outputs are the reference's: no error, the norms."""
-    for site, pts in points.items():
-        for a, b in pts:
-            if torch.is_tensor(store.get(a)) and _has(model, b):
-                sums[site][1] += _ref_norm2(store, ref2, a)
-
-
-def _site_hooks(model: nn.Module, points: dict[str, list[tuple[str, str]]], store: dict[str, torch.Tensor],
-                sums: dict[str, list[float]], ref2: dict[str, float], work: dict[str, torch.Tensor]) -> list[Any]:
-    """Hooks adding each site's squared error against the stored reference outputs (nothing else kept; the
-    reference's norms are computed once per slice in ``ref2``, the difference goes to a reused buffer)."""
-    by_conv: dict[str, list[tuple[str, str]]] = {}
-    for site, pts in points.items():
-        for a, b in pts:
-            by_conv.setdefault(b, []).append((site, a))
-
-    def fn(name: str, out: Any) -> None:
-        for site, a in by_conv.get(name, []):
-            ref = store.get(a)
-            if torch.is_tensor(out) and ref is not None and ref.shape == out.shape:
-                if out.dtype == ref.dtype == torch.float32:
-                    buf = work.get("diff")
-                    if buf is None or buf.numel() < out.numel() or buf.device != out.device:
-                        buf = work["diff"] = torch.empty(out.numel(), dtype=torch.float32, device=out.device)
-                    diff = torch.sub(out, ref, out=buf[:out.numel()].view(out.shape))
-                else:
-                    diff = out.float() - ref.float()
-                sums[site][0] += float(torch.linalg.vector_norm(diff)) ** 2
-                sums[site][1] += _ref_norm2(store, ref2, a)
-    return [model.get_submodule(name).register_forward_hook(lambda _m, _a, out, name=name: fn(name, out))
-            for name in by_conv if _has(model, name)]

@@ -1,5 +1,6 @@
-// Calibration sums in one pass: ANAct's statistics (normswap/variants/anact/stats.py, block_sums) and
-// PatchNorm's per-channel least-squares sums (normswap/variants/patchnorm/calib.py, lsq_accumulate).
+// Calibration sums in one pass: ANAct's statistics (normswap/variants/anact/stats.py, block_sums),
+// PatchNorm's per-channel least-squares sums (normswap/variants/patchnorm/calib.py, lsq_accumulate) and the
+// per-site errors of evaluate's fidelity report (normswap/calibration/report.py).
 //
 // Layout: a contiguous tensor seen as (A, C, L) -- planes of L values, plane p = a * C + c belongs to channel c
 // (an (N, C, H, W) activation: A = N, L = H * W) -- or flat (C = 1, planes of a fixed kPlane values, the last one
@@ -173,10 +174,52 @@ at::Tensor lsq_sums(const at::Tensor& w, const at::Tensor& target, const std::op
   return out;
 }
 
+// ---- evaluate's per-site errors (normswap/calibration/report.py): sum (a - b)^2 and sum b^2 over two tensors of
+// one shape, flat planes; the difference taken in float64 of the values converted exactly.
+template <typename T>
+void diff_plane(const T* a, const T* b, int64_t n, double* out) {
+  using V = Vectorized<T>;
+  constexpr int L = V::size();
+  double acc[2][L] = {};
+  alignas(64) T ba[L], bb[L];
+  for (int64_t i = 0; i < n; i += L) {
+    const int64_t m = std::min<int64_t>(L, n - i);
+    (m == L ? V::loadu(a + i) : V::loadu(a + i, m)).store(ba);
+    (m == L ? V::loadu(b + i) : V::loadu(b + i, m)).store(bb);
+    for (int l = 0; l < m; ++l) {
+      const double y = bb[l], d = static_cast<double>(ba[l]) - y;
+      acc[0][l] += d * d;
+      acc[1][l] += y * y;
+    }
+  }
+  for (int s = 0; s < 2; ++s) {
+    double t = 0;
+    for (int l = 0; l < L; ++l) t += acc[s][l];
+    out[s] = t;
+  }
+}
+
+// diff_sums(a, b): (2,) float64 [sum (a - b)^2, sum b^2]; a and b contiguous, of one shape and dtype.
+at::Tensor diff_sums(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && b.is_contiguous(),
+              "normswap_native::diff_sums: b must match a (shape, dtype, contiguous)");
+  const Planes pl = planes_of(a, 0);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "diff_sums", [&] {
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    out = reduce_planes<2>(pl, [&](int64_t p, double* row) {
+      diff_plane<scalar_t>(ap + p * pl.length, bp + p * pl.length, pl.size(p), row);
+    });
+  });
+  return out.reshape({2});
+}
+
 }  // namespace
 }  // namespace calib
 
 TORCH_LIBRARY_FRAGMENT(normswap_native, m) {
+  m.def("diff_sums(Tensor a, Tensor b) -> Tensor", &calib::diff_sums);
   m.def("anact_sums(Tensor x, Tensor shift, str kind, float param, int channels) -> Tensor", &calib::anact_sums);
   m.def("lsq_sums(Tensor w, Tensor target, Tensor? base) -> Tensor", &calib::lsq_sums);
 }
