@@ -4,6 +4,7 @@ runs) against plain forwards over the same samples."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -16,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 import normswap
+from normswap.core.threads import serial
+from normswap.surgery.probes import is_small
 from normswap.variants import set_strengths
 
 from .models import build, native_available, native_off
@@ -24,7 +27,8 @@ from .timing import Bench, peak_rise_mib
 HOW = ("Public API calls timed whole, interleaved with their baseline. Conversion: `normswap.plan` (find), "
        "`normswap.convert` (find, copy, apply, verify on the probe batch), and convert + `save` to a temporary "
        "file, against `torch.fx.symbolic_trace` of the same model (random init); its `floor` is what a conversion "
-       "that proves its exact start cannot avoid: one trace, one copy of every tensor, one forward of the probe; "
+       "that proves its exact start cannot avoid: one trace, one copy of every tensor, one forward of the probe (on "
+       "one thread where the probe is small, as `convert` runs it: faster there, docs/speed.md \"Seventh pass\"); "
        "`save` and `load` (with the model given) of the converted model, and `floor + save`: that floor plus the "
        "state_dict hashed and written once with fsync (what a checksummed atomic save cannot avoid). By name "
        "(not in the tiny profile): `normswap.convert(NAME, weights=\"none\")`, which builds the model and verifies on the probe "
@@ -78,13 +82,15 @@ def _chain(*fns: Callable[[], object]) -> Callable[[], object]:
 
 def _convert_floor(model: torch.nn.Module) -> Callable[[], object]:
     """What a conversion that proves its exact start cannot avoid: one trace, one copy of every tensor (the
-    converted model owns its weights), one forward of the probe batch (the original's outputs to compare with)."""
+    converted model owns its weights), one forward of the probe batch (the original's outputs to compare with), on
+    one thread where the probe is small, as ``convert`` runs it (normswap.core.threads: the faster way here)."""
     probe = normswap.sources.example_input(model)
+    small = is_small(probe)
 
     def run() -> object:
         torch.fx.symbolic_trace(model)
         [t.clone() for t in model.state_dict().values()]
-        with torch.no_grad():
+        with torch.no_grad(), serial() if small else contextlib.nullcontext():
             model(*probe.args, **probe.kwargs)
         return None
     return run
