@@ -61,6 +61,16 @@ at::Tensor reduce_planes(const Planes& pl, const Body& body) {
   return out;
 }
 
+// Each sum's vector lanes added in lane order into out[s] (a plane's result row).
+template <int S, int L>
+inline void lanes_to(const double (&acc)[S][L], double* out) {
+  for (int s = 0; s < S; ++s) {
+    double t = 0;
+    for (int l = 0; l < L; ++l) t += acc[s][l];
+    out[s] = t;
+  }
+}
+
 // ---- ANAct: sum d, sum d^2, sum f, sum f^2, sum f'^2 (f' for relu / relu6, where f'^2 = f') with d = x - shift.
 template <typename T>
 void anact_plane(const T* x, int64_t n, T shift, Kind kind, T p, bool step, double* out) {
@@ -86,11 +96,7 @@ void anact_plane(const T* x, int64_t n, T shift, Kind kind, T p, bool step, doub
       acc[4][l] += step ? g : g * g;
     }
   }
-  for (int s = 0; s < 5; ++s) {
-    double t = 0;
-    for (int l = 0; l < L; ++l) t += acc[s][l];
-    out[s] = t;
-  }
+  lanes_to(acc, out);
 }
 
 // anact_sums(x, shift, kind, param, channels): (5, C) float64, or (5, 1) flat when channels <= 0; shift is
@@ -139,11 +145,7 @@ void lsq_plane(const T* w, const T* t, const T* b, T bias, int64_t n, double* ou
       acc[3][l] += a * r;
     }
   }
-  for (int s = 0; s < 4; ++s) {
-    double t2 = 0;
-    for (int l = 0; l < L; ++l) t2 += acc[s][l];
-    out[s] = t2;
-  }
+  lanes_to(acc, out);
 }
 
 // lsq_sums(w, target, base?): (4, C) float64 over the channels of dim 1; base None, full-size, or (C,).
@@ -192,11 +194,7 @@ void diff_plane(const T* a, const T* b, int64_t n, double* out) {
       acc[1][l] += y * y;
     }
   }
-  for (int s = 0; s < 2; ++s) {
-    double t = 0;
-    for (int l = 0; l < L; ++l) t += acc[s][l];
-    out[s] = t;
-  }
+  lanes_to(acc, out);
 }
 
 // diff_sums(a, b): (2,) float64 [sum (a - b)^2, sum b^2]; a and b contiguous, of one shape and dtype.
